@@ -1,0 +1,248 @@
+"""Run configuration: a pydantic model loaded from YAML, named presets, `--set` overrides.
+
+A bad config fails here, before any call, with a message naming the file, the field and what
+is allowed. Secrets never live in the config: it names the environment variable to read.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from harness.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    name: Literal["arithmetic", "gsm8k", "math", "mmlu"] = "arithmetic"
+    # Hub id or local JSONL/Parquet path for the training problems; None: the task's default.
+    source: str | None = None
+    # Separate source for the test problems; None: the task's default (or a disjoint split of `source`).
+    test_source: str | None = None
+    n_train: int = Field(500, ge=0)
+    n_test: int = Field(500, ge=0)
+    seed: int = 0
+    # MATH only: difficulty levels kept (the paper uses 1-3).
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    # A directory with the user's own prompt templates; files there override prompts/<task>/.
+    prompts_dir: str | None = None
+
+
+class SimulatorConfig(_Strict):
+    """Knobs of the built-in simulated models (a test double; its numbers are labelled simulated)."""
+
+    seed: int = 0
+    skill: float = Field(0.55, ge=0, le=1)  # chance the base model answers correctly
+    persuadability: float = Field(0.5, ge=0, le=1)  # chance to adopt the others' majority in later rounds
+    latency_ms: float = Field(0.0, ge=0)  # mean injected latency per chat call
+    latency_jitter_ms: float = Field(0.0, ge=0)
+    rpm_limit: int | None = Field(None, ge=1)  # requests per minute before 429s
+    tpm_limit: int | None = Field(None, ge=1)  # tokens per minute before 429s
+    error_rate: float = Field(0.0, ge=0, le=1)  # share of calls answered with HTTP 500
+    timeout_rate: float = Field(0.0, ge=0, le=1)  # share of calls that hang past the client timeout
+    malformed_rate: float = Field(0.0, ge=0, le=1)  # share of answers without a parseable final answer
+    job_seconds: float = Field(1.0, ge=0)  # simulated duration of a fine-tuning job
+    job_failure_rate: float = Field(0.0, ge=0, le=1)
+
+
+class EndpointConfig(_Strict):
+    """Where chat calls go. `simulator` starts the built-in server in-process on 127.0.0.1."""
+
+    kind: Literal["simulator", "openai", "vllm"] = "simulator"
+    base_url: str | None = None  # required for vllm unless the loop starts the server itself
+    api_key_env: str | None = "OPENAI_API_KEY"  # the environment variable holding the key
+    concurrency: int = Field(64, ge=1)  # calls in flight at once
+    timeout_s: float = Field(120.0, gt=0)  # per call
+    max_retries: int = Field(6, ge=0)  # retries of transient errors (429, 5xx, timeouts)
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
+
+    def api_key(self) -> str:
+        if self.kind == "simulator":
+            return "simulated-key"
+        if self.api_key_env is None:
+            return "EMPTY"
+        key = os.environ.get(self.api_key_env)
+        if key:
+            return key
+        if self.kind == "vllm":
+            return "EMPTY"
+        raise ConfigError(
+            f"endpoint.api_key_env: environment variable {self.api_key_env} is not set; "
+            f"export it (the key is never written to the config or the run directory)"
+        )
+
+
+class ModelsConfig(_Strict):
+    base: str = "sim-base"  # every agent's generator and critic at iteration 0
+    summarizer: str | None = None  # None: the base model (as the authors' code does)
+
+
+class SamplingConfig(_Strict):
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int = Field(1024, ge=1)
+    # Send a per-sample seed derived from run seed and sample identity (reproducible samples).
+    seeded: bool = True
+    # Server-specific sampling parameters (vLLM: top_k, min_p, ...); sent only to vLLM endpoints.
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+
+class DebateConfig(_Strict):
+    agents: int = Field(3, ge=1)
+    rounds: int = Field(2, ge=1)
+    mode: Literal["summarize", "concatenate"] = "summarize"
+
+
+class GradingConfig(_Strict):
+    timeout_s: float = Field(5.0, gt=0)  # per equivalence check; a pathological answer counts as not equal
+
+
+class BudgetConfig(_Strict):
+    max_cost_usd: float | None = Field(None, gt=0)  # stop cleanly (resumable) before passing this
+
+
+class Hyperparameters(_Strict):
+    # The paper's defaults.
+    n_epochs: int = Field(2, ge=1)
+    batch_size: int = Field(1, ge=1)
+    learning_rate_multiplier: float = Field(1.0, gt=0)
+
+
+class FinetuneConfig(_Strict):
+    iterations: int = Field(0, ge=0)  # finetuning iterations after iteration 0's debate
+    provider: Literal["openai", "local"] = "openai"
+    # Each iteration finetunes from the agent's previous models ("previous") or from the base.
+    start_from: Literal["previous", "base"] = "previous"
+    # Critic mix: w * D_C- + (1 - w) * D_C+ ; the authors' code amounts to w ~ 2/3.
+    critic_weight: float = Field(2 / 3, ge=0, le=1)
+    # Loss on the critic's first (possibly wrong) assistant turn; False writes weight: 0 there.
+    critic_first_turn_loss: bool = False
+    min_examples: int = Field(10, ge=1)  # OpenAI's minimum; an agent with fewer keeps its model
+    max_example_tokens: int = Field(65536, ge=1)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    poll_interval_s: float = Field(5.0, gt=0)
+    suffix: str | None = None  # OpenAI model-name suffix; None: derived from run name
+
+
+class RunConfig(_Strict):
+    name: str = "demo"
+    seed: int = 0
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    debate: DebateConfig = Field(default_factory=DebateConfig)
+    grading: GradingConfig = Field(default_factory=GradingConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    # Per-model prices in USD per million tokens, overriding the built-in table.
+    prices: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.endpoint.kind == "openai" and self.models.base.startswith("sim-"):
+            raise ValueError("models.base: a simulated model (sim-*) needs endpoint.kind=simulator")
+        return self
+
+    @property
+    def summarizer(self) -> str:
+        return self.models.summarizer or self.models.base
+
+
+# ----------------------------------------------------------------------------- loading
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("harness.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str) -> tuple[dict, str]:
+    """Read a config file or a named preset; returns (data, label used in error messages)."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist (presets: {', '.join(preset_names())})")
+        label, text = str(path), path.read_text(encoding="utf-8")
+    else:
+        res = resources.files("harness.presets") / f"{source}.yaml"
+        if not res.is_file():
+            raise ConfigError(
+                f"--config {source!r} is neither a file nor a preset; presets: {', '.join(preset_names())}"
+            )
+        label, text = f"preset '{source}'", res.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{label}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: the top level must be a mapping of fields, got {type(data).__name__}")
+    return data, label
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. debate.agents=5")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _explain(e: ValidationError, label: str) -> str:
+    lines = [f"invalid configuration in {label}:"]
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_fields(err["loc"][:-1])
+            msg = f"unknown field; allowed here: {', '.join(allowed)}"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  field '{field}': {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_fields(loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def load_config(source: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a preset name or YAML path (default: the `demo` preset) and apply `--set` overrides."""
+    data, label = _read_yaml(source or "demo")
+    for item in overrides or []:
+        _apply_override(data, item)
+    if overrides:
+        label += f" with --set {' '.join(overrides)}"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, label)) from None
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as saved in the run directory. It holds no secrets by construction:
+    keys are read from the environment variable the config names."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,120 @@
+"""The finetuning provider interface: every backend (OpenAI's API, local LoRA jobs) speaks it.
+
+The loop only ever calls `submit`, `refresh`/`wait`, `cancel` and `events`, and reads the
+normalized `JobState`; nothing provider-specific leaks past here.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from pydantic import BaseModel, Field
+
+from harness.config import Hyperparameters
+
+
+class JobStatus(str, Enum):
+    VALIDATING = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"  # a status this harness does not know; the raw string is kept
+
+    @classmethod
+    def normalize(cls, raw: str | None) -> "JobStatus":
+        aliases = {"validating": cls.VALIDATING, "pending": cls.QUEUED, "canceled": cls.CANCELLED,
+                   "completed": cls.SUCCEEDED, "error": cls.FAILED}
+        if raw is None:
+            return cls.UNKNOWN
+        key = raw.strip().lower()
+        try:
+            return cls(key)
+        except ValueError:
+            return aliases.get(key, cls.UNKNOWN)
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class FinetuneRequest(BaseModel):
+    training_file: Path  # OpenAI chat JSONL ({"messages": [...]}, optional per-turn "weight")
+    base_model: str  # the model (or adapter) this job starts from
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    # Tags that identify the job: run, iteration, role, agent (and data sha256). A provider looks a
+    # job up by them before creating one, so a retried or resumed submit never starts a second job.
+    metadata: dict[str, str]
+    suffix: str | None = None
+    seed: int | None = None
+
+
+class JobState(BaseModel):
+    job_id: str
+    provider: str
+    status: JobStatus
+    raw_status: str
+    model_id: str | None = None  # the resulting model (or adapter name) once succeeded
+    artifact_path: str | None = None  # local providers: where the adapter/model was written
+    file_id: str | None = None
+    trained_tokens: int | None = None
+    error: str | None = None  # the provider's own error message when failed
+    latest_event: str | None = None
+    created_at: float | None = None
+    finished_at: float | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+OnUpdate = Callable[[JobState], Awaitable[None] | None]
+
+
+class FinetuneProvider(abc.ABC):
+    name: str = "base"
+
+    @abc.abstractmethod
+    async def submit(self, request: FinetuneRequest) -> JobState:
+        """Start a job, or return the existing one with the same metadata (idempotent)."""
+
+    @abc.abstractmethod
+    async def find(self, metadata: dict[str, str]) -> JobState | None:
+        """The most recent job whose metadata matches all of `metadata`, if any."""
+
+    @abc.abstractmethod
+    async def refresh(self, job_id: str) -> JobState: ...
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str) -> JobState: ...
+
+    @abc.abstractmethod
+    async def events(self, job_id: str, limit: int = 20) -> list[str]:
+        """Latest events, newest last."""
+
+    async def close(self) -> None:
+        return None
+
+    async def wait(self, job_id: str, *, poll_interval_s: float = 5.0, max_interval_s: float = 60.0,
+                   on_update: OnUpdate | None = None) -> JobState:
+        """Poll until the job ends, backing off from `poll_interval_s` up to `max_interval_s`
+        while nothing changes. `on_update` sees every state (for a live status display)."""
+        interval = poll_interval_s
+        last: tuple | None = None
+        while True:
+            state = await self.refresh(job_id)
+            if on_update is not None:
+                result = on_update(state)
+                if asyncio.iscoroutine(result):
+                    await result
+            if state.status.terminal:
+                if state.finished_at is None:
+                    state.finished_at = time.time()
+                return state
+            seen = (state.raw_status, state.latest_event)
+            interval = poll_interval_s if seen != last else min(interval * 1.5, max_interval_s)
+            last = seen
+            await asyncio.sleep(interval)

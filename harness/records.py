@@ -1,0 +1,120 @@
+"""Every record the harness persists, as pydantic models (the run-directory contract, DESIGN §5).
+
+Notebooks and the report read these files; change a field only with a schema_version bump.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Problem(BaseModel):
+    """One task instance. `gold` is used for evaluation only, never to select training data."""
+
+    id: str
+    task: str
+    question: str
+    gold: str
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class Message(BaseModel):
+    role: Role
+    content: str
+
+
+class SampleId(BaseModel):
+    """Which sample a model call is. Part of the cache key, so two agents sending the same
+    prompt at temperature 1 stay two distinct samples (DESIGN §5)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    iteration: int
+    split: str
+    problem_id: str
+    role: Literal["agent", "summarizer"] = "agent"
+    agent: int
+    round: int
+    sample: int = 0
+
+    def key(self) -> str:
+        return f"it{self.iteration}/{self.split}/{self.problem_id}/{self.role}{self.agent}/r{self.round}/s{self.sample}"
+
+
+class VoteClass(BaseModel):
+    """One equivalence class of answers: its representative and the agents that gave it."""
+
+    answer: str
+    agents: list[int]
+
+
+class Vote(BaseModel):
+    answer: str | None  # None when no agent gave a parseable answer
+    count: int  # members of the winning class
+    n_voters: int  # agents with a parseable answer
+    classes: list[VoteClass]
+    tie: bool  # several classes shared the top count
+    tie_rule: str  # how the tie was broken, recorded with every vote
+
+
+class AgentTranscript(BaseModel):
+    """One agent's own multi-turn conversation in a debate, with its parsed answer per round."""
+
+    agent: int
+    models: list[str]  # model id used in each round (generator in round 0, critic after)
+    messages: list[Message]
+    answers: list[str | None]  # parsed final answer per round (None: unparseable)
+    correct: list[bool]  # per round, against gold (evaluation only)
+
+
+class DebateRecord(BaseModel):
+    """One problem's whole debate; one line of iter-<k>/debate-<split>.jsonl."""
+
+    schema_version: int = 1
+    iteration: int
+    split: str
+    problem: Problem
+    agents: list[AgentTranscript]
+    round_votes: list[Vote]  # majority vote after each round; the last one is the debate's vote
+    correct: bool  # final vote equivalent to gold (an unparseable vote is wrong)
+
+    @property
+    def vote(self) -> Vote:
+        return self.round_votes[-1]
+
+
+class UsageRecord(BaseModel):
+    """One line of usage.jsonl: one model call (or one cache hit, with cached=true)."""
+
+    ts: float
+    model: str
+    sample: SampleId | None = None
+    purpose: str = "debate"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_prompt_tokens: int | None = None
+    latency_s: float
+    cost_usd: float | None  # None: the price of this model is unknown (never reported as $0)
+    cached: bool  # answered from the run's response cache: no API call was made
+    attempts: int = 1
+
+
+class SplitMetrics(BaseModel):
+    """iter-<k>/metrics.json holds one of these per evaluated split."""
+
+    iteration: int
+    split: str
+    n: int  # all problems: an unparseable vote counts as wrong, never dropped
+    accuracy: float  # majority vote of the final round
+    stderr: float  # sqrt(p(1-p)/n)
+    per_round: list[float]  # majority-vote accuracy after each round
+    per_agent: list[float]  # each agent's final-round accuracy
+    per_agent_round: list[list[float]]  # [agent][round] accuracy
+    agreement: float  # share of problems where every agent's final answer is equivalent
+    pairwise_agreement: float  # mean over agent pairs of final-answer equivalence
+    unparsed_rate: float  # share of final-round agent answers that could not be parsed
+    simulated: bool = False  # numbers from the built-in simulator are a test double's
