@@ -1,0 +1,170 @@
+"""Answer extraction, equivalence (with its hard timeout) and majority vote."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from harness.grading import equivalent, extract_answer, majority_vote
+
+PATHOLOGICAL = r"10^{10^{10^{10}}}"
+
+
+# ----------------------------------------------------------------------------- extraction
+
+def test_extract_nested_braces():
+    assert extract_answer(r"So the value is \boxed{\frac{1}{\sqrt{2}}}.") == r"\frac{1}{\sqrt{2}}"
+
+
+def test_extract_last_box_wins():
+    assert extract_answer(r"First \boxed{3}, but on reflection \boxed{4}") == "4"
+
+
+def test_extract_fbox_unbraced_and_dollars():
+    assert extract_answer(r"Answer: \fbox{x^2}") == "x^2"
+    assert extract_answer(r"the answer is $\boxed 5$") == "5"
+    assert extract_answer(r"$\boxed{$12$}$") == "12"
+    assert extract_answer(r"\boxed{ 42. }") == "42"
+
+
+def test_extract_no_answer():
+    assert extract_answer("I am not sure.") is None
+    assert extract_answer("") is None
+    assert extract_answer(r"\boxed{") is None
+
+
+def test_plain_number_only_when_allowed():
+    text = "Adding them up gives 1,234."
+    assert extract_answer(text) is None
+    assert extract_answer(text, allow_plain_number=True) == "1234"
+    assert extract_answer("12+5*3+7-2*9 = 16", allow_plain_number=True) == "16"
+    assert extract_answer("The total is -7 degrees", allow_plain_number=True) == "-7"
+    assert extract_answer("It costs $3.50", allow_plain_number=True) == "3.50"
+    # a box still wins over a later number
+    assert extract_answer(r"\boxed{9} after 12 steps", allow_plain_number=True) == "9"
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("0.5", r"\frac{1}{2}"),
+        ("1/2", r"\frac{1}{2}"),
+        ("0.5", "1/2"),
+        ("1,000", "1000"),
+        ("16", "16.0"),
+        (r"\dfrac{3}{4}", "0.75"),
+        ("$7$", "7"),
+    ],
+)
+def test_equivalent_numbers(a, b):
+    assert equivalent(a, b)
+    assert equivalent(b, a)
+
+
+def test_not_equivalent_numbers():
+    assert not equivalent("3", "4")
+    assert not equivalent("0.5", r"\frac{1}{3}")
+    assert not equivalent("B", "C")
+
+
+def test_none_never_equal():
+    assert not equivalent(None, None)
+    assert not equivalent(None, "1")
+    assert not equivalent("1", None)
+
+
+def test_equivalent_symbolic():
+    assert equivalent(r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}")
+    assert equivalent(r"\sqrt{4}", "2")
+    assert equivalent("x^2 - x - 6", "(x+2)(x-3)")
+    assert not equivalent(r"5\sqrt{2}", r"2\sqrt{5}")
+
+
+@pytest.mark.slow
+def test_pathological_expression_times_out_then_recovers():
+    timeout = 1.0
+    t0 = time.monotonic()
+    assert equivalent(PATHOLOGICAL, "7", timeout_s=timeout) is False
+    assert time.monotonic() - t0 < 3 * timeout + 2  # + start-up of the helper process
+    # later comparisons still work, symbolic ones included
+    assert equivalent(r"\sqrt{9}", "3", timeout_s=5)
+    assert equivalent("0.25", r"\frac{1}{4}", timeout_s=timeout)
+
+
+@pytest.mark.slow
+def test_timeout_from_worker_thread_and_event_loop():
+    timeout = 1.0
+    results: dict[str, object] = {}
+
+    def work():
+        t0 = time.monotonic()
+        results["patho"] = equivalent(PATHOLOGICAL, "11", timeout_s=timeout)
+        results["elapsed"] = time.monotonic() - t0
+        results["normal"] = equivalent(r"\sqrt{16}", "4")
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join(30)
+    assert results["patho"] is False and results["elapsed"] < 3 * timeout + 2
+    assert results["normal"] is True
+
+    async def main():
+        in_thread = await asyncio.to_thread(equivalent, r"\sqrt{25}", "5")
+        on_loop = equivalent(r"\sqrt{36}", "6")
+        return in_thread, on_loop
+
+    assert asyncio.run(main()) == (True, True)
+
+
+def test_many_threads_at_once():
+    pairs = [(r"\sqrt{%d}" % (k * k), str(k)) for k in range(2, 10)]
+    out: list[bool] = [False] * len(pairs)
+
+    def check(i):
+        out[i] = equivalent(*pairs[i])
+
+    threads = [threading.Thread(target=check, args=(i,)) for i in range(len(pairs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(out)
+
+
+# ----------------------------------------------------------------------------- majority vote
+
+def test_majority_groups_by_equivalence():
+    vote = majority_vote(["0.5", r"\frac{1}{2}", "3"])
+    assert vote.answer == "0.5"
+    assert vote.count == 2 and vote.n_voters == 3
+    assert not vote.tie
+    assert [c.agents for c in vote.classes] == [[0, 1], [2]]
+
+
+def test_majority_tie_is_deterministic_and_recorded():
+    vote = majority_vote(["7", "8", "8", "7"])
+    assert vote.answer == "7"  # the class whose earliest agent (0) is lowest
+    assert vote.tie and vote.count == 2
+    assert vote.tie_rule
+    again = majority_vote(["7", "8", "8", "7"])
+    assert again == vote
+    vote = majority_vote(["1", "2", "3"])
+    assert vote.answer == "1" and vote.tie
+
+
+def test_majority_ignores_unparseable():
+    vote = majority_vote([None, "4", None, "4.0", "5"])
+    assert vote.answer == "4" and vote.count == 2 and vote.n_voters == 3
+    assert vote.classes[0].agents == [1, 3]
+
+
+def test_majority_all_unparseable():
+    vote = majority_vote([None, None, None])
+    assert vote.answer is None and vote.count == 0 and vote.n_voters == 0
+    assert vote.classes == [] and vote.tie is False
+    assert majority_vote([]).answer is None
