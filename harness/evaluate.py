@@ -1,0 +1,78 @@
+"""Metrics of a set of debate records (DESIGN §2, evaluation).
+
+Accuracy is the final-round majority vote's; n counts every problem (an unparseable vote is
+wrong, never dropped), stderr = sqrt(p(1-p)/n). Agreement uses the vote's equivalence classes,
+so it costs no extra equivalence checks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.records import DebateRecord, SplitMetrics
+
+
+def stderr(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def split_metrics(records: Sequence[DebateRecord], *, iteration: int, split: str,
+                  simulated: bool = False) -> SplitMetrics:
+    n = len(records)
+    if n == 0:
+        return SplitMetrics(iteration=iteration, split=split, n=0, accuracy=0.0, stderr=0.0, per_round=[],
+                            per_agent=[], per_agent_round=[], agreement=0.0, pairwise_agreement=0.0,
+                            unparsed_rate=0.0, simulated=simulated)
+    n_agents = len(records[0].agents)
+    rounds = len(records[0].round_votes)
+    accuracy = _mean([float(r.correct) for r in records])
+    # A round's majority is correct when some agent in the winning class was correct that round.
+    per_round = []
+    for m in range(rounds):
+        hits = 0
+        for r in records:
+            vote = r.round_votes[m]
+            winners = next((c.agents for c in vote.classes if c.answer == vote.answer), [])
+            hits += any(r.agents[a].correct[m] for a in winners)
+        per_round.append(hits / n)
+    per_agent_round = [[_mean([float(r.agents[a].correct[m]) for r in records]) for m in range(rounds)]
+                       for a in range(n_agents)]
+    agreement, pairwise, unparsed = [], [], []
+    pairs = n_agents * (n_agents - 1) / 2
+    for r in records:
+        vote = r.vote
+        agreement.append(float(any(len(c.agents) == n_agents for c in vote.classes)))
+        if pairs:
+            pairwise.append(sum(len(c.agents) * (len(c.agents) - 1) / 2 for c in vote.classes) / pairs)
+        unparsed.append(sum(t.answers[-1] is None for t in r.agents) / n_agents)
+    return SplitMetrics(
+        iteration=iteration, split=split, n=n, accuracy=accuracy, stderr=stderr(accuracy, n),
+        per_round=per_round, per_agent=[row[-1] for row in per_agent_round], per_agent_round=per_agent_round,
+        agreement=_mean(agreement), pairwise_agreement=_mean(pairwise) if pairs else 1.0,
+        unparsed_rate=_mean(unparsed), simulated=simulated)
+
+
+def results_table(metrics: Sequence[SplitMetrics], title: str = "Results") -> Table:
+    simulated = any(m.simulated for m in metrics)
+    table = Table(title=title + (" (SIMULATED models: a test double, not real accuracy)" if simulated else ""))
+    for col in ("iter", "split", "n", "accuracy ± se", "per round", "per agent", "agreement", "unparsed"):
+        table.add_column(col, justify="right" if col not in ("split",) else "left")
+    for m in metrics:
+        table.add_row(
+            str(m.iteration), m.split, str(m.n), f"{100 * m.accuracy:.1f} ± {100 * m.stderr:.1f}",
+            " → ".join(f"{100 * x:.1f}" for x in m.per_round),
+            " ".join(f"{100 * x:.1f}" for x in m.per_agent),
+            f"{100 * m.agreement:.1f}", f"{100 * m.unparsed_rate:.1f}")
+    return table
+
+
+def print_results(metrics: Sequence[SplitMetrics], console: Console | None = None, title: str = "Results") -> None:
+    (console or Console()).print(results_table(metrics, title))

@@ -1,0 +1,27 @@
+"""Shared test helpers. Tests never reach the internet or read ../shared: servers run on
+127.0.0.1 and fixtures live here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(module: str, *args: str, cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m <module> ...` as a user would, capturing its output."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    def _run(*args: str, module: str = "harness.loop", timeout: float = 240, env: dict | None = None):
+        return run_cli(module, *args, cwd=tmp_path, timeout=timeout, env=env)
+    return _run

@@ -1,0 +1,68 @@
+import pytest
+import yaml
+
+from harness.config import config_to_yaml, load_config, preset_names
+from harness.errors import ConfigError
+
+
+def test_demo_is_the_default_and_follows_the_paper():
+    cfg = load_config()
+    assert cfg.name == "demo" and cfg.endpoint.kind == "simulator"
+    assert (cfg.debate.agents, cfg.debate.rounds, cfg.debate.mode) == (3, 2, "summarize")
+    hp = cfg.finetune.hyperparameters
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (2, 1, 1.0)
+    assert cfg.task.levels == [1, 2, 3]
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("demo", ["debate.agents=5", "sampling.temperature=0.7", "task.name=gsm8k"])
+    assert cfg.debate.agents == 5 and cfg.sampling.temperature == 0.7 and cfg.task.name == "gsm8k"
+
+
+@pytest.mark.parametrize("override, field, hint", [
+    ("debate.rounds=0", "debate.rounds", "greater than or equal to 1"),
+    ("debate.agnts=3", "debate.agnts", "allowed here: agents, mode, rounds"),
+    ("task.name=chess", "task.name", "'arithmetic', 'gsm8k', 'math' or 'mmlu'"),
+    ("debate.mode=vote", "debate.mode", "summarize"),
+])
+def test_bad_values_name_the_field_and_what_is_allowed(override, field, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert f"field '{field}'" in str(e.value) and hint in str(e.value)
+
+
+def test_bad_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("debate: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(str(bad))
+    bad.write_text("debate:\n  agents: many\n")
+    with pytest.raises(ConfigError, match=r"(?s)bad.yaml.*field 'debate.agents'.*'many'"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="presets: .*demo"):
+        load_config("no-such-preset")
+
+
+def test_saved_config_holds_no_secret(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-value-123456789")
+    cfg = load_config("demo", ["endpoint.kind=openai", "models.base=gpt-4.1-mini"])
+    assert cfg.endpoint.api_key() == "sk-test-secret-value-123456789"
+    text = config_to_yaml(cfg)
+    assert "sk-test" not in text and "OPENAI_API_KEY" in text
+    assert yaml.safe_load(text)["endpoint"]["kind"] == "openai"
+
+
+def test_missing_key_says_which_variable(monkeypatch):
+    monkeypatch.delenv("MY_KEY", raising=False)
+    cfg = load_config("demo", ["endpoint.kind=openai", "models.base=gpt-4.1-mini", "endpoint.api_key_env=MY_KEY"])
+    with pytest.raises(ConfigError, match="MY_KEY is not set"):
+        cfg.endpoint.api_key()
+
+
+def test_every_shipped_preset_loads():
+    names = preset_names()
+    assert "demo" in names
+    for name in names:
+        load_config(name)
