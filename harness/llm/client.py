@@ -1,0 +1,285 @@
+"""LLMClient: every chat and embedding call of a run goes through here.
+
+One AsyncOpenAI client against any OpenAI-compatible base_url (OpenAI, vLLM, the simulator),
+with: a concurrency limit, exactly one retry layer (ours; the SDK's is off), the run's response
+cache, one usage.jsonl line per call or cache hit, costs from the price table, and the budget cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import httpx2
+import openai
+from pydantic import BaseModel
+
+from harness.config import EndpointConfig, SamplingConfig
+from harness.errors import BudgetExceeded, ConfigError, HarnessError
+from harness.llm.cache import ResponseCache, cache_key
+from harness.llm.pricing import check_overrides, cost_usd, estimate_cost
+from harness.llm.retry import BACKOFF_BASE_S, BACKOFF_CAP_S, MalformedResponse, final_error, retrying
+from harness.llm.usage import UsageLog, UsageTotals
+from harness.records import Message, SampleId, UsageRecord
+
+log = logging.getLogger(__name__)
+
+# Inputs per /embeddings request: well under OpenAI's 2048 and small enough that one
+# request body stays modest; each chunk is cached on its own.
+EMBED_CHUNK = 256
+
+
+class ChatResult(BaseModel):
+    text: str
+    cached: bool  # answered from the run's cache: no call was made, nothing was paid
+    usage: UsageRecord  # the line written to usage.jsonl for this call
+    finish_reason: str | None = None  # "length" means max_tokens cut the answer
+
+
+def sample_seed(client_seed: int, sample: SampleId) -> int:
+    """A stable 31-bit seed per (run seed, sample identity): each agent's sample is reproducible
+    and differs from the other agents'. sha256 rather than hash(): hash() of str is salted per
+    process, so it would change on every resume."""
+    digest = hashlib.sha256(f"{client_seed}|{sample.key()}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def _usd(x: float) -> str:
+    return f"${x:.4f}" if abs(x) >= 0.01 else f"${x:.6f}"
+
+
+def _dump_messages(messages: list[Message] | list[dict]) -> list[dict[str, str]]:
+    out = []
+    for m in messages:
+        d = m.model_dump() if isinstance(m, BaseModel) else dict(m)
+        out.append({"role": d["role"], "content": d["content"]})
+    return out
+
+
+class LLMClient:
+    def __init__(self, *, base_url: str, api_key: str, run_dir: Path, endpoint: EndpointConfig,
+                 sampling: SamplingConfig, budget_usd: float | None = None,
+                 prices: dict[str, dict[str, float]] | None = None, seed: int = 0,
+                 backoff_base_s: float = BACKOFF_BASE_S, backoff_cap_s: float = BACKOFF_CAP_S):
+        """`backoff_*`: the exponential backoff used when a server gives no retry-after (see
+        retry.py); a fast local server (or a test) can use shorter waits."""
+        self.base_url = base_url
+        self.endpoint = endpoint
+        self.sampling = sampling
+        self.budget_usd = budget_usd
+        self.prices = dict(prices or {})
+        self.seed = seed
+        self._backoff = {"base_s": backoff_base_s, "cap_s": backoff_cap_s}
+        check_overrides(self.prices)  # a bad price entry fails now, not mid-run
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._cache = ResponseCache(run_dir / "cache.sqlite")
+        self._usage = UsageLog(run_dir / "usage.jsonl")
+        # Around each network attempt only: cache hits never wait for a slot.
+        self._sem = asyncio.Semaphore(endpoint.concurrency)
+        # The pool must hold at least `concurrency` connections, or it, not the semaphore, becomes
+        # the limit; keep-alive for all of them so bursts reuse connections instead of reopening.
+        self._http = openai.DefaultAsyncHttpxClient(
+            limits=httpx2.Limits(max_connections=endpoint.concurrency + 16,
+                                 max_keepalive_connections=endpoint.concurrency),
+            timeout=endpoint.timeout_s,
+        )
+        # max_retries=0: the SDK would otherwise retry underneath our retry layer.
+        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
+                                          timeout=endpoint.timeout_s, http_client=self._http)
+        self._reserved_usd = 0.0  # budget estimates of calls in flight
+        self._inflight: dict[str, asyncio.Future] = {}
+        if sampling.extra_body and endpoint.kind != "vllm":
+            log.warning("sampling.extra_body %s is sent to vLLM endpoints only; endpoint.kind is %s, so it is ignored",
+                        sorted(sampling.extra_body), endpoint.kind)
+
+    # ------------------------------------------------------------------ public API
+
+    def request_params(self, sample: SampleId) -> dict[str, Any]:
+        """The sampling parameters sent with this sample's call (also part of its cache key)."""
+        s = self.sampling
+        params: dict[str, Any] = {"temperature": s.temperature, "max_tokens": s.max_tokens}
+        if s.top_p is not None:
+            params["top_p"] = s.top_p
+        if s.seeded:
+            params["seed"] = sample_seed(self.seed, sample)
+        if self.endpoint.kind == "vllm" and s.extra_body:
+            params["extra_body"] = dict(s.extra_body)
+        return params
+
+    async def chat(self, model: str, messages: list[Message], sample: SampleId, *,
+                   purpose: str = "debate") -> ChatResult:
+        msgs = _dump_messages(messages)
+        params = self.request_params(sample)
+        key = cache_key({"op": "chat", "model": model, "messages": msgs, "params": params,
+                         "sample": sample.model_dump(mode="json")})
+        prompt_chars = sum(len(m["content"]) for m in msgs)
+
+        async def call() -> tuple[dict, int, float]:
+            return await self._network(model, prompt_chars, params["max_tokens"],
+                                       lambda: self._chat_once(model, msgs, params))
+
+        value, rec = await self._cached(key, "chat", model, sample, purpose, call)
+        return ChatResult(text=value["text"], cached=rec.cached, usage=rec,
+                          finish_reason=value.get("finish_reason"))
+
+    async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
+        """Embeddings via the OpenAI-compatible /embeddings route, cached per chunk of inputs."""
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), EMBED_CHUNK):
+            chunk = list(texts[start:start + EMBED_CHUNK])
+            key = cache_key({"op": "embed", "model": model, "input": chunk})
+
+            async def call(chunk: list[str] = chunk) -> tuple[dict, int, float]:
+                return await self._network(model, sum(len(t) for t in chunk), 0,
+                                           lambda: self._embed_once(model, chunk))
+
+            value, _ = await self._cached(key, "embed", model, None, "embed", call)
+            vectors.extend(value["vectors"])
+        return vectors
+
+    def totals(self) -> UsageTotals:
+        """This run so far, earlier sessions included (read from usage.jsonl at start)."""
+        return self._usage.totals()
+
+    async def aclose(self) -> None:
+        await self._client.close()  # also closes the http client we passed in
+        self._cache.close()
+        self._usage.close()
+
+    async def __aenter__(self) -> "LLMClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ internals
+
+    async def _cached(self, key: str, kind: str, model: str, sample: SampleId | None, purpose: str,
+                      call: Callable[[], Awaitable[tuple[dict, int, float]]]) -> tuple[dict, UsageRecord]:
+        """The cached value or a fresh one from `call()`, with the usage line written for it.
+        Identical requests in flight at the same time share one call (a caller bug or a
+        re-entered stage must not pay twice); the followers are logged as cache hits."""
+        hit = self._cache.get(key)
+        if hit is None and key in self._inflight:
+            hit = await asyncio.shield(self._inflight[key])
+        if hit is not None:
+            rec = UsageRecord(ts=time.time(), model=model, sample=sample, purpose=purpose, prompt_tokens=0,
+                              completion_tokens=0, cached_prompt_tokens=0, latency_s=0.0, cost_usd=0.0,
+                              cached=True, attempts=0)
+            self._usage.append(rec)
+            return hit, rec
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            value, attempts, latency = await call()
+            rec = UsageRecord(ts=time.time(), model=model, sample=sample, purpose=purpose,
+                              prompt_tokens=value.get("prompt_tokens"),
+                              completion_tokens=value.get("completion_tokens"),
+                              cached_prompt_tokens=value.get("cached_prompt_tokens"), latency_s=round(latency, 6),
+                              cost_usd=value.get("cost_usd"), cached=False, attempts=attempts)
+            # Usage line first, cache entry second: a crash between them re-asks (pays twice)
+            # rather than losing the record of money spent, so the budget never under-counts.
+            self._usage.append(rec)
+            self._cache.put(key, kind, model, value)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                fut.cancel()
+            else:
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: no "never retrieved" warning when nobody waited
+            raise
+        finally:
+            del self._inflight[key]
+        fut.set_result(value)
+        return value, rec
+
+    async def _network(self, model: str, prompt_chars: int, max_output_tokens: int,
+                       once: Callable[[], Awaitable[dict]]) -> tuple[dict, int, float]:
+        """One logical call: budget reservation, then attempts under the semaphore with our retry
+        layer. Returns (value, attempts, latency of the successful attempt)."""
+        reserved: float | None = None
+        attempts = 0
+        try:
+            async for attempt in retrying(self.endpoint.max_retries, **self._backoff):
+                with attempt:
+                    async with self._sem:
+                        if reserved is None:  # checked once a slot is ours, so queued calls do not count
+                            reserved = self._reserve(model, prompt_chars, max_output_tokens)
+                        attempts = attempt.retry_state.attempt_number
+                        t0 = time.monotonic()
+                        value = await once()
+                        latency = time.monotonic() - t0
+            if value.get("prompt_tokens") is None and "cost_usd" not in value:
+                # The server sent no usage: charge the estimate so the budget stays conservative.
+                value["cost_usd"] = estimate_cost(model, prompt_chars, max_output_tokens, self.prices)
+                log.warning("no usage in the response of %s at %s: cost estimated", model, self.base_url)
+            return value, attempts, latency
+        except HarnessError:
+            raise
+        except Exception as exc:
+            raise final_error(exc, attempts=attempts, base_url=self.base_url, model=model,
+                              api_key_env=self.endpoint.api_key_env) from exc
+        finally:
+            if reserved:
+                self._reserved_usd -= reserved
+
+    def _reserve(self, model: str, prompt_chars: int, max_output_tokens: int) -> float:
+        if self.budget_usd is None:
+            return 0.0
+        est = estimate_cost(model, prompt_chars, max_output_tokens, self.prices)
+        if est is None:
+            # Decision: refuse rather than run uncapped. A cap that silently ignores a model
+            # is no cap; the user can price it (even at 0 for a local server) in one line.
+            raise ConfigError(
+                f"budget.max_cost_usd is set but the price of model '{model}' is unknown, so the cap cannot be "
+                f"enforced: add it to the config, e.g. --set 'prices.{model}={{input: 0.15, output: 0.6}}' "
+                f"(USD per 1M tokens; 0 for a local server), or remove budget.max_cost_usd"
+            )
+        spent = self._usage.spent_usd
+        if spent + self._reserved_usd + est > self.budget_usd:
+            raise BudgetExceeded(
+                f"budget cap reached: {_usd(spent)} spent so far in this run (earlier sessions included) plus "
+                f"{_usd(self._reserved_usd)} for calls in flight, and the next call to '{model}' may cost up to "
+                f"{_usd(est)}, which would pass budget.max_cost_usd=${self.budget_usd:g}. Raise the cap with "
+                f"--set budget.max_cost_usd=<more> and start the run again: it resumes from where it stopped "
+                f"and finished calls come from the cache at no cost."
+            )
+        self._reserved_usd += est
+        return est
+
+    async def _chat_once(self, model: str, msgs: list[dict], params: dict) -> dict:
+        resp = await self._client.chat.completions.create(model=model, messages=msgs, **params)
+        if not getattr(resp, "choices", None):
+            raise MalformedResponse(f"no choices in the answer of {model}")
+        choice = resp.choices[0]
+        value: dict[str, Any] = {"text": choice.message.content or "", "finish_reason": choice.finish_reason}
+        self._add_usage(value, model, getattr(resp, "usage", None))
+        return value
+
+    async def _embed_once(self, model: str, chunk: list[str]) -> dict:
+        resp = await self._client.embeddings.create(model=model, input=chunk)
+        data = sorted(getattr(resp, "data", None) or [], key=lambda d: d.index)
+        if len(data) != len(chunk):
+            raise MalformedResponse(f"{len(data)} embeddings for {len(chunk)} inputs from {model}")
+        value: dict[str, Any] = {"vectors": [list(d.embedding) for d in data]}
+        self._add_usage(value, model, getattr(resp, "usage", None))
+        value.setdefault("completion_tokens", 0)
+        return value
+
+    def _add_usage(self, value: dict, model: str, usage: Any) -> None:
+        if usage is None or getattr(usage, "prompt_tokens", None) is None:
+            return
+        prompt = usage.prompt_tokens
+        completion = getattr(usage, "completion_tokens", None) or 0
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = getattr(details, "cached_tokens", None) if details is not None else None
+        value.update(prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=cached,
+                     cost_usd=cost_usd(model, prompt, cached, completion, self.prices))
+
+
+__all__ = ["ChatResult", "LLMClient", "sample_seed"]

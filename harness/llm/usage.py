@@ -1,0 +1,66 @@
+"""run_dir/usage.jsonl: one flushed line per model call or cache hit, and running totals that
+include earlier sessions of a resumed run (so the budget cap counts money already spent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from harness.fileio import JsonlAppender, iter_jsonl
+from harness.records import UsageRecord
+
+
+class UsageTotals(BaseModel):
+    """Totals over usage.jsonl. `calls` counts API calls actually made; cache hits are counted
+    apart and cost nothing. `cost_usd` sums the calls with a known price; calls whose price is
+    unknown are counted in `unknown_cost_calls` (their models listed) so a partial total is
+    never presented as the whole cost."""
+
+    calls: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    unknown_cost_calls: int = 0
+    unknown_cost_models: list[str] = Field(default_factory=list)
+
+    def add(self, rec: UsageRecord) -> None:
+        if rec.cached:
+            self.cache_hits += 1
+            return
+        self.calls += 1
+        self.prompt_tokens += rec.prompt_tokens or 0
+        self.completion_tokens += rec.completion_tokens or 0
+        if rec.cost_usd is None:
+            self.unknown_cost_calls += 1
+            if rec.model not in self.unknown_cost_models:
+                self.unknown_cost_models.append(rec.model)
+                self.unknown_cost_models.sort()
+        else:
+            self.cost_usd += rec.cost_usd
+
+
+class UsageLog:
+    """Appends UsageRecords to usage.jsonl and keeps the totals, seeded from the existing file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._totals = UsageTotals()
+        for rec in iter_jsonl(self.path, UsageRecord):  # earlier sessions of this run
+            self._totals.add(rec)
+        self._out = JsonlAppender(self.path)
+
+    def append(self, rec: UsageRecord) -> None:
+        self._out.append(rec)
+        self._totals.add(rec)
+
+    def totals(self) -> UsageTotals:
+        return self._totals.model_copy(deep=True)
+
+    @property
+    def spent_usd(self) -> float:
+        return self._totals.cost_usd
+
+    def close(self) -> None:
+        self._out.close()
