@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from harness.config import FinetuneConfig
 from harness.errors import DataError
-from harness.fileio import write_jsonl_atomic, write_model
+from harness.fileio import read_jsonl, write_jsonl_atomic, write_model
 from harness.records import AgentTranscript, DebateRecord, Message
 
 log = logging.getLogger(__name__)
@@ -219,3 +219,19 @@ def build_ftdata(records: Sequence[DebateRecord], *, n_agents: int, cfg: Finetun
                  total, keep_minus, len(minus[n]), keep_plus, len(plus[n]))
     write_model(out_dir / "stats.json", stats)
     return stats
+
+
+def pool_agents(stats: FtDataStats, out_dir: Path) -> FtDataStats:
+    """The single-agent self-finetuning baseline (STaR-like): every agent's examples pooled into
+    one generator file and one critic file, trained as ONE model that all agents then share.
+    Multiagent finetuning never calls this: there each agent keeps to its own data."""
+    out_dir = Path(out_dir)
+    pooled = stats.model_copy(deep=True)
+    pooled.files = []
+    for role in ("generator", "critic"):
+        rows = [row for n in range(stats.n_agents) for row in read_jsonl(out_dir / stats.file(role, n).path)]
+        path = out_dir / f"{role}-pooled.jsonl"
+        write_jsonl_atomic(path, rows)
+        pooled.files.append(FileStats(path=path.name, role=role, agent=0, examples=len(rows), sha256=_sha256(path)))
+    write_model(out_dir / "stats-pooled.json", pooled)
+    return pooled

@@ -118,3 +118,23 @@ class SplitMetrics(BaseModel):
     pairwise_agreement: float  # mean over agent pairs of final-answer equivalence
     unparsed_rate: float  # share of final-round agent answers that could not be parsed
     simulated: bool = False  # numbers from the built-in simulator are a test double's
+
+
+class IterationMetrics(BaseModel):
+    """iter-<k>/metrics.json."""
+
+    iteration: int
+    splits: dict[str, SplitMetrics]
+    generators: list[str]  # the society that was evaluated
+    critics: list[str]
+
+
+class RunSummary(BaseModel):
+    """summary.json: what the notebooks plot; rewritten atomically after every iteration."""
+
+    schema_version: int = 1
+    run: str
+    simulated: bool
+    iterations: list[IterationMetrics]
+    usage: dict[str, Any] = Field(default_factory=dict)  # calls, tokens, cost (None parts unknown)
+    finished: bool = False

@@ -1,0 +1,153 @@
+"""The finetuning stage of one iteration: every agent's generator and critic file is validated,
+submitted as its own job (all 2N at once), followed to the end with a live status display, and
+recorded in the registry as the next iteration's models.
+
+Idempotent: a model already registered as succeeded (or kept) is skipped, and the provider looks
+each job up by its metadata before creating one, so a resumed run never starts a second job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from harness.config import RunConfig
+from harness.ftdata import FtDataStats, pool_agents
+from harness.ftvalidate import validate_training_file
+from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus
+from harness.registry import ModelEntry, Registry
+
+log = logging.getLogger(__name__)
+ROLES = ("generator", "critic")
+
+
+@dataclass
+class FinetuneStage:
+    cfg: RunConfig
+    provider: FinetuneProvider
+    registry: Registry
+    registry_path: Path
+    run_dir: Path
+    console: Console
+
+    def _save(self, entry: ModelEntry) -> None:
+        self.registry.upsert(entry)
+        self.registry.save(self.registry_path)
+
+    def _parent(self, target: int, role: str, agent: int) -> str:
+        if self.cfg.finetune.start_from == "base":
+            return self.cfg.models.base
+        return self.registry.model_for(target - 1, role, agent)
+
+    async def run(self, stats: FtDataStats, data_dir: Path, target: int) -> list[ModelEntry]:
+        """Train iteration `target`'s models from the data in `data_dir` (built at target-1)."""
+        # With a single debate round the critics never speak: train generators only.
+        roles = ROLES if self.cfg.debate.rounds > 1 else ("generator",)
+        n_agents = stats.n_agents
+        if self.cfg.finetune.single_model:
+            stats = await asyncio.to_thread(pool_agents, stats, data_dir)
+            n_agents = 1
+        jobs = [(role, agent) for agent in range(n_agents) for role in roles]
+        states: dict[tuple[str, int], str] = {}
+        table = lambda: self._table(target, jobs, states)  # noqa: E731
+        with Live(table(), console=self.console, refresh_per_second=4, transient=False,
+                  auto_refresh=self.console.is_terminal) as live:
+            def show(role: str, agent: int, text: str) -> None:
+                before = states.get((role, agent))
+                if before == text:
+                    return
+                states[(role, agent)] = text
+                live.update(table())
+                # Without a terminal (CI, nohup) the live table cannot redraw: log status changes.
+                if not self.console.is_terminal and (before or "").split(" ")[0] != text.split(" ")[0]:
+                    self.console.print(f"iter {target} · {role} {agent}: {text}")
+
+            entries = list(await asyncio.gather(*(self._one(stats, data_dir, target, role, agent, show)
+                                                  for role, agent in jobs)))
+        if self.cfg.finetune.single_model:
+            entries += self._share(entries, target)
+        return entries
+
+    def _share(self, trained: list[ModelEntry], target: int) -> list[ModelEntry]:
+        """Single-model baseline: every other agent uses the one model trained on the pooled data."""
+        shared = []
+        for e in trained:
+            for agent in range(1, self.cfg.debate.agents):
+                copy = e.model_copy(update={"agent": agent, "note": f"shares agent 0's {e.role} (single_model)"})
+                self._save(copy)
+                shared.append(copy)
+        return shared
+
+    async def _one(self, stats: FtDataStats, data_dir: Path, target: int, role: str, agent: int, show) -> ModelEntry:
+        done = self.registry.get(target, role, agent)
+        if done is not None and done.status in ("succeeded", "kept"):
+            show(role, agent, f"{done.status} (earlier session): {done.model_id}")
+            return done
+        parent = self._parent(target, role, agent)
+        info = stats.file(role, agent)
+        path = data_dir / info.path
+        ft = self.cfg.finetune
+        entry = ModelEntry(iteration=target, role=role, agent=agent, provider=self.provider.name,
+                           parent_model=parent, data_path=str(path.relative_to(self.run_dir)),
+                           data_sha256=info.sha256, n_examples=info.examples)
+        report = await asyncio.to_thread(validate_training_file, path, min_examples=ft.min_examples,
+                                         max_example_tokens=ft.max_example_tokens)
+        if report.too_few:
+            entry.status, entry.model_id = "kept", parent
+            entry.note = f"kept {parent}: {report.n_examples} examples < {ft.min_examples}"
+            self._save(entry)
+            show(role, agent, f"[yellow]kept previous model[/] ({report.n_examples} examples < {ft.min_examples})")
+            return entry
+        if not report.ok:
+            entry.status, entry.error = "failed", report.summary()
+            self._save(entry)
+            show(role, agent, f"[red]invalid data[/]: {report.summary()}")
+            return entry
+        metadata = {"harness_run": self.registry.run, "iteration": str(target), "role": role,
+                    "agent": str(agent), "data_sha256": info.sha256[:16]}
+        suffix = ft.suffix or f"{self.cfg.name[:24]}-i{target}-{role[0]}{agent}"
+        request = FinetuneRequest(training_file=path, base_model=parent, hyperparameters=ft.hyperparameters,
+                                  metadata=metadata, suffix=suffix, seed=self.cfg.seed)
+        show(role, agent, "submitting")
+        state = await self.provider.submit(request)
+        self._record(entry, state)
+
+        def on_update(s: JobState) -> None:
+            self._record(entry, s)
+            show(role, agent, f"{s.raw_status}" + (f" · {s.latest_event}" if s.latest_event else ""))
+
+        state = await self.provider.wait(state.job_id, poll_interval_s=ft.poll_interval_s, on_update=on_update)
+        self._record(entry, state)
+        if state.status is JobStatus.SUCCEEDED:
+            show(role, agent, f"[green]succeeded[/]: {state.model_id}")
+        else:
+            show(role, agent, f"[red]{state.raw_status}[/]: {state.error or 'no message from the provider'}")
+        return entry
+
+    def _record(self, entry: ModelEntry, state: JobState) -> None:
+        entry.job_id, entry.file_id = state.job_id, state.file_id or entry.file_id
+        entry.status = state.status.value if state.status is not JobStatus.UNKNOWN else "unknown"
+        entry.trained_tokens = state.trained_tokens or entry.trained_tokens
+        entry.error = state.error
+        if state.status is JobStatus.SUCCEEDED:
+            entry.model_id = state.model_id
+            entry.finished_at = state.finished_at or time.time()
+        elif state.status.terminal:
+            entry.finished_at = state.finished_at or time.time()
+        self._save(entry)
+
+    def _table(self, target: int, jobs, states) -> Table:
+        t = Table(title=f"iteration {target}: finetuning {len(jobs)} models ({self.provider.name})")
+        t.add_column("role")
+        t.add_column("agent", justify="right")
+        t.add_column("status / latest event", overflow="fold")
+        for role, agent in jobs:
+            t.add_row(role, str(agent), states.get((role, agent), "waiting"))
+        return t

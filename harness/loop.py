@@ -1,0 +1,243 @@
+"""`python -m harness.loop`: the whole multiagent-finetuning loop, resumable at every stage.
+
+For each iteration k = 0..L: debate the test split with iteration k's society and write its
+metrics; if k < L, debate the train split, build each agent's generator/critic data, finetune
+all 2N models (one job each, concurrently) and register them as iteration k+1's society.
+
+With no arguments it runs the `demo` preset on the built-in simulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from harness.config import RunConfig, config_to_yaml, load_config
+from harness.debate import Debater, DebateSettings, Society, run_debates
+from harness.endpoints import open_endpoint
+from harness.errors import BudgetExceeded, ConfigError, HarnessError
+from harness.evaluate import print_results, split_metrics
+from harness.fileio import write_atomic, write_model
+from harness.finetune import FinetuneStage
+from harness.ftdata import build_ftdata
+from harness.llm import LLMClient
+from harness.plan import estimate_plan, plan_table
+from harness.prompts import Prompts
+from harness.providers.base import FinetuneProvider
+from harness.records import DebateRecord, IterationMetrics, Problem, RunSummary
+from harness.registry import Registry
+from harness.tasks import get_task, load_split
+
+log = logging.getLogger("harness")
+
+EXIT_BUDGET = 3
+
+
+class Run:
+    """One run directory and everything the stages share."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, console: Console):
+        self.cfg = cfg
+        self.dir = run_dir
+        self.console = console
+        self.task = get_task(cfg.task.name)
+        self.prompts = Prompts(cfg.task.name, cfg.task.prompts_dir)
+        self.simulated = cfg.endpoint.kind == "simulator"
+        self.client: LLMClient | None = None
+        self.registry_path = run_dir / "registry.json"
+        # The registry's run id tags every finetuning job; it is unique per run directory so
+        # two runs that share a name never pick up each other's jobs.
+        self.registry = Registry.load_or_create(self.registry_path, run=f"{cfg.name}-{secrets.token_hex(4)}",
+                                                base_model=cfg.models.base)
+        if not self.registry_path.exists():
+            self.registry.save(self.registry_path)
+
+    def iter_dir(self, k: int) -> Path:
+        return self.dir / f"iter-{k}"
+
+    def society(self, k: int) -> Society:
+        generators, critics = self.registry.models_for(k, self.cfg.debate.agents)
+        return Society(generators=generators, critics=critics, summarizer=self.cfg.summarizer)
+
+    async def debate(self, k: int, split: str, problems: list[Problem], society: Society) -> list[DebateRecord]:
+        assert self.client is not None
+        settings = DebateSettings(rounds=self.cfg.debate.rounds, mode=self.cfg.debate.mode,
+                                  grading_timeout_s=self.cfg.grading.timeout_s)
+        debater = Debater(self.client, society, self.prompts, self.task.extract, settings, iteration=k, split=split)
+        with Progress(TextColumn(f"iter {k} · debate {split}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(),
+                      console=self.console, transient=False, disable=not self.console.is_terminal) as bar:
+            task_id = bar.add_task("debate", total=len(problems), acc="-")
+            hits = [0, 0]
+
+            def on_done(record: DebateRecord) -> None:
+                hits[0] += record.correct
+                hits[1] += 1
+                bar.update(task_id, advance=1, acc=f"{100 * hits[0] / hits[1]:.1f}%")
+
+            records = await run_debates(debater, problems, self.iter_dir(k) / f"debate-{split}.jsonl", on_done)
+        if not self.console.is_terminal:
+            self.console.print(f"iter {k} · debate {split}: {len(records)} problems")
+        return records
+
+    def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> None:
+        assert self.client is not None
+        summary = RunSummary(run=self.cfg.name, simulated=self.simulated, iterations=iterations,
+                             usage=self.client.totals().model_dump(), finished=finished)
+        write_model(self.dir / "summary.json", summary)
+
+
+def make_provider(cfg: RunConfig, base_url: str, run_dir: Path) -> FinetuneProvider:
+    if cfg.finetune.provider == "local":
+        from harness.providers.local import LocalLoraProvider
+
+        return LocalLoraProvider.from_config(cfg, run_dir)
+    from harness.providers.openai_ft import OpenAIFinetuneProvider
+
+    return OpenAIFinetuneProvider(base_url, cfg.endpoint.api_key(), max_retries=cfg.endpoint.max_retries,
+                                  poll_interval_s=cfg.finetune.poll_interval_s)
+
+
+async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummary:
+    run = Run(cfg, run_dir, console)
+    train = load_split(cfg.task, "train") if cfg.finetune.iterations > 0 else []
+    test = load_split(cfg.task, "test")
+    iterations: list[IterationMetrics] = []
+    async with open_endpoint(cfg, run_dir, [*train, *test]) as base_url:
+        async with LLMClient(base_url=base_url, api_key=cfg.endpoint.api_key(), run_dir=run_dir,
+                             endpoint=cfg.endpoint, sampling=cfg.sampling, budget_usd=cfg.budget.max_cost_usd,
+                             prices=cfg.prices, seed=cfg.seed) as client:
+            run.client = client
+            provider = make_provider(cfg, base_url, run_dir) if cfg.finetune.iterations > 0 else None
+            try:
+                for k in range(cfg.finetune.iterations + 1):
+                    iterations.append(await run_iteration(run, k, train, test, provider))
+                    run.write_summary(iterations, finished=False)
+            finally:
+                if provider is not None:
+                    await provider.close()
+            run.write_summary(iterations, finished=True)
+            return RunSummary.model_validate_json((run_dir / "summary.json").read_text())
+
+
+async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Problem],
+                        provider: FinetuneProvider | None) -> IterationMetrics:
+    """Evaluate iteration k's society on the test split; unless it is the last iteration, debate the
+    train split, build each agent's data and finetune iteration k+1's society."""
+    cfg = run.cfg
+    society = run.society(k)
+    test_records = await run.debate(k, "test", test, society)
+    splits = {"test": split_metrics(test_records, iteration=k, split="test", simulated=run.simulated)}
+    metrics = IterationMetrics(iteration=k, splits=splits, generators=list(society.generators),
+                               critics=list(society.critics))
+    write_model(run.iter_dir(k) / "metrics.json", metrics)
+    if k < cfg.finetune.iterations:
+        assert provider is not None
+        train_records = await run.debate(k, "train", train, society)
+        splits["train"] = split_metrics(train_records, iteration=k, split="train", simulated=run.simulated)
+        write_model(run.iter_dir(k) / "metrics.json", metrics)
+        data_dir = run.iter_dir(k) / "ftdata"
+        stats = await asyncio.to_thread(build_ftdata, train_records, n_agents=cfg.debate.agents, cfg=cfg.finetune,
+                                        out_dir=data_dir, seed=cfg.seed, timeout_s=cfg.grading.timeout_s)
+        stage = FinetuneStage(cfg, provider, run.registry, run.registry_path, run.dir, run.console)
+        entries = await stage.run(stats, data_dir, target=k + 1)
+        failed = [e for e in entries if e.status not in ("succeeded", "kept")]
+        for e in failed:
+            log.warning("iteration %d %s %d: %s; the agent keeps %s", e.iteration, e.role, e.agent,
+                        e.error or e.status, run.registry.model_for(e.iteration, e.role, e.agent))
+    return metrics
+
+
+def dry_run(cfg: RunConfig, console: Console) -> None:
+    train = load_split(cfg.task, "train") if cfg.finetune.iterations > 0 else []
+    test = load_split(cfg.task, "test")
+    console.print(plan_table(estimate_plan(cfg, train, test), simulated=cfg.endpoint.kind == "simulator"))
+    console.print("nothing was called; run again without --dry-run to start")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness.loop", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a YAML file or a preset name (default: demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set debate.agents=5 (repeatable)")
+    p.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/<name>-<timestamp>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue a stopped run: finished work and paid calls are not repeated")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan with estimated calls, tokens and cost per stage; call nothing")
+    p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
+    return p
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    if args.resume is not None:
+        run_dir = args.resume
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there; is this a run directory?")
+        if args.config:
+            raise ConfigError("--resume uses the run's saved config.yaml; drop --config (use --set to change a field)")
+        return load_config(str(saved), args.overrides), run_dir
+    cfg = load_config(args.config, args.overrides)
+    run_dir = args.run_dir or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick another --run-dir")
+    return cfg, run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    try:
+        cfg, run_dir = resolve_run(args)
+        if args.dry_run:
+            dry_run(cfg, console)
+            return 0
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
+        console.print(f"[bold]run[/] {cfg.name} → {run_dir}"
+                      + ("  [yellow](simulated models: a test double)[/]" if cfg.endpoint.kind == "simulator" else ""))
+        started = time.monotonic()
+        summary = asyncio.run(run_loop(cfg, run_dir, console))
+    except BudgetExceeded as e:
+        console.print(f"[bold yellow]stopped:[/] {e}")
+        console.print(f"resume with: python -m harness.loop --resume {run_dir} --set budget.max_cost_usd=<higher cap>")
+        return EXIT_BUDGET
+    except ConfigError as e:
+        console.print(f"[bold red]config error:[/] {e}")
+        return 2
+    except HarnessError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        if "run_dir" in locals() and (run_dir / "config.yaml").exists():
+            console.print(f"finished work is saved; after fixing the cause: python -m harness.loop --resume {run_dir}")
+        return 1
+    print_results([m for it in summary.iterations for m in it.splits.values()], console)
+    usage = summary.usage
+    cost = usage.get("cost_usd")
+    unknown = usage.get("unknown_cost_calls", 0)
+    console.print(f"calls {usage.get('calls', 0)} (cache hits {usage.get('cache_hits', 0)}), tokens "
+                  f"{usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, cost "
+                  + (f"${cost:.4f}" if cost is not None else "unknown")
+                  + (f" + {unknown} calls of unknown price" if unknown else "")
+                  + (" (simulated prices)" if summary.simulated else ""))
+    console.print(f"finished in {time.monotonic() - started:.1f}s · run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

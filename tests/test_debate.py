@@ -1,0 +1,87 @@
+"""The debate engine against the simulator over real HTTP."""
+
+import asyncio
+
+import pytest
+
+from harness.config import EndpointConfig, SamplingConfig, SimulatorConfig
+from harness.debate import Debater, DebateSettings, Society, finished_records, run_debates
+from harness.fileio import read_jsonl
+from harness.llm import LLMClient
+from harness.prompts import Prompts
+from harness.records import Problem, UsageRecord
+from harness.sim import SimServer
+from harness.tasks import get_task
+
+PROBLEMS = [Problem(id=f"p{i}", task="arithmetic", question=f"What is the result of {i}+2*3+4-5*{i % 4}?",
+                    gold=str(i + 6 + 4 - 5 * (i % 4))) for i in range(12)]
+
+
+async def _debate(tmp_path, sim_cfg, mode="concatenate", agents=3, rounds=2, problems=PROBLEMS):
+    with SimServer(sim_cfg) as sim:
+        async with LLMClient(base_url=sim.base_url, api_key="x", run_dir=tmp_path, endpoint=EndpointConfig(),
+                             sampling=SamplingConfig(), seed=0) as client:
+            society = Society(generators=["sim-base"] * agents, critics=["sim-base"] * agents, summarizer="sim-base")
+            debater = Debater(client, society, Prompts("arithmetic"), get_task("arithmetic").extract,
+                              DebateSettings(rounds=rounds, mode=mode), iteration=0, split="test")
+            return await run_debates(debater, problems, tmp_path / "debate-test.jsonl")
+
+
+async def test_each_agent_keeps_its_own_conversation_and_sees_only_the_others(tmp_path):
+    records = await _debate(tmp_path, SimulatorConfig(skill=0.5, persuadability=0.5, seed=3))
+    assert [r.problem.id for r in records] == [p.id for p in PROBLEMS]
+    for r in records:
+        assert len(r.agents) == 3 and len(r.round_votes) == 2
+        for t in r.agents:
+            roles = [m.role for m in t.messages]
+            assert roles == ["user", "assistant", "user", "assistant"]
+            assert r.problem.question in t.messages[0].content
+            own_first = t.messages[1].content
+            others_first = [o.messages[1].content for o in r.agents if o.agent != t.agent]
+            # round 1 shows the other agents' round-0 answers, never the agent's own
+            for text in others_first:
+                assert text.strip() in t.messages[2].content
+            if own_first not in others_first:
+                assert own_first.strip() not in t.messages[2].content
+            assert len(t.answers) == 2 and len(t.correct) == 2
+        assert r.vote.tie_rule
+    # samples differ across agents although they get the same round-0 prompt
+    firsts = {t.messages[1].content for r in records for t in r.agents}
+    assert len(firsts) > len(records)
+
+
+async def test_vote_and_correctness_follow_the_answers(tmp_path):
+    records = await _debate(tmp_path, SimulatorConfig(skill=1.0, seed=1))
+    assert all(r.correct for r in records)
+    assert all(r.vote.count == 3 and not r.vote.tie for r in records)
+    records = await _debate(tmp_path / "wrong", SimulatorConfig(skill=0.0, persuadability=0.0, seed=1))
+    assert not any(r.correct for r in records)
+
+
+async def test_summarize_mode_sends_one_summary_per_agent_and_round(tmp_path):
+    records = await _debate(tmp_path, SimulatorConfig(skill=0.6, seed=2), mode="summarize", rounds=3,
+                            problems=PROBLEMS[:4])
+    usage = read_jsonl(tmp_path / "usage.jsonl", UsageRecord)
+    summaries = [u for u in usage if u.purpose == "summary"]
+    assert len(summaries) == 4 * 3 * 2  # problems x agents x later rounds
+    for r in records:
+        for t in r.agents:
+            assert len(t.messages) == 6
+            assert "digest" in t.messages[2].content
+
+
+async def test_unparseable_answers_do_not_vote_and_count_as_wrong(tmp_path):
+    records = await _debate(tmp_path, SimulatorConfig(skill=1.0, malformed_rate=1.0, seed=1), problems=PROBLEMS[:3])
+    for r in records:
+        assert r.vote.answer is None and r.vote.n_voters == 0 and not r.correct
+        assert all(a is None for t in r.agents for a in t.answers)
+
+
+async def test_a_restarted_debate_skips_finished_problems(tmp_path):
+    await _debate(tmp_path, SimulatorConfig(seed=4), problems=PROBLEMS[:5])
+    calls_before = len(read_jsonl(tmp_path / "usage.jsonl"))
+    records = await _debate(tmp_path, SimulatorConfig(seed=4), problems=PROBLEMS[:8])
+    assert len(records) == 8
+    assert set(finished_records(tmp_path / "debate-test.jsonl")) == {p.id for p in PROBLEMS[:8]}
+    new_usage = read_jsonl(tmp_path / "usage.jsonl", UsageRecord)[calls_before:]
+    assert {u.sample.problem_id for u in new_usage} == {p.id for p in PROBLEMS[5:8]}
