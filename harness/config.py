@@ -116,6 +116,56 @@ class Hyperparameters(_Strict):
     learning_rate_multiplier: float = Field(1.0, gt=0)
 
 
+class LocalFinetuneConfig(_Strict):
+    """The `local` provider: TRL SFT with a PEFT LoRA adapter (or a full finetune), one
+    subprocess per job. Epochs and batch size come from `finetune.hyperparameters`."""
+
+    base_model_path: str | None = None  # weights to train (path or hub id); None: serve.model
+    r: int = Field(8, ge=1)  # LoRA rank; must not exceed serve.max_lora_rank
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    # 1e-4: the usual LoRA rate (LoRA needs ~10x the full-finetuning rate); with the paper's 2
+    # epochs over a few hundred examples it moves the adapter without wrecking the base model.
+    # Scaled by hyperparameters.learning_rate_multiplier.
+    learning_rate: float = Field(1e-4, gt=0)
+    max_length: int = Field(2048, ge=16)  # tokens per example; longer ones are truncated
+    full_finetune: bool = False  # train all weights; the result is a model dir, not an adapter
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU when present
+    max_parallel_jobs: int = Field(1, ge=1)  # jobs training at once (one GPU: keep 1)
+    python: str | None = None  # interpreter with the `local` extra; None: the running one
+
+
+class ServeConfig(_Strict):
+    """The vLLM server for open models: started by the loop (`manage: true`) or attached to
+    (endpoint.base_url, or several servers in `base_urls`)."""
+
+    model: str | None = None  # base model path or hub id the server loads
+    served_name: str = "base"  # the name debates use for the base model (models.base)
+    manage: bool = False  # start and stop the server ourselves
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_lora_rank: int = 8  # vLLM accepts 1, 8, 16, 32, 64, 128, 256, 320, 512
+    max_loras: int | None = Field(None, ge=1)  # adapters in one batch; None: 2 x debate.agents
+    max_model_len: int | None = Field(None, ge=16)
+    dtype: str = "auto"
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # on CPU builds: share of RAM
+    tensor_parallel_size: int = Field(1, ge=1)  # GPUs per model replica
+    data_parallel_size: int = Field(1, ge=1)  # model replicas behind one server
+    extra_args: list[str] = Field(default_factory=list)  # passed to vLLM as is
+    env: dict[str, str] = Field(default_factory=dict)  # extra environment for the server
+    python: str | None = None  # interpreter with vLLM; None: .venv-vllm/bin/python if present
+    startup_timeout_s: float = Field(900.0, gt=0)
+    # Several servers (e.g. one per GPU): agents are spread across them; adapters load on all.
+    base_urls: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_rank(self) -> "ServeConfig":
+        if self.max_lora_rank not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+            raise ValueError("max_lora_rank: vLLM accepts 1, 8, 16, 32, 64, 128, 256, 320 or 512")
+        return self
+
+
 class FinetuneConfig(_Strict):
     iterations: int = Field(0, ge=0)  # finetuning iterations after iteration 0's debate
     provider: Literal["openai", "local"] = "openai"
@@ -130,6 +180,28 @@ class FinetuneConfig(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     poll_interval_s: float = Field(5.0, gt=0)
     suffix: str | None = None  # OpenAI model-name suffix; None: derived from run name
+    # Baseline "single-agent self-finetuning" (STaR-like): pool every agent's data into ONE
+    # generator (and one critic) that all agents then share. False is multiagent finetuning.
+    single_model: bool = False
+    local: LocalFinetuneConfig = Field(default_factory=LocalFinetuneConfig)
+
+
+class AnalysisConfig(_Strict):
+    """Diversity measures computed after each test debate (harness.diversity documents them)."""
+
+    # Embeddings model for the answers' dissimilarity; "auto": sim-embed on the simulator,
+    # text-embedding-3-small on OpenAI, none on vLLM (a chat server rarely serves embeddings);
+    # null: skip the measure.
+    embedding_model: str | None = "auto"
+    # Likelihood-based diversity from vLLM prompt logprobs (vLLM endpoints only; costs N*N
+    # scoring requests per problem).
+    likelihood: bool = True
+    likelihood_max_problems: int | None = Field(100, ge=1)  # problems scored; None: all
+
+    def resolve_embedding_model(self, endpoint_kind: str) -> str | None:
+        if self.embedding_model != "auto":
+            return self.embedding_model
+        return {"simulator": "sim-embed", "openai": "text-embedding-3-small"}.get(endpoint_kind)
 
 
 class RunConfig(_Strict):
@@ -145,11 +217,21 @@ class RunConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     # Per-model prices in USD per million tokens, overriding the built-in table.
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         if self.endpoint.kind == "openai" and self.models.base.startswith("sim-"):
             raise ValueError("models.base: a simulated model (sim-*) needs endpoint.kind=simulator")
+        return self
+
+    @model_validator(mode="after")
+    def _check_local(self) -> "RunConfig":
+        local = self.finetune.local
+        if self.finetune.provider == "local" and not local.full_finetune and local.r > self.serve.max_lora_rank:
+            raise ValueError(f"finetune.local.r: rank {local.r} exceeds serve.max_lora_rank "
+                             f"{self.serve.max_lora_rank}; vLLM would refuse the adapters")
         return self
 
     @property
