@@ -10,6 +10,9 @@ at a time — and prints ratios, never a bare time:
 
 Target (issue): <= 1.3x the ideal bound at concurrency 64.
 
+The simulator runs in its own process, as any real server would: in this process it would
+compete with the harness for the same interpreter lock and the ratio would measure both.
+
     python benchmarks/debate_throughput.py [--problems 200] [--latency-ms 200] [--concurrency 64]
 """
 
@@ -18,16 +21,44 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
-from harness.config import EndpointConfig, SamplingConfig, SimulatorConfig, TaskConfig
+from harness.config import EndpointConfig, SamplingConfig, TaskConfig
 from harness.debate import Debater, DebateSettings, Society, run_debates
 from harness.llm import LLMClient
 from harness.prompts import Prompts
-from harness.sim import SimServer
+from harness.records import Message, SampleId
 from harness.tasks import get_task, load_split
+
+
+@contextmanager
+def simulator_process(latency_ms: float):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "harness.sim", "--port", str(port), "--latency-ms", str(latency_ms)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the simulator did not start")
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 async def timed_debate(base_url: str, problems, *, agents: int, rounds: int, mode: str, concurrency: int) -> float:
@@ -38,6 +69,10 @@ async def timed_debate(base_url: str, problems, *, agents: int, rounds: int, mod
             society = Society(["sim-base"] * agents, ["sim-base"] * agents, "sim-base")
             debater = Debater(client, society, Prompts("arithmetic"), get_task("arithmetic").extract,
                               DebateSettings(rounds=rounds, mode=mode), iteration=0, split="test")
+            # One call before the clock starts: connection set-up and the SDK's lazy imports are
+            # start-up costs, not throughput.
+            await client.chat("sim-base", [Message(role="user", content="What is 1+2*3+4-5*6?")],
+                              SampleId(iteration=0, split="warmup", problem_id="warmup", agent=0, round=0))
             start = time.perf_counter()
             await run_debates(debater, problems, Path(tmp) / "debate.jsonl")
             return time.perf_counter() - start
@@ -62,11 +97,11 @@ def main() -> None:
 
     problems = load_split(TaskConfig(name="arithmetic", n_test=args.problems, seed=0), "test")
     latency_s = args.latency_ms / 1000
-    with SimServer(SimulatorConfig(latency_ms=args.latency_ms, seed=0)) as sim:
+    with simulator_process(args.latency_ms) as base_url:
         kw = dict(agents=args.agents, rounds=args.rounds, mode=args.mode)
-        ours = asyncio.run(timed_debate(sim.base_url, problems, concurrency=args.concurrency, **kw))
+        ours = asyncio.run(timed_debate(base_url, problems, concurrency=args.concurrency, **kw))
         sequential = None if args.skip_sequential else asyncio.run(
-            timed_debate(sim.base_url, problems, concurrency=1, **kw))
+            timed_debate(base_url, problems, concurrency=1, **kw))
     ideal = ideal_seconds(len(problems), args.agents, args.rounds, args.mode, args.concurrency, latency_s)
     print(f"debate of {len(problems)} problems x {args.agents} agents x {args.rounds} rounds ({args.mode}), "
           f"simulated latency {args.latency_ms:.0f} ms, concurrency {args.concurrency}")

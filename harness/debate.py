@@ -70,10 +70,6 @@ class Debater:
         return SampleId(iteration=self.iteration, split=self.split, problem_id=problem.id,
                         role=role, agent=agent, round=rnd)
 
-    async def _grade(self, fn, *args, **kw):
-        # math-verify may take a while on odd answers; keep the event loop free meanwhile.
-        return await asyncio.to_thread(fn, *args, timeout_s=self.settings.grading_timeout_s, **kw)
-
     async def _other_answers_message(self, problem: Problem, agent: int, rnd: int,
                                      previous: list[str]) -> str:
         others = [(j, text) for j, text in enumerate(previous) if j != agent]
@@ -101,24 +97,29 @@ class Debater:
     async def debate(self, problem: Problem) -> DebateRecord:
         n = self.society.n_agents
         conversations: list[list[Message]] = [[] for _ in range(n)]
-        answers: list[list[str | None]] = [[] for _ in range(n)]
         models: list[list[str]] = [[] for _ in range(n)]
-        round_votes = []
         previous: list[str] | None = None
         for rnd in range(self.settings.rounds):
             texts = await asyncio.gather(*(
                 self._agent_turn(problem, a, rnd, conversations[a], previous) for a in range(n)))
-            for a, text in enumerate(texts):
-                answers[a].append(self.extract(text))
+            for a in range(n):
                 models[a].append(self.society.generators[a] if rnd == 0 else self.society.critics[a])
-            round_votes.append(await self._grade(majority_vote, [answers[a][rnd] for a in range(n)]))
             previous = list(texts)
-        correct = [[await self._grade(equivalent, ans, problem.gold) for ans in answers[a]] for a in range(n)]
+        # Votes never feed back into the debate, so all grading happens once, at the end, in one
+        # worker thread: math-verify can take a while on odd answers and must not block the loop.
+        return await asyncio.to_thread(self._record, problem, conversations, models)
+
+    def _record(self, problem: Problem, conversations: list[list[Message]], models: list[list[str]]) -> DebateRecord:
+        timeout = self.settings.grading_timeout_s
+        answers = [[self.extract(m.content) for m in conv if m.role == "assistant"] for conv in conversations]
+        round_votes = [majority_vote([answers[a][rnd] for a in range(len(answers))], timeout_s=timeout)
+                       for rnd in range(self.settings.rounds)]
         agents = [AgentTranscript(agent=a, models=models[a], messages=conversations[a], answers=answers[a],
-                                  correct=correct[a]) for a in range(n)]
-        final_correct = await self._grade(equivalent, round_votes[-1].answer, problem.gold)
+                                  correct=[equivalent(ans, problem.gold, timeout_s=timeout) for ans in answers[a]])
+                  for a in range(len(answers))]
         return DebateRecord(iteration=self.iteration, split=self.split, problem=problem, agents=agents,
-                            round_votes=round_votes, correct=final_correct)
+                            round_votes=round_votes,
+                            correct=equivalent(round_votes[-1].answer, problem.gold, timeout_s=timeout))
 
 
 def finished_records(path: Path) -> dict[str, DebateRecord]:

@@ -83,7 +83,10 @@ class LLMClient:
         self._sem = asyncio.Semaphore(endpoint.concurrency)
         # The pool must hold at least `concurrency` connections, or it, not the semaphore, becomes
         # the limit; keep-alive for all of them so bursts reuse connections instead of reopening.
-        self._http = openai.DefaultAsyncHttpxClient(
+        # The SDK's aiohttp transport (the `openai[aiohttp]` extra): at 64 calls in flight its
+        # connection pool costs far less CPU per request than httpx2's, whose pool scans every
+        # connection on each request (measured: ~1.2x vs ~1.5-2x the ideal wall time).
+        self._http = openai.DefaultAioHttpClient(
             limits=httpx2.Limits(max_connections=endpoint.concurrency + 16,
                                  max_keepalive_connections=endpoint.concurrency),
             timeout=endpoint.timeout_s,
@@ -253,12 +256,20 @@ class LLMClient:
         return est
 
     async def _chat_once(self, model: str, msgs: list[dict], params: dict) -> dict:
-        resp = await self._client.chat.completions.create(model=model, messages=msgs, **params)
-        if not getattr(resp, "choices", None):
+        # The SDK's raw `post` rather than `chat.completions.create`: same auth, headers, timeouts
+        # and exception types, but it skips the recursive TypedDict transform of the parameters
+        # and the typed response model, which cost ~3 ms of CPU per call (profiled) and were the
+        # bottleneck at 64 calls in flight. Our messages are plain JSON and need no transform.
+        body = {"model": model, "messages": msgs, **{k: v for k, v in params.items() if k != "extra_body"},
+                **params.get("extra_body", {})}
+        resp = await self._client.post("/chat/completions", body=body, cast_to=object)
+        choices = resp.get("choices") if isinstance(resp, dict) else None
+        if not choices or not isinstance(choices[0], dict):
             raise MalformedResponse(f"no choices in the answer of {model}")
-        choice = resp.choices[0]
-        value: dict[str, Any] = {"text": choice.message.content or "", "finish_reason": choice.finish_reason}
-        self._add_usage(value, model, getattr(resp, "usage", None))
+        choice = choices[0]
+        text = (choice.get("message") or {}).get("content")
+        value: dict[str, Any] = {"text": text or "", "finish_reason": choice.get("finish_reason")}
+        self._add_usage(value, model, resp.get("usage"))
         return value
 
     async def _embed_once(self, model: str, chunk: list[str]) -> dict:
@@ -267,17 +278,18 @@ class LLMClient:
         if len(data) != len(chunk):
             raise MalformedResponse(f"{len(data)} embeddings for {len(chunk)} inputs from {model}")
         value: dict[str, Any] = {"vectors": [list(d.embedding) for d in data]}
-        self._add_usage(value, model, getattr(resp, "usage", None))
+        usage = getattr(resp, "usage", None)
+        self._add_usage(value, model, usage.model_dump() if usage is not None else None)
         value.setdefault("completion_tokens", 0)
         return value
 
     def _add_usage(self, value: dict, model: str, usage: Any) -> None:
-        if usage is None or getattr(usage, "prompt_tokens", None) is None:
+        """Token counts from an OpenAI-shaped `usage` dict (None or incomplete: left out)."""
+        if not isinstance(usage, dict) or usage.get("prompt_tokens") is None:
             return
-        prompt = usage.prompt_tokens
-        completion = getattr(usage, "completion_tokens", None) or 0
-        details = getattr(usage, "prompt_tokens_details", None)
-        cached = getattr(details, "cached_tokens", None) if details is not None else None
+        prompt = usage["prompt_tokens"]
+        completion = usage.get("completion_tokens") or 0
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
         value.update(prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=cached,
                      cost_usd=cost_usd(model, prompt, cached, completion, self.prices))
 
