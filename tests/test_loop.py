@@ -144,3 +144,13 @@ def test_dry_run_prints_the_plan_and_calls_nothing(cli, tmp_path):
     assert "iter 0: debate test" in out and "iter 0: debate train" in out and "finetune 6 models" in out
     assert "iter 1: debate test" in out and "nothing was called" in out
     assert not (tmp_path / "planned").exists()
+
+
+@pytest.mark.slow
+def test_the_same_config_and_seed_reproduce_the_same_results(cli, tmp_path):
+    small = ["--set", "task.n_test=20", "--set", "task.n_train=40", "--set", "finetune.iterations=1"]
+    for name in ("a", "b"):
+        assert cli("--run-dir", name, *small).returncode == 0
+    a, b = (RunSummary.model_validate_json((tmp_path / n / "summary.json").read_text()) for n in "ab")
+    assert [it.splits for it in a.iterations] == [it.splits for it in b.iterations]
+    assert [it.generators for it in a.iterations] == [it.generators for it in b.iterations]

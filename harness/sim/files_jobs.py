@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -111,7 +112,7 @@ def make_router(sim) -> APIRouter:
             raise ApiError(400, "Missing the 'file' part of the upload.", param="file")
         filename, content = files["file"]
         rec = FileRecord(
-            id=f"file-{uuid.uuid4().hex[:24]}",
+            id=_stable_id("file", store.files, sim.cfg.seed, hashlib.sha256(content).hexdigest()),
             bytes=len(content),
             created_at=int(time.time()),
             filename=filename or "upload",
@@ -172,7 +173,12 @@ def make_router(sim) -> APIRouter:
         _check_metadata(body.metadata)
         hyper = _hyperparameters(body)
 
-        job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
+        # Deterministic ids (unlike OpenAI's): the simulated finetune's behaviour is seeded by its
+        # model name, so the same config must give the same names for runs to be reproducible.
+        # Run-specific metadata stays out of the hash; identical requests still get distinct ids.
+        job_id = _stable_id("ftjob", store.jobs, sim.cfg.seed, body.model,
+                            hashlib.sha256(store.content(rec.id)).hexdigest(), body.suffix,
+                            json.dumps(hyper, sort_keys=True), body.seed)
         root = body.model.split(":")[1] if body.model.startswith("ft:") else body.model
         name = f"ft:{root}:{ORG}:{body.suffix or ''}:{job_id[6:14]}"
         error = params = tokens = None
@@ -250,3 +256,14 @@ def make_router(sim) -> APIRouter:
         return job.api(now)
 
     return router
+
+
+def _stable_id(prefix: str, existing, *parts: object) -> str:
+    """`prefix-<24 hex>` from the parts; the n-th identical request gets the n-th id."""
+    n = 0
+    while True:
+        digest = hashlib.sha256("|".join(map(str, (*parts, n))).encode()).hexdigest()[:24]
+        candidate = f"{prefix}-{digest}"
+        if candidate not in existing:
+            return candidate
+        n += 1
