@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.config import RunConfig, config_to_yaml, load_config
 from harness.debate import Debater, DebateSettings, Society, run_debates
+from harness.diversity import compute_diversity
 from harness.endpoints import open_endpoint
 from harness.errors import BudgetExceeded, ConfigError, HarnessError
 from harness.evaluate import print_results, split_metrics
@@ -90,6 +91,23 @@ class Run:
             self.console.print(f"iter {k} · debate {split}: {len(records)} problems")
         return records
 
+    async def diversity(self, k: int, records: list[DebateRecord]) -> None:
+        """iter-<k>/diversity.json for the test split (harness.diversity defines each measure);
+        a measure that cannot be computed becomes a note, never a failed run."""
+        path = self.iter_dir(k) / "diversity.json"
+        if path.exists():
+            return
+        assert self.client is not None
+        cfg = self.cfg
+        use_logprobs = cfg.endpoint.kind == "vllm" and cfg.analysis.likelihood
+        div = await compute_diversity(
+            records, iteration=k, split="test", client=self.client,
+            embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
+            logprob_base_url=self.client.base_url if use_logprobs else None,
+            logprob_api_key=cfg.endpoint.api_key() if use_logprobs else None,
+            likelihood_max_problems=cfg.analysis.likelihood_max_problems)
+        write_model(path, div)
+
     def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> None:
         assert self.client is not None
         summary = RunSummary(run=self.cfg.name, simulated=self.simulated, iterations=iterations,
@@ -141,6 +159,7 @@ async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Probl
     metrics = IterationMetrics(iteration=k, splits=splits, generators=list(society.generators),
                                critics=list(society.critics))
     write_model(run.iter_dir(k) / "metrics.json", metrics)
+    await run.diversity(k, test_records)
     if k < cfg.finetune.iterations:
         assert provider is not None
         train_records = await run.debate(k, "train", train, society)
