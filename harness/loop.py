@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     cost = usage.get("cost_usd")
     unknown = usage.get("unknown_cost_calls", 0)
     console.print(f"calls {usage.get('calls', 0)} (cache hits {usage.get('cache_hits', 0)}), tokens "
-                  f"{usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, cost "
+                  f"{usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, inference cost "
                   + (f"${cost:.4f}" if cost is not None else "unknown")
                   + (f" + {unknown} calls of unknown price" if unknown else "")
                   + (" (simulated prices)" if summary.simulated else ""))

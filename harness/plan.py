@@ -71,7 +71,7 @@ def _debate_estimate(cfg: RunConfig, prompts: Prompts, problems: Sequence[Proble
         cost = None if cost is None or c is None else cost + c
     k = max(len(problems), 1)
     est = StageEstimate(stage=stage, calls=calls, prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost,
-                        note=f"{len(problems)} problems x {n} agents x {rounds} rounds ({cfg.debate.mode})")
+                        note=f"debates: {n} agents x {rounds} rounds ({cfg.debate.mode})")
     return est, gen_tokens // k, conv_tokens // k
 
 
@@ -97,7 +97,7 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
         else:
             price = training_price_for(base, cfg.prices)
             ft_cost = None if price is None else trained * price / 1e6
-            note = f"~{examples} examples per model, {cfg.finetune.hyperparameters.n_epochs} epochs"
+            note = f"finetuning: ~{examples} examples per model, {cfg.finetune.hyperparameters.n_epochs} epochs"
         stages.append(StageEstimate(stage=f"iter {k}: finetune {2 * n} models", calls=2 * n, prompt_tokens=trained,
                                     completion_tokens=0, cost_usd=ft_cost, note=note))
     return stages
@@ -105,15 +105,18 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
 
 def plan_table(stages: Sequence[StageEstimate], simulated: bool) -> Table:
     title = "Plan (--dry-run: nothing is called)" + (" · simulated prices" if simulated else "")
-    table = Table(title=title)
-    for col in ("stage", "calls", "tokens in", "tokens out", "cost (USD)", "assumes"):
-        table.add_column(col, justify="left" if col in ("stage", "assumes") else "right")
+    notes = sorted({s.note for s in stages if s.note})
+    caption = (f"assumes ~{ANSWER_TOKENS} tokens per answer, {SUMMARY_TOKENS} per summary, "
+               f"{int(AGREE_SHARE * 100)}% of answers agreeing with the vote; " + "; ".join(notes))
+    table = Table(title=title, caption=caption)
+    for col in ("stage", "calls", "tokens in", "tokens out", "cost (USD)"):
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col == "stage")
     total: float | None = 0.0
     for s in stages:
         total = None if total is None or s.cost_usd is None else total + s.cost_usd
         table.add_row(s.stage, f"{s.calls:,}", f"{s.prompt_tokens:,}", f"{s.completion_tokens:,}",
-                      "unknown" if s.cost_usd is None else f"{s.cost_usd:.4f}", s.note)
+                      "unknown" if s.cost_usd is None else f"{s.cost_usd:.4f}")
     table.add_row("total", f"{sum(s.calls for s in stages):,}", f"{sum(s.prompt_tokens for s in stages):,}",
-                  f"{sum(s.completion_tokens for s in stages):,}", "unknown" if total is None else f"{total:.4f}", "",
+                  f"{sum(s.completion_tokens for s in stages):,}", "unknown" if total is None else f"{total:.4f}",
                   style="bold")
     return table

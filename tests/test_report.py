@@ -1,6 +1,7 @@
 """The loader and `python -m harness.report` on a small run made on the simulator."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,12 @@ def test_loader_matches_the_run_files(sim_run):
 
 
 def test_report_writes_markdown_and_real_plots(sim_run, cli, tmp_path):
+    # A run made before the loop wrote diversity.json: the report computes it on demand.
+    old_run = tmp_path / "old-run"
+    shutil.copytree(sim_run, old_run)
+    for f in old_run.glob("iter-*/diversity.json"):
+        f.unlink()
+    sim_run = old_run
     proc = cli("--out", str(tmp_path / "rep"), str(sim_run), module="harness.report")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / "rep"
