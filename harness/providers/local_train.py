@@ -1,0 +1,262 @@
+"""One local finetuning job, run in its own process so a crash in training never kills the loop:
+
+    python -m harness.providers.local_train --job-dir DIR
+
+reads DIR/spec.json (a `JobSpec`), trains with TRL's SFTTrainer and a PEFT LoRA adapter (or all
+weights), and writes DIR/status.json (atomically, on every change), DIR/progress.jsonl (one line
+per logged step: step, loss, epoch) and the result to DIR/adapter (or DIR/model for a full
+finetune). Its stdout and stderr are DIR/train.log. The module's top level imports no training
+library, so the provider can import the job models without the `local` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from harness.fileio import JsonlAppender, write_model
+
+IGNORE = -100  # label of tokens that carry no loss (PyTorch's cross-entropy ignore_index)
+
+
+class LoraSpec(BaseModel):
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+
+class JobSpec(BaseModel):
+    job_id: str
+    adapter_name: str  # the model id the job produces (the name the adapter is served under)
+    metadata: dict[str, str]  # run, iteration, role, agent, ...: how a restarted provider finds the job
+    training_file: str
+    base_model_path: str
+    init_adapter: str | None = None  # continue training this adapter instead of a fresh one
+    full_finetune: bool = False
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    learning_rate: float = 1e-4
+    epochs: int = 2
+    batch_size: int = 1
+    max_length: int = 2048
+    seed: int = 0
+    device: str = "auto"
+    max_lora_rank: int | None = None  # the server's limit; the adapter is checked against it
+    created_at: float = Field(default_factory=time.time)
+
+
+class JobFile(BaseModel):
+    """DIR/status.json: written by the provider (queued, launched, cancelled, died) and the job."""
+
+    status: str = "queued"  # queued | running | succeeded | failed | cancelled
+    pid: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    trained_tokens: int | None = None
+    artifact_path: str | None = None
+    error: str | None = None
+    updated_at: float = Field(default_factory=time.time)
+
+
+def read_status(job_dir: Path) -> JobFile:
+    path = job_dir / "status.json"
+    if not path.exists():
+        return JobFile()
+    return JobFile.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def write_status(job_dir: Path, status: JobFile) -> None:
+    status.updated_at = time.time()
+    write_model(job_dir / "status.json", status)
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def tokenize_weighted(tokenizer: Any, messages: list[dict], max_length: int | None = None) -> dict | None:
+    """Token ids and labels of one chat example, with loss only on assistant turns of weight 1.
+
+    TRL's own `assistant_only_loss` cannot express this: it masks every assistant turn alike, and
+    only for chat templates carrying `{% generation %}` markers, which most hub models' templates
+    lack. So the whole conversation is rendered once with the model's template, each assistant
+    turn's character span is found by rendering the prefix up to it (with the generation prompt)
+    and through it, and a token is labelled iff it overlaps a weight-1 turn's span. The span
+    includes the template's end-of-turn marker, so the model also learns where to stop. Returns
+    None when nothing is left to learn (all turns weight 0, or truncated away)."""
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    def render(msgs: list[dict], gen: bool = False) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    full = render(plain)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
+            continue
+        start_text, end_text = render(plain[:i], gen=True), render(plain[: i + 1])
+        if not (end_text.startswith(start_text) and full.startswith(end_text)):
+            raise ValueError("the model's chat template renders earlier turns differently once later turns "
+                             "follow, so per-turn loss masks cannot be located; use a model whose template "
+                             "is prefix-stable")
+        spans.append((len(start_text), len(end_text)))
+    # The template already holds BOS and role markers; adding special tokens again would double BOS.
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [tid if any(a < e and b > s for s, e in spans) else IGNORE
+              for tid, (a, b) in zip(ids, enc["offset_mapping"])]
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE for label in labels):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+def load_examples(path: Path, tokenizer: Any, max_length: int) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"training file {path} does not exist")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'messages' ({e})") from e
+            example = tokenize_weighted(tokenizer, messages, max_length)
+            if example is None:
+                print(f"{path}:{n}: no weight-1 assistant tokens within max_length; skipped", flush=True)
+            else:
+                examples.append(example)
+    if not examples:
+        raise ValueError(f"{path}: no example with a weight-1 assistant turn to train on")
+    return examples
+
+
+# ----------------------------------------------------------------------------- training
+
+def _device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("finetune.local.device is 'cuda' but torch sees no GPU; use 'auto' or 'cpu'")
+    return requested
+
+
+def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from harness.serve import validate_adapter
+
+    device = _device(spec.device)
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
+    if tokenizer.pad_token is None:
+        # Reuse EOS rather than adding a pad token: a new token would resize the embeddings and
+        # vLLM cannot serve an adapter over a changed vocabulary.
+        tokenizer.pad_token = tokenizer.eos_token
+    vocab_before = len(tokenizer)
+    examples = load_examples(Path(spec.training_file), tokenizer, spec.max_length)
+    labelled = sum(sum(1 for t in ex["labels"] if t != IGNORE) for ex in examples)
+    print(f"{len(examples)} examples, {labelled} labelled tokens, device {device}", flush=True)
+
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.base_model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if spec.full_finetune:
+        pass
+    elif spec.init_adapter:
+        model = PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
+    else:
+        model = get_peft_model(model, LoraConfig(
+            r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules, task_type="CAUSAL_LM"))
+
+    progress = JsonlAppender(job_dir / "progress.jsonl")
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                progress.append({"step": state.global_step, "loss": logs["loss"], "epoch": logs.get("epoch"),
+                                 "learning_rate": logs.get("learning_rate"), "time": time.time()})
+                status.loss = float(logs["loss"])
+
+        def on_step_end(self, args, state, control, **kw):
+            status.step, status.total_steps = state.global_step, state.max_steps
+            write_status(job_dir, status)
+
+    args = SFTConfig(
+        output_dir=str(job_dir / "checkpoints"), num_train_epochs=spec.epochs,
+        per_device_train_batch_size=spec.batch_size, learning_rate=spec.learning_rate,
+        lr_scheduler_type="linear", logging_steps=1, save_strategy="no",
+        report_to=[], seed=spec.seed, use_cpu=device == "cpu", bf16=bf16,
+        max_length=spec.max_length, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    # A pre-tokenized dataset with a `labels` column: TRL uses the labels as given and its
+    # default collator pads them with -100, so the per-turn masks survive batching.
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                         processing_class=tokenizer, callbacks=[Progress()])
+    trainer.train()
+    progress.close()
+
+    # Written next to the final path and renamed, so a crash never leaves a half-written adapter.
+    final = job_dir / ("model" if spec.full_finetune else "adapter")
+    tmp = job_dir / (final.name + ".partial")
+    trainer.model.save_pretrained(str(tmp))
+    if spec.full_finetune:
+        tokenizer.save_pretrained(str(tmp))
+    if len(tokenizer) != vocab_before:
+        raise RuntimeError(f"the vocabulary changed during training ({vocab_before} -> {len(tokenizer)})")
+    if not spec.full_finetune and spec.max_lora_rank is not None:
+        validate_adapter(tmp, max_lora_rank=spec.max_lora_rank)
+    os.replace(tmp, final)
+    # save_strategy='no' leaves only Trainer scratch there; the result is `final`.
+    shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
+    status.artifact_path = str(final)
+    status.trained_tokens = labelled * spec.epochs
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one local finetuning job described by DIR/spec.json.")
+    parser.add_argument("--job-dir", type=Path, required=True)
+    job_dir = parser.parse_args(argv).job_dir.resolve()
+    status = read_status(job_dir)
+    status.status, status.pid, status.started_at = "running", os.getpid(), status.started_at or time.time()
+    write_status(job_dir, status)
+    try:
+        spec = JobSpec.model_validate_json((job_dir / "spec.json").read_text(encoding="utf-8"))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        status = train(spec, job_dir, status)
+    except BaseException as e:  # noqa: BLE001 - every failure must land in status.json
+        traceback.print_exc()
+        sys.stdout.flush()
+        status.status, status.finished_at = "failed", time.time()
+        status.error = f"{type(e).__name__}: {e}"
+        write_status(job_dir, status)
+        return 1
+    status.status, status.finished_at = "succeeded", time.time()
+    write_status(job_dir, status)
+    print(f"job {spec.job_id} succeeded: {status.artifact_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The local finetuning provider: real TRL + PEFT jobs on a tiny random model built offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl", reason="the `local` extra (torch, transformers, peft, trl) is not installed")
+
+from harness.config import Hyperparameters, LocalFinetuneConfig, RunConfig  # noqa: E402
+from harness.errors import FinetuneError, ServeError  # noqa: E402
+from harness.providers.base import FinetuneRequest, JobStatus  # noqa: E402
+from harness.providers.local import LocalProvider, adapter_name  # noqa: E402
+from harness.providers.local_train import IGNORE, tokenize_weighted  # noqa: E402
+from harness.serve import validate_adapter  # noqa: E402
+from harness.testing.tiny_model import build_tiny_model, write_chat_jsonl  # noqa: E402
+
+FAST = Hyperparameters(n_epochs=1, batch_size=2)
+
+
+def meta(agent: int, iteration: int = 1, role: str = "critic") -> dict[str, str]:
+    return {"run": "t", "iteration": str(iteration), "role": role, "agent": str(agent)}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def provider(run_dir: Path, tiny_model: Path, **cfg) -> LocalProvider:
+    return LocalProvider(run_dir, LocalFinetuneConfig(**cfg), base_model_path=str(tiny_model),
+                         max_lora_rank=8, base_names={"base"})
+
+
+async def wait(p: LocalProvider, job_id: str):
+    return await p.wait(job_id, poll_interval_s=0.2, max_interval_s=1.0)
+
+
+# ----------------------------------------------------------------------------- masking
+
+def test_weight_zero_and_user_tokens_carry_no_loss(tokenizer):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "It is 6.", "weight": 0},
+        {"role": "user", "content": "Others say 5."},
+        {"role": "assistant", "content": "It is \\boxed{5}.", "weight": 1},
+    ]
+    ex = tokenize_weighted(tokenizer, messages)
+    learned = [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE]
+    # Exactly the weight-1 answer and its end-of-turn marker: no prompt, no user turn, no weight-0 turn.
+    assert tokenizer.decode(learned) == "It is \\boxed{5}.<|end|>\n"
+    assert all(label in (IGNORE, t) for t, label in zip(ex["input_ids"], ex["labels"]))
+    # Flip the weights: now only the first answer is learned.
+    messages[2]["weight"], messages[4]["weight"] = 1, 0
+    ex = tokenize_weighted(tokenizer, messages)
+    learned = [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE]
+    assert tokenizer.decode(learned) == "It is 6.<|end|>\n"
+
+
+def test_unweighted_turns_default_to_loss_and_all_zero_is_skipped(tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ex = tokenize_weighted(tokenizer, messages)
+    assert any(label != IGNORE for label in ex["labels"])
+    messages[1]["weight"] = 0
+    assert tokenize_weighted(tokenizer, messages) is None
+
+
+def test_adapter_names_are_safe_and_short():
+    assert adapter_name(meta(2, 3, "generator")) == "t-it3-generator2"
+    long = adapter_name({"run": "my run/" + "x" * 100, "iteration": "1", "role": "critic", "agent": "0"})
+    assert len(long) <= 64 and long.endswith("-it1-critic0") and " " not in long and "/" not in long
+    other = adapter_name({"run": "my run/" + "x" * 99 + "y", "iteration": "1", "role": "critic", "agent": "0"})
+    assert other != long
+
+
+def test_validate_adapter_rejects_what_vllm_cannot_load(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16}))
+    with pytest.raises(ServeError, match="rank 16 exceeds the server's max_lora_rank 8"):
+        validate_adapter(tmp_path, max_lora_rank=8)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "modules_to_save": ["lm_head"]}))
+    with pytest.raises(ServeError, match="lm_head"):
+        validate_adapter(tmp_path, max_lora_rank=8)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<new>": 999}))
+    with pytest.raises(ServeError, match="adds tokens"):
+        validate_adapter(tmp_path, max_lora_rank=8)
+
+
+def test_config_refuses_a_rank_the_server_cannot_load():
+    with pytest.raises(ValueError, match="exceeds serve.max_lora_rank"):
+        RunConfig.model_validate({"finetune": {"provider": "local", "local": {"r": 16}}, "serve": {"max_lora_rank": 8}})
+    with pytest.raises(ValueError, match="vLLM accepts"):
+        RunConfig.model_validate({"serve": {"max_lora_rank": 12}})
+
+
+# ----------------------------------------------------------------------------- jobs
+
+@pytest.mark.slow
+async def test_job_trains_an_adapter_and_a_restarted_provider_finds_it(tmp_path, tiny_model, tokenizer):
+    data = write_chat_jsonl(tmp_path / "critic-0.jsonl", n=20, first_turn_weight=0)
+    p = provider(tmp_path / "run", tiny_model)
+    state = await p.submit(FinetuneRequest(training_file=data, base_model="base", metadata=meta(0),
+                                           hyperparameters=FAST))
+    assert state.status in (JobStatus.QUEUED, JobStatus.RUNNING)
+    done = await wait(p, state.job_id)
+    assert done.status == JobStatus.SUCCEEDED, done.error
+    assert done.model_id == "t-it1-critic0"
+    adapter = Path(done.artifact_path)
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+    assert (adapter / "adapter_model.safetensors").exists()
+    job_dir = adapter.parent
+    progress = [json.loads(line) for line in (job_dir / "progress.jsonl").read_text().splitlines()]
+    assert progress and {"step", "loss", "epoch"} <= set(progress[0])
+    assert json.loads((job_dir / "status.json").read_text())["status"] == "succeeded"
+    assert (job_dir / "train.log").stat().st_size > 0
+    # Only the weight-1 turns were counted as trained tokens (weight-0 first answers excluded).
+    expected = 0
+    for line in data.read_text().splitlines():
+        ex = tokenize_weighted(tokenizer, json.loads(line)["messages"])
+        expected += sum(1 for label in ex["labels"] if label != IGNORE)
+    assert done.trained_tokens == expected * FAST.n_epochs
+    assert (await p.events(done.job_id))[-1] == "job succeeded"
+
+    # A new provider on the same run directory (a resumed loop) finds the job, starts nothing.
+    again = provider(tmp_path / "run", tiny_model)
+    found = await again.find({"run": "t", "agent": "0"})
+    assert found is not None and found.job_id == done.job_id
+    resubmitted = await again.submit(FinetuneRequest(training_file=data, base_model="base", metadata=meta(0)))
+    assert resubmitted.job_id == done.job_id and resubmitted.status == JobStatus.SUCCEEDED
+    assert len(list((tmp_path / "run" / "local-jobs").iterdir())) == 1
+
+    # The next iteration continues from this adapter (named by its model id).
+    nxt = await again.submit(FinetuneRequest(training_file=data, base_model=done.model_id, metadata=meta(0, 2),
+                                             hyperparameters=FAST))
+    spec = json.loads((tmp_path / "run" / "local-jobs" / nxt.job_id / "spec.json").read_text())
+    assert spec["init_adapter"] == done.artifact_path
+    nxt = await wait(again, nxt.job_id)
+    assert nxt.status == JobStatus.SUCCEEDED, nxt.error
+    assert nxt.model_id == "t-it2-critic0"
+    from safetensors.torch import load_file
+
+    before = load_file(str(adapter / "adapter_model.safetensors"))
+    after = load_file(str(Path(nxt.artifact_path) / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    # LoRA B starts at zero in a fresh adapter; a continued one starts from the trained B.
+    assert any(not (before[k] == after[k]).all() for k in before)
+
+
+@pytest.mark.slow
+async def test_a_crashing_job_fails_with_its_log_and_jobs_queue(tmp_path, tiny_model):
+    p = provider(tmp_path / "run", tiny_model, max_parallel_jobs=1)
+    bad = await p.submit(FinetuneRequest(training_file=tmp_path / "missing.jsonl", base_model="base",
+                                         metadata=meta(0)))
+    queued = await p.submit(FinetuneRequest(training_file=tmp_path / "missing.jsonl", base_model="base",
+                                            metadata=meta(1)))
+    assert bad.status == JobStatus.RUNNING and queued.status == JobStatus.QUEUED  # one at a time
+    bad = await wait(p, bad.job_id)
+    assert bad.status == JobStatus.FAILED
+    assert "missing.jsonl does not exist" in bad.error and "train.log" in bad.error
+    assert "Traceback" in bad.error  # the log's last lines come with the error
+    assert (await wait(p, queued.job_id)).status == JobStatus.FAILED
+
+    # A failed job is not "the existing job": submitting again starts a new attempt.
+    data = write_chat_jsonl(tmp_path / "ok.jsonl", n=4)
+    retry = await p.submit(FinetuneRequest(training_file=data, base_model="base", metadata=meta(0)))
+    assert retry.job_id != bad.job_id and retry.job_id.endswith("-2")
+    # A process that dies without a word (killed) reads as failed, with its log tail.
+    status = json.loads((tmp_path / "run" / "local-jobs" / retry.job_id / "status.json").read_text())
+    os.killpg(status["pid"], signal.SIGKILL)
+    died = await wait(p, retry.job_id)
+    assert died.status == JobStatus.FAILED and "ended without finishing" in died.error
+
+
+async def test_cancel_and_unknown_base_model(tmp_path, tiny_model):
+    p = provider(tmp_path / "run", tiny_model)
+    with pytest.raises(FinetuneError, match="neither the base model"):
+        await p.submit(FinetuneRequest(training_file=tmp_path / "x.jsonl", base_model="t-it9-critic0",
+                                       metadata=meta(0)))
+    data = write_chat_jsonl(tmp_path / "d.jsonl", n=4)
+    state = await p.submit(FinetuneRequest(training_file=data, base_model="base", metadata=meta(0)))
+    cancelled = await p.cancel(state.job_id)
+    assert cancelled.status == JobStatus.CANCELLED
+    with pytest.raises(FinetuneError, match="no local finetuning job"):
+        await p.refresh("nope")
+
+
+def test_from_config_needs_weights(tmp_path):
+    cfg = RunConfig.model_validate({"finetune": {"provider": "local"}})
+    with pytest.raises(FinetuneError, match="base_model_path"):
+        LocalProvider.from_config(cfg, tmp_path)
+    cfg = RunConfig.model_validate({"finetune": {"provider": "local"}, "serve": {"model": "/m"}})
+    p = LocalProvider.from_config(cfg, tmp_path)
+    assert p.base_model_path == "/m" and "base" in p.base_names

@@ -1,0 +1,263 @@
+"""The vLLM path against a real vLLM CPU server (its own environment, .venv-vllm) serving a tiny
+random model, with LoRA adapters trained by the local provider. The tiny model's answers are
+noise: these tests check plumbing (adapters load, requests reach the adapter they name, errors
+are clear), never accuracy.
+
+Skipped when .venv-vllm is missing, unless HARNESS_REQUIRE_VLLM=1 (CI), which turns that into a
+failure. Create the environment with .ci/setup-vllm.sh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.config import LocalFinetuneConfig, ServeConfig
+from harness.errors import ServeError
+from harness.serve import VLLMServer, agent_base_url, check_health, list_models, load_adapters, unload_adapters
+
+REPO = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_serve_config(model: Path, port: int) -> ServeConfig:
+    # The CPU settings from the vllm-tiny preset: 1 GiB KV cache, 30% of RAM, float32.
+    return ServeConfig(model=str(model), port=port, max_lora_rank=8, max_loras=4, max_model_len=512,
+                       dtype="float32", gpu_memory_utilization=0.3, python=str(VLLM_PYTHON),
+                       env={"VLLM_CPU_KVCACHE_SPACE": "1"}, startup_timeout_s=600)
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    if not VLLM_PYTHON.exists():
+        reason = f"{VLLM_PYTHON} is missing; create it with .ci/setup-vllm.sh"
+        if os.environ.get("HARNESS_REQUIRE_VLLM") == "1":
+            pytest.fail(reason + " (HARNESS_REQUIRE_VLLM=1)")
+        pytest.skip(reason)
+    pytest.importorskip("trl", reason="the `local` extra is needed to build the tiny model and train adapters")
+    return VLLM_PYTHON
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vllm")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(vllm_python, workdir) -> Path:
+    from harness.testing.tiny_model import build_tiny_model
+
+    return build_tiny_model(workdir / "tiny-model")
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, workdir) -> dict[str, str]:
+    """Two agents' adapters trained by the local provider, then made "loud" (random LoRA B) so
+    that each one visibly changes the model's output: that is how a test can tell which adapter
+    answered a request."""
+    from harness.config import Hyperparameters
+    from harness.providers.base import FinetuneRequest, JobStatus
+    from harness.providers.local import LocalProvider
+    from harness.testing.tiny_model import write_chat_jsonl
+
+    provider = LocalProvider(workdir / "run", LocalFinetuneConfig(max_parallel_jobs=2),
+                             base_model_path=str(tiny_model), max_lora_rank=8, base_names={"base"})
+
+    async def train() -> dict[str, str]:
+        out = {}
+        states = []
+        for agent in range(2):
+            data = write_chat_jsonl(workdir / f"data-{agent}.jsonl", n=8)
+            states.append(await provider.submit(FinetuneRequest(
+                training_file=data, base_model="base", hyperparameters=Hyperparameters(n_epochs=1),
+                metadata={"run": "vt", "iteration": "1", "role": "generator", "agent": str(agent)})))
+        for state in states:
+            done = await provider.wait(state.job_id, poll_interval_s=0.5, max_interval_s=1)
+            assert done.status == JobStatus.SUCCEEDED, done.error
+            out[done.model_id] = done.artifact_path
+        return out
+
+    trained = asyncio.run(train())
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for seed, path in enumerate(trained.values(), start=1):
+        weights = load_file(f"{path}/adapter_model.safetensors")
+        gen = torch.Generator().manual_seed(seed)
+        loud = {k: (torch.randn(v.shape, generator=gen) * 0.5 if "lora_B" in k else v) for k, v in weights.items()}
+        save_file(loud, f"{path}/adapter_model.safetensors")
+    return trained
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, workdir):
+    srv = VLLMServer(tiny_serve_config(tiny_model, free_port()), agents=2, log_path=workdir / "vllm.log")
+    srv.start()
+    try:
+        asyncio.run(srv.wait_healthy())
+        yield srv
+    finally:
+        srv.stop()
+    assert srv.proc is None
+
+
+async def chat(base_url: str, model: str, content: str = "What is 3+4*5?") -> str:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0)
+    try:
+        resp = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": content}], temperature=0, max_tokens=12)
+    finally:
+        await client.close()
+    return resp.choices[0].message.content or ""
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+async def test_adapters_load_route_and_unload(server, adapters, workdir):
+    url = server.base_url
+    names = list(adapters)
+    assert await load_adapters(url, adapters, stale_prefix="vt-") == names
+    listed = {m["id"]: m for m in await list_models(url)}
+    assert set(names) <= set(listed) and all(listed[n]["parent"] == "base" for n in names)
+    # Loading the same set again is a no-op (resume), not an error.
+    assert await load_adapters(url, adapters, stale_prefix="vt-") == names
+
+    # Greedy answers: each name gets its own adapter (outputs differ), reproducibly.
+    base, a0, a1 = await asyncio.gather(chat(url, "base"), chat(url, names[0]), chat(url, names[1]))
+    assert len({base, a0, a1}) == 3, (base, a0, a1)
+    assert await chat(url, names[0]) == a0
+    # Many concurrent requests across agents all land on the right adapter.
+    many = await asyncio.gather(*(chat(url, names[i % 2]) for i in range(8)))
+    assert many == [a0, a1] * 4
+
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        await chat(url, "vt-it1-generator7")
+
+    # Next iteration: only agent 0's adapter wanted; the stale one of this run is unloaded.
+    await load_adapters(url, {names[0]: adapters[names[0]]}, stale_prefix="vt-")
+    assert names[1] not in {m["id"] for m in await list_models(url)}
+    with pytest.raises(NotFoundError):
+        await chat(url, names[1])
+    await unload_adapters(url, [names[0]])
+    assert {m["id"] for m in await list_models(url)} == {"base"}
+
+    # An adapter the server refuses (rank 16 > --max-lora-rank 8) gives a clear error.
+    big = workdir / "rank16"
+    shutil.copytree(adapters[names[0]], big, dirs_exist_ok=True)
+    cfg = json.loads((big / "adapter_config.json").read_text())
+    cfg["r"] = 16
+    (big / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ServeError, match=r"refused adapter 'too-big'.*") as err:
+        await load_adapters(url, {"too-big": big})
+    assert "16" in str(err.value)
+    server.check_alive()  # refusing an adapter does not hurt the server
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+async def test_a_server_that_dies_at_startup_reports_its_log(vllm_python, workdir):
+    srv = VLLMServer(tiny_serve_config(workdir / "no-such-model", free_port()), agents=1,
+                     log_path=workdir / "dead.log")
+    srv.start()
+    with pytest.raises(ServeError, match="exited with code") as err:
+        await srv.wait_healthy(300)
+    assert "last log lines" in str(err.value)
+    srv.stop()
+
+
+async def test_nothing_listening_is_a_clear_error():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(ServeError, match=f"no model server answers at {url}"):
+        await load_adapters(url, {"a": "/x"})
+    with pytest.raises(ServeError, match="no model server answers"):
+        await check_health(url)
+
+
+def test_missing_vllm_install_is_a_clear_error(tmp_path):
+    cfg = ServeConfig(model="/m", port=free_port(), python=sys.executable)
+    with pytest.raises(ServeError, match="vLLM is not installed"):
+        VLLMServer(cfg).start()
+    cfg = ServeConfig(model="/m", port=free_port(), python=str(tmp_path / "nope"))
+    with pytest.raises(ServeError, match="vLLM is not installed"):
+        VLLMServer(cfg).start()
+
+
+def test_command_line_carries_scaling_settings():
+    cfg = ServeConfig(model="org/model", tensor_parallel_size=2, data_parallel_size=4, extra_args=["--seed", "1"])
+    cmd = VLLMServer(cfg, agents=3).command()
+    joined = " ".join(cmd)
+    assert "--tensor-parallel-size 2" in joined and "--data-parallel-size 4" in joined
+    assert "--enable-lora" in cmd and "--max-loras 6" in joined and cmd[-2:] == ["--seed", "1"]
+    urls = ["http://a/v1", "http://b/v1"]
+    assert [agent_base_url(urls, n) for n in range(3)] == ["http://a/v1", "http://b/v1", "http://a/v1"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_path, monkeypatch):
+    """debate -> data -> LoRA jobs -> adapters loaded -> debate with the adapters, through the
+    loop, against the real server. The loop attaches to the running server (serve.manage false)."""
+    import io
+
+    from rich.console import Console
+
+    import harness.loop as loop
+    from harness.config import load_config
+    from harness.fileio import read_jsonl
+    from harness.providers.local import LocalProvider
+    from harness.records import DebateRecord, RunSummary
+    from harness.registry import Registry
+
+    cfg = load_config("vllm-tiny", [f"serve.model={tiny_model}", "serve.manage=false",
+                                    f"endpoint.base_url={server.base_url}", "task.n_train=16", "task.n_test=6"])
+    loaded: dict[int, dict[str, str]] = {}
+    debate = loop.Run.debate
+
+    # Before each debate, the society's adapters are loaded into the server (and this run's stale
+    # ones unloaded). The same two calls are what the loop makes; loading is idempotent.
+    async def debate_with_adapters(self, k, split, problems, society):
+        adapters = LocalProvider.from_config(self.cfg, self.dir).artifacts([*society.generators, *society.critics])
+        await load_adapters(self.cfg.endpoint.base_url, adapters, stale_prefix=self.registry.run + "-")
+        loaded[k] = adapters
+        return await debate(self, k, split, problems, society)
+
+    monkeypatch.setattr(loop.Run, "debate", debate_with_adapters)
+    run_dir = tmp_path / "run"
+    summary = await loop.run_loop(cfg, run_dir, Console(file=io.StringIO()))
+    assert isinstance(summary, RunSummary) and summary.finished
+    assert [it.iteration for it in summary.iterations] == [0, 1]
+
+    registry = Registry.load(run_dir / "registry.json")
+    trained = [e for e in registry.entries if e.iteration == 1 and e.status == "succeeded"]
+    assert trained, [(e.role, e.agent, e.status, e.note, e.error) for e in registry.entries]
+    assert loaded[0] == {} and set(loaded[1]) == {e.model_id for e in trained}
+    assert all(Path(p, "adapter_config.json").exists() for p in loaded[1].values())
+    served = {m["id"] for m in await list_models(server.base_url)}
+    assert set(loaded[1]) <= served
+
+    # Iteration 1's test debate used the adapters, by name, per agent.
+    records = read_jsonl(run_dir / "iter-1" / "debate-test.jsonl", DebateRecord)
+    assert len(records) == 6
+    used = {m for r in records for t in r.agents for m in t.models}
+    assert {e.model_id for e in trained} <= used
+    # Noise answers: some do not parse; they are counted (as wrong), never dropped.
+    metrics = summary.iterations[1].splits["test"]
+    assert metrics.n == 6 and 0.0 <= metrics.unparsed_rate <= 1.0
+    await unload_adapters(server.base_url, list(loaded[1]))
