@@ -1,5 +1,6 @@
-"""Where chat calls go: the built-in simulator (started in-process on 127.0.0.1), OpenAI, or a
-vLLM server. Yields the OpenAI-compatible base URL for the run."""
+"""Where chat calls go: the built-in simulator (started in-process on 127.0.0.1), OpenAI, or
+vLLM (a server the loop starts and stops, or servers the user runs). Yields the run's
+OpenAI-compatible base URLs: one, or several vLLM servers that agents are spread across."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
 @contextlib.asynccontextmanager
-async def open_endpoint(cfg: RunConfig, run_dir: Path, problems: Sequence[Problem] = ()) -> AsyncIterator[str]:
+async def open_endpoint(cfg: RunConfig, run_dir: Path, problems: Sequence[Problem] = ()) -> AsyncIterator[list[str]]:
     kind = cfg.endpoint.kind
     if kind == "simulator":
         from harness.sim import SimServer
@@ -25,14 +26,15 @@ async def open_endpoint(cfg: RunConfig, run_dir: Path, problems: Sequence[Proble
         server = SimServer(cfg.endpoint.simulator, state_dir=run_dir / "simulator", known_problems=problems)
         server.start()
         try:
-            yield server.base_url
+            yield [server.base_url]
         finally:
             server.stop()
     elif kind == "openai":
-        yield cfg.endpoint.base_url or OPENAI_BASE_URL
+        yield [cfg.endpoint.base_url or OPENAI_BASE_URL]
     elif kind == "vllm":
-        if not cfg.endpoint.base_url:
-            raise ConfigError("endpoint.base_url: a vllm endpoint needs the server's URL, e.g. http://127.0.0.1:8000/v1")
-        yield cfg.endpoint.base_url
+        from harness.serve import serving
+
+        async with serving(cfg, run_dir) as urls:
+            yield urls
     else:  # pragma: no cover - the config's Literal already forbids it
         raise ConfigError(f"endpoint.kind: unknown kind {kind!r}")

@@ -55,6 +55,8 @@ class Run:
         self.prompts = Prompts(cfg.task.name, cfg.task.prompts_dir)
         self.simulated = cfg.endpoint.kind == "simulator"
         self.client: LLMClient | None = None
+        self.provider: FinetuneProvider | None = None
+        self.urls: list[str] = []
         self.registry_path = run_dir / "registry.json"
         # The registry's run id tags every finetuning job; it is unique per run directory so
         # two runs that share a name never pick up each other's jobs.
@@ -70,8 +72,20 @@ class Run:
         generators, critics = self.registry.models_for(k, self.cfg.debate.agents)
         return Society(generators=generators, critics=critics, summarizer=self.cfg.summarizer)
 
+    async def load_models(self, society: Society) -> None:
+        """Models a server must load before it can answer for them (vLLM LoRA adapters), on
+        every server; loading is idempotent, and this run's stale adapters are unloaded."""
+        if self.provider is None or self.cfg.endpoint.kind != "vllm":
+            return
+        adapters = self.provider.artifacts([*society.generators, *society.critics])
+        from harness.serve import load_adapters
+
+        for url in self.urls:
+            await load_adapters(url, adapters, stale_prefix=self.registry.run + "-")
+
     async def debate(self, k: int, split: str, problems: list[Problem], society: Society) -> list[DebateRecord]:
         assert self.client is not None
+        await self.load_models(society)
         settings = DebateSettings(rounds=self.cfg.debate.rounds, mode=self.cfg.debate.mode,
                                   grading_timeout_s=self.cfg.grading.timeout_s)
         debater = Debater(self.client, society, self.prompts, self.task.extract, settings, iteration=k, split=split)
@@ -131,12 +145,15 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummar
     train = load_split(cfg.task, "train") if cfg.finetune.iterations > 0 else []
     test = load_split(cfg.task, "test")
     iterations: list[IterationMetrics] = []
-    async with open_endpoint(cfg, run_dir, [*train, *test]) as base_url:
-        async with LLMClient(base_url=base_url, api_key=cfg.endpoint.api_key(), run_dir=run_dir,
+    async with open_endpoint(cfg, run_dir, [*train, *test]) as urls:
+        async with LLMClient(base_url=urls, api_key=cfg.endpoint.api_key(), run_dir=run_dir,
                              endpoint=cfg.endpoint, sampling=cfg.sampling, budget_usd=cfg.budget.max_cost_usd,
                              prices=cfg.prices, seed=cfg.seed) as client:
-            run.client = client
-            provider = make_provider(cfg, base_url, run_dir) if cfg.finetune.iterations > 0 else None
+            run.client, run.urls = client, urls
+            # A local provider is needed even with nothing left to train: it knows the adapters
+            # that a resumed run's society must load.
+            needs_provider = cfg.finetune.iterations > 0 or cfg.finetune.provider == "local"
+            provider = run.provider = make_provider(cfg, urls[0], run_dir) if needs_provider else None
             try:
                 for k in range(cfg.finetune.iterations + 1):
                     iterations.append(await run_iteration(run, k, train, test, provider))

@@ -287,3 +287,16 @@ async def test_connection_pool_does_not_cap_concurrency_64(tmp_path):
             elapsed = time.monotonic() - t0
     assert s.max_active == 64
     assert elapsed < 3.5  # a pool capped at 16-32 connections would need 2-4 rounds of 1 s
+
+
+async def test_several_servers_share_the_agents(tmp_path):
+    """One vLLM per GPU: agent n's calls go to server n mod count, and every call is answered."""
+    with ScriptedServer() as a, ScriptedServer() as b:
+        endpoint = EndpointConfig(kind="vllm", api_key_env=None)
+        async with LLMClient(base_url=[a.base_url, b.base_url], api_key="EMPTY", run_dir=tmp_path,
+                             endpoint=endpoint, sampling=SamplingConfig(max_tokens=16)) as c:
+            results = await asyncio.gather(*(
+                c.chat("base", [Message(role="user", content=f"agent {n} asks")], sid(agent=n)) for n in range(4)))
+    assert all(r.text.startswith("answer") for r in results)
+    seen = lambda server: sorted(r["messages"][0]["content"] for r in server.requests)  # noqa: E731
+    assert seen(a) == ["agent 0 asks", "agent 2 asks"] and seen(b) == ["agent 1 asks", "agent 3 asks"]

@@ -211,9 +211,10 @@ def test_command_line_carries_scaling_settings():
 
 @pytest.mark.vllm
 @pytest.mark.slow
-async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_path, monkeypatch):
+async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_path):
     """debate -> data -> LoRA jobs -> adapters loaded -> debate with the adapters, through the
-    loop, against the real server. The loop attaches to the running server (serve.manage false)."""
+    loop, against the real server. The loop attaches to the running server (serve.manage false)
+    and loads the society's adapters itself before each debate."""
     import io
 
     from rich.console import Console
@@ -221,43 +222,30 @@ async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_pat
     import harness.loop as loop
     from harness.config import load_config
     from harness.fileio import read_jsonl
-    from harness.providers.local import LocalProvider
     from harness.records import DebateRecord, RunSummary
     from harness.registry import Registry
 
     cfg = load_config("vllm-tiny", [f"serve.model={tiny_model}", "serve.manage=false",
                                     f"endpoint.base_url={server.base_url}", "task.n_train=16", "task.n_test=6"])
-    loaded: dict[int, dict[str, str]] = {}
-    debate = loop.Run.debate
-
-    # Before each debate, the society's adapters are loaded into the server (and this run's stale
-    # ones unloaded). The same two calls are what the loop makes; loading is idempotent.
-    async def debate_with_adapters(self, k, split, problems, society):
-        adapters = LocalProvider.from_config(self.cfg, self.dir).artifacts([*society.generators, *society.critics])
-        await load_adapters(self.cfg.endpoint.base_url, adapters, stale_prefix=self.registry.run + "-")
-        loaded[k] = adapters
-        return await debate(self, k, split, problems, society)
-
-    monkeypatch.setattr(loop.Run, "debate", debate_with_adapters)
     run_dir = tmp_path / "run"
     summary = await loop.run_loop(cfg, run_dir, Console(file=io.StringIO()))
     assert isinstance(summary, RunSummary) and summary.finished
     assert [it.iteration for it in summary.iterations] == [0, 1]
 
     registry = Registry.load(run_dir / "registry.json")
-    trained = [e for e in registry.entries if e.iteration == 1 and e.status == "succeeded"]
+    trained = {e.model_id for e in registry.entries if e.iteration == 1 and e.status == "succeeded"}
     assert trained, [(e.role, e.agent, e.status, e.note, e.error) for e in registry.entries]
-    assert loaded[0] == {} and set(loaded[1]) == {e.model_id for e in trained}
-    assert all(Path(p, "adapter_config.json").exists() for p in loaded[1].values())
-    served = {m["id"] for m in await list_models(server.base_url)}
-    assert set(loaded[1]) <= served
+    served = {m["id"]: m for m in await list_models(server.base_url)}
+    assert trained <= set(served), "the loop loaded every trained adapter into the server"
 
-    # Iteration 1's test debate used the adapters, by name, per agent.
+    # Iteration 0 debated with the base model; iteration 1 with the adapters, by name, per agent.
+    used0 = {m for r in read_jsonl(run_dir / "iter-0" / "debate-test.jsonl", DebateRecord) for t in r.agents for m in t.models}
+    assert used0 == {"base"}
     records = read_jsonl(run_dir / "iter-1" / "debate-test.jsonl", DebateRecord)
     assert len(records) == 6
     used = {m for r in records for t in r.agents for m in t.models}
-    assert {e.model_id for e in trained} <= used
+    assert trained <= used
     # Noise answers: some do not parse; they are counted (as wrong), never dropped.
     metrics = summary.iterations[1].splits["test"]
     assert metrics.n == 6 and 0.0 <= metrics.unparsed_rate <= 1.0
-    await unload_adapters(server.base_url, list(loaded[1]))
+    await unload_adapters(server.base_url, sorted(trained))

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import httpx2
 import openai
@@ -61,13 +61,19 @@ def _dump_messages(messages: list[Message] | list[dict]) -> list[dict[str, str]]
 
 
 class LLMClient:
-    def __init__(self, *, base_url: str, api_key: str, run_dir: Path, endpoint: EndpointConfig,
+    def __init__(self, *, base_url: str | Sequence[str], api_key: str, run_dir: Path, endpoint: EndpointConfig,
                  sampling: SamplingConfig, budget_usd: float | None = None,
                  prices: dict[str, dict[str, float]] | None = None, seed: int = 0,
                  backoff_base_s: float = BACKOFF_BASE_S, backoff_cap_s: float = BACKOFF_CAP_S):
         """`backoff_*`: the exponential backoff used when a server gives no retry-after (see
-        retry.py); a fast local server (or a test) can use shorter waits."""
-        self.base_url = base_url
+        retry.py); a fast local server (or a test) can use shorter waits.
+
+        `base_url`: one server, or several serving the same models (e.g. one vLLM per GPU):
+        agent n's calls then go to server n mod count, so agents spread evenly."""
+        self.base_urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not self.base_urls:
+            raise ValueError("base_url: at least one server URL")
+        self.base_url = self.base_urls[0]
         self.endpoint = endpoint
         self.sampling = sampling
         self.budget_usd = budget_usd
@@ -92,8 +98,10 @@ class LLMClient:
             timeout=endpoint.timeout_s,
         )
         # max_retries=0: the SDK would otherwise retry underneath our retry layer.
-        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
-                                          timeout=endpoint.timeout_s, http_client=self._http)
+        self._clients = [openai.AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0,
+                                            timeout=endpoint.timeout_s, http_client=self._http)
+                         for url in self.base_urls]
+        self._client = self._clients[0]
         self._reserved_usd = 0.0  # budget estimates of calls in flight
         self._inflight: dict[str, asyncio.Future] = {}
         if sampling.extra_body and endpoint.kind != "vllm":
@@ -124,7 +132,7 @@ class LLMClient:
 
         async def call() -> tuple[dict, int, float]:
             return await self._network(model, prompt_chars, params["max_tokens"],
-                                       lambda: self._chat_once(model, msgs, params))
+                                       lambda: self._chat_once(model, msgs, params, sample.agent))
 
         value, rec = await self._cached(key, "chat", model, sample, purpose, call)
         return ChatResult(text=value["text"], cached=rec.cached, usage=rec,
@@ -150,7 +158,8 @@ class LLMClient:
         return self._usage.totals()
 
     async def aclose(self) -> None:
-        await self._client.close()  # also closes the http client we passed in
+        for client in self._clients:
+            await client.close()  # the first also closes the shared http client
         self._cache.close()
         self._usage.close()
 
@@ -255,14 +264,15 @@ class LLMClient:
         self._reserved_usd += est
         return est
 
-    async def _chat_once(self, model: str, msgs: list[dict], params: dict) -> dict:
+    async def _chat_once(self, model: str, msgs: list[dict], params: dict, agent: int = 0) -> dict:
         # The SDK's raw `post` rather than `chat.completions.create`: same auth, headers, timeouts
         # and exception types, but it skips the recursive TypedDict transform of the parameters
         # and the typed response model, which cost ~3 ms of CPU per call (profiled) and were the
         # bottleneck at 64 calls in flight. Our messages are plain JSON and need no transform.
         body = {"model": model, "messages": msgs, **{k: v for k, v in params.items() if k != "extra_body"},
                 **params.get("extra_body", {})}
-        resp = await self._client.post("/chat/completions", body=body, cast_to=object)
+        client = self._clients[agent % len(self._clients)]
+        resp = await client.post("/chat/completions", body=body, cast_to=object)
         choices = resp.get("choices") if isinstance(resp, dict) else None
         if not choices or not isinstance(choices[0], dict):
             raise MalformedResponse(f"no choices in the answer of {model}")

@@ -11,7 +11,7 @@ import asyncio
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 from pydantic import BaseModel, Field
 
@@ -94,6 +94,11 @@ class FinetuneProvider(abc.ABC):
     @abc.abstractmethod
     async def events(self, job_id: str, limit: int = 20) -> list[str]:
         """Latest events, newest last."""
+
+    def artifacts(self, model_ids: Iterable[str]) -> dict[str, str]:
+        """{model id: local path} of the models the serving endpoint must load before a debate
+        (LoRA adapters). Hosted providers serve their own models: nothing to load."""
+        return {}
 
     async def close(self) -> None:
         return None
