@@ -221,10 +221,12 @@ def final_error(exc: BaseException, *, attempts: int, base_url: str, model: str 
 
 async def with_retries(fn: Callable[[], Awaitable[T]], max_retries: int, *, base_url: str,
                        what: str | None = None, model: str | None = None, api_key_env: str | None = None,
-                       base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S) -> T:
-    """Await `fn()` with retries of transient errors; any failure ends as LLMError (our own
-    HarnessErrors pass through unchanged). `fn` must be safe to repeat: for non-idempotent
-    calls (creating a fine-tuning job) look the object up before creating it again."""
+                       base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S,
+                       error: Callable[[BaseException, int], Exception] | None = None) -> T:
+    """Await `fn()` with retries of transient errors; any failure ends as LLMError, or as what
+    `error(exc, attempts)` builds (our own HarnessErrors pass through unchanged). `fn` must be
+    safe to repeat: for non-idempotent calls (creating a fine-tuning job) look the object up
+    before creating it again."""
     attempts = 0
     try:
         async for attempt in retrying(max_retries, base_s=base_s, cap_s=cap_s):
@@ -234,6 +236,8 @@ async def with_retries(fn: Callable[[], Awaitable[T]], max_retries: int, *, base
     except HarnessError:
         raise
     except Exception as exc:
+        if error is not None:
+            raise error(exc, attempts) from exc
         raise final_error(exc, attempts=attempts, base_url=base_url, model=model,
                           api_key_env=api_key_env, what=what) from exc
     raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover

@@ -21,8 +21,8 @@ from typing import Any, Awaitable, Callable, TypeVar
 import openai
 from openai import AsyncOpenAI
 
-from harness.errors import FinetuneError, HarnessError
-from harness.llm.retry import is_terminal, retrying, short_error, terminal_message
+from harness.errors import FinetuneError
+from harness.llm.retry import is_terminal, short_error, terminal_message, with_retries
 from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus, OnUpdate
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,8 @@ class OpenAIFinetuneProvider(FinetuneProvider):
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run `fn` under the retry layer; a final failure becomes a FinetuneError that quotes
         the provider's own message."""
-        attempts = 0
-        try:
-            async for attempt in retrying(self.max_retries, base_s=self._backoff_base_s):
-                with attempt:
-                    attempts = attempt.retry_state.attempt_number
-                    return await fn()
-        except HarnessError:
-            raise
-        except Exception as exc:
-            raise FinetuneError(self._explain(what, exc, attempts)) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await with_retries(fn, self.max_retries, base_url=self.base_url, base_s=self._backoff_base_s,
+                                  error=lambda exc, attempts: FinetuneError(self._explain(what, exc, attempts)))
 
     def _explain(self, what: str, exc: BaseException, attempts: int) -> str:
         status = getattr(exc, "status_code", None)

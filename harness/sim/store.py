@@ -10,15 +10,13 @@ server died has simply moved on when it comes back.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from harness.fileio import write_model
+from harness.fileio import write_atomic, write_model
 from harness.sim.models import ModelParams
 
 log = logging.getLogger(__name__)
@@ -162,22 +160,6 @@ class Adapter(BaseModel):
     created_at: int
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    # Uploaded files are bytes (an invalid upload need not even be UTF-8), which the text-only
-    # writer in harness.fileio cannot hold; same temporary-file-and-rename scheme.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Store:
     def __init__(self, state_dir: Path | None = None):
         self.state_dir = Path(state_dir) if state_dir is not None else None
@@ -212,7 +194,7 @@ class Store:
     def add_file(self, rec: FileRecord, content: bytes) -> None:
         if self.state_dir is not None:
             # Content first: a record on disk always has its content.
-            _write_bytes_atomic(self.state_dir / "files" / f"{rec.id}.data", content)
+            write_atomic(self.state_dir / "files" / f"{rec.id}.data", content)
             write_model(self.state_dir / "files" / f"{rec.id}.json", rec)
         self.files[rec.id] = rec
         self._content[rec.id] = content
