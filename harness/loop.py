@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
+    run_dir: Path | None = None
     try:
         cfg, run_dir = resolve_run(args)
         if args.dry_run:
@@ -250,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                       + ("  [yellow](simulated models: a test double)[/]" if cfg.endpoint.kind == "simulator" else ""))
         started = time.monotonic()
         summary = asyncio.run(run_loop(cfg, run_dir, console))
+    except KeyboardInterrupt:
+        console.print("[bold yellow]interrupted.[/]"
+                      + (f" Finished work is saved; continue with: python -m harness.loop --resume {run_dir}"
+                         if run_dir is not None and (run_dir / "config.yaml").exists() else ""))
+        return 130
     except BudgetExceeded as e:
         console.print(f"[bold yellow]stopped:[/] {e}")
         console.print(f"resume with: python -m harness.loop --resume {run_dir} --set budget.max_cost_usd=<higher cap>")
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except HarnessError as e:
         console.print(f"[bold red]error:[/] {e}")
-        if "run_dir" in locals() and (run_dir / "config.yaml").exists():
+        if run_dir is not None and (run_dir / "config.yaml").exists():
             console.print(f"finished work is saved; after fixing the cause: python -m harness.loop --resume {run_dir}")
         return 1
     print_results([m for it in summary.iterations for m in it.splits.values()], console)

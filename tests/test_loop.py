@@ -155,3 +155,38 @@ def test_the_same_config_and_seed_reproduce_the_same_results(cli, tmp_path):
     a, b = (RunSummary.model_validate_json((tmp_path / n / "summary.json").read_text()) for n in "ab")
     assert [it.splits for it in a.iterations] == [it.splits for it in b.iterations]
     assert [it.generators for it in a.iterations] == [it.generators for it in b.iterations]
+
+
+@pytest.mark.slow
+def test_the_budget_cap_stops_the_run_cleanly_and_a_higher_cap_resumes_it(cli, tmp_path):
+    small = ["--set", "task.n_test=30", "--set", "finetune.iterations=0"]
+    result = cli("--run-dir", "r", *small, "--set", "budget.max_cost_usd=0.002")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "budget cap reached" in result.stdout and "--resume" in result.stdout
+    run_dir = tmp_path / "r"
+    usage = read_jsonl(run_dir / "usage.jsonl", UsageRecord)
+    assert 0 < sum(u.cost_usd or 0 for u in usage) <= 0.002
+    finished = read_jsonl(run_dir / "iter-0" / "debate-test.jsonl", DebateRecord)
+    assert len(finished) < 30
+
+    result = cli("--resume", "r", "--set", "budget.max_cost_usd=1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(read_jsonl(run_dir / "iter-0" / "debate-test.jsonl", DebateRecord)) == 30
+
+
+@pytest.mark.slow
+def test_an_agent_with_too_little_data_keeps_its_model_and_the_run_says_so(cli, tmp_path):
+    from harness.registry import Registry
+
+    result = cli("--run-dir", "r", "--set", "task.n_test=10", "--set", "task.n_train=12",
+                 "--set", "finetune.iterations=1", "--set", "finetune.min_examples=11")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "kept previous model" in result.stdout
+    reg = Registry.load(tmp_path / "r" / "registry.json")
+    kept = [e for e in reg.entries if e.status == "kept"]
+    assert kept and all(e.model_id == "sim-base" and "< 11" in e.note for e in kept)
+    summary = RunSummary.model_validate_json((tmp_path / "r" / "summary.json").read_text())
+    it1 = summary.iterations[1]
+    for e in kept:
+        models = it1.generators if e.role == "generator" else it1.critics
+        assert models[e.agent] == "sim-base"

@@ -249,3 +249,26 @@ async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_pat
     metrics = summary.iterations[1].splits["test"]
     assert metrics.n == 6 and 0.0 <= metrics.unparsed_rate <= 1.0
     await unload_adapters(server.base_url, sorted(trained))
+
+
+@pytest.mark.vllm
+async def test_likelihood_diversity_scores_real_adapters(server, adapters):
+    """The logprob-based diversity against the real server: zero when every agent shares one
+    model, finite and non-zero once the agents are different adapters."""
+    from harness.diversity import likelihood_diversity
+    from records_factory import make_record
+
+    names = sorted(adapters)
+    await load_adapters(server.base_url, adapters, stale_prefix="vt-")
+    records = [make_record(f"p{i}", "3", [["3", "3"], ["2", "2"]]) for i in range(2)]
+    for r in records:
+        for t in r.agents:
+            t.models = ["base", "base"]
+    # One scoring request at a time: vLLM 0.32's CPU LoRA kernel fails on batched prompt_logprobs.
+    same, n = await likelihood_diversity(records, server.base_url, concurrency=1)
+    assert n == 2 and same == pytest.approx(0.0, abs=1e-6)
+    for r in records:
+        for t, name in zip(r.agents, names):
+            t.models = [name, name]
+    apart, n = await likelihood_diversity(records, server.base_url, concurrency=1)
+    assert n == 2 and apart == apart and abs(apart) > 1e-6  # a real number, and not zero
