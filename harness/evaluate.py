@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -61,10 +62,12 @@ def split_metrics(records: Sequence[DebateRecord], *, iteration: int, split: str
 
 
 def results_table(metrics: Sequence[SplitMetrics], title: str = "Results") -> Table:
+    """Fits an 80-column terminal; accuracies in %, `per round` is the majority vote after each round."""
     simulated = any(m.simulated for m in metrics)
-    table = Table(title=title + (" (SIMULATED models: a test double, not real accuracy)" if simulated else ""))
-    for col in ("iter", "split", "n", "accuracy ± se", "per round", "per agent", "agreement", "unparsed"):
-        table.add_column(col, justify="right" if col not in ("split",) else "left")
+    table = Table(title=title + (" (SIMULATED models: a test double, not real accuracy)" if simulated else ""),
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    for col in ("iter", "split", "n", "acc ± se", "per round", "per agent", "agree", "unparsed"):
+        table.add_column(col, justify="left" if col == "split" else "right", no_wrap=True)
     for m in metrics:
         table.add_row(
             str(m.iteration), m.split, str(m.n), f"{100 * m.accuracy:.1f} ± {100 * m.stderr:.1f}",
