@@ -128,17 +128,21 @@ class Registry(BaseModel):
     # ------------------------------------------------------------------ display
 
     def table(self):
+        """One row per model; the short columns never wrap, the model id and job id fold."""
+        from rich import box
         from rich.table import Table
 
-        t = Table(title=f"models of run {self.run} (base: {self.base_model})")
-        for col in ("iter", "role", "agent", "status", "model", "examples", "tokens", "job", "note / error"):
-            t.add_column(col, overflow="fold")
+        t = Table(title=f"models of run {self.run} (base: {self.base_model})", box=box.SIMPLE_HEAD,
+                  pad_edge=False, padding=(0, 1, 0, 0))
+        for col in ("it", "role", "agent", "status", "examples", "tokens"):
+            t.add_column(col, no_wrap=True, justify="left" if col in ("role", "status") else "right")
+        t.add_column("model · job · note", overflow="fold", ratio=1)
         colors = {"succeeded": "green", "failed": "red", "cancelled": "red", "kept": "yellow"}
         for e in self.entries:
             status = f"[{colors[e.status]}]{e.status}[/]" if e.status in colors else e.status
-            t.add_row(str(e.iteration), e.role, str(e.agent), status, e.model_id or "-",
-                      _num(e.n_examples), _num(e.trained_tokens), e.job_id or "-",
-                      e.error or e.note or "")
+            detail = " · ".join(x for x in (e.model_id, e.job_id, e.error or e.note) if x) or "-"
+            t.add_row(str(e.iteration), e.role, str(e.agent), status, _num(e.n_examples),
+                      _num(e.trained_tokens), detail)
         return t
 
     def print(self, console=None) -> None:

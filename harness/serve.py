@@ -307,7 +307,8 @@ def _interrupt(*_: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Start a vLLM server with LoRA enabled and load adapters.")
+    p = argparse.ArgumentParser(prog="python -m harness.serve",
+                                description="Start a vLLM server with LoRA enabled and load adapters.")
     p.add_argument("--config", help="a run config (file or preset) whose `serve` section is used")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="dotted.key=value")
     p.add_argument("--model", help="base model path or hub id (overrides serve.model)")
