@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from harness.config import EndpointConfig, SamplingConfig, TaskConfig
-from harness.debate import Debater, DebateSettings, Society, run_debates
+from harness.debate import Debater, DebateSettings, Society, problems_in_flight, run_debates
 from harness.llm import LLMClient
 from harness.prompts import Prompts
 from harness.records import Message, SampleId
@@ -74,7 +74,8 @@ async def timed_debate(base_url: str, problems, *, agents: int, rounds: int, mod
             await client.chat("sim-base", [Message(role="user", content="What is 1+2*3+4-5*6?")],
                               SampleId(iteration=0, split="warmup", problem_id="warmup", agent=0, round=0))
             start = time.perf_counter()
-            await run_debates(debater, problems, Path(tmp) / "debate.jsonl")
+            await run_debates(debater, problems, Path(tmp) / "debate.jsonl",
+                              max_in_flight=problems_in_flight(concurrency, agents))
             return time.perf_counter() - start
 
 

@@ -203,7 +203,10 @@ def usage_frame(runs: Sequence[RunData]) -> pd.DataFrame:
             if e.job_id is not None:
                 seen_jobs.add(e.job_id)
             b = bucket(e.iteration - 1)
-            rate = training_price_for(e.parent_model or run.registry.base_model, prices)
+            # Local LoRA jobs run on the user's own hardware: no per-token charge (as --dry-run says).
+            rate = 0.0 if e.provider == "local" else training_price_for(e.parent_model or run.registry.base_model, prices)
+            if rate == 0.0 and e.trained_tokens is None:
+                continue
             if e.trained_tokens is None or rate is None:
                 b["unknown_training_jobs"] += 1
                 continue

@@ -4,8 +4,9 @@ Round 0: each agent's generator answers the task prompt. Round m >= 1: each agen
 one new user message holding the *other* agents' round m-1 answers (concatenated, or condensed
 by a summarizer call) and answers again in its own multi-turn conversation.
 
-Problems run concurrently (the LLM client bounds calls in flight); each finished problem is
-appended to the split's JSONL at once, and a restarted run skips the problems already there.
+Problems run concurrently, a bounded number at a time (the LLM client bounds the calls), so
+records are appended to the split's JSONL steadily from the start; a restarted run skips the
+problems already there.
 Nothing here knows about iterations beyond stamping them on records and sample identities.
 """
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from harness.errors import BudgetExceeded
+from harness.errors import DataError, HarnessError
 from harness.fileio import JsonlAppender, iter_jsonl
 from harness.grading import equivalent, majority_vote
 from harness.prompts import Prompts
@@ -81,7 +84,8 @@ class Debater:
         return self.prompts.debate_summary(result.text)
 
     async def _agent_turn(self, problem: Problem, agent: int, rnd: int, conversation: list[Message],
-                          previous: list[str] | None) -> str:
+                          previous: list[str] | None) -> tuple[str, bool]:
+        """One reply of one agent; returns its text and whether max_tokens cut it off."""
         if rnd == 0:
             conversation.append(Message(role="user", content=self.prompts.question(problem.question)))
             model = self.society.generators[agent]
@@ -92,75 +96,109 @@ class Debater:
             model = self.society.critics[agent]
         result = await self.client.chat(model, list(conversation), self._sample(problem, agent, rnd))
         conversation.append(Message(role="assistant", content=result.text))
-        return result.text
+        return result.text, getattr(result, "finish_reason", None) == "length"
+
+    def expected_models(self, agent: int) -> list[str]:
+        return [self.society.generators[agent]] + [self.society.critics[agent]] * (self.settings.rounds - 1)
 
     async def debate(self, problem: Problem) -> DebateRecord:
         n = self.society.n_agents
         conversations: list[list[Message]] = [[] for _ in range(n)]
-        models: list[list[str]] = [[] for _ in range(n)]
+        truncated: list[list[bool]] = [[] for _ in range(n)]
         previous: list[str] | None = None
         for rnd in range(self.settings.rounds):
-            texts = await asyncio.gather(*(
+            replies = await asyncio.gather(*(
                 self._agent_turn(problem, a, rnd, conversations[a], previous) for a in range(n)))
-            for a in range(n):
-                models[a].append(self.society.generators[a] if rnd == 0 else self.society.critics[a])
-            previous = list(texts)
+            for a, (_, cut) in enumerate(replies):
+                truncated[a].append(cut)
+            previous = [text for text, _ in replies]
         # Votes never feed back into the debate, so all grading happens once, at the end, in one
         # worker thread: math-verify can take a while on odd answers and must not block the loop.
-        return await asyncio.to_thread(self._record, problem, conversations, models)
+        return await asyncio.to_thread(self._record, problem, conversations, truncated)
 
-    def _record(self, problem: Problem, conversations: list[list[Message]], models: list[list[str]]) -> DebateRecord:
+    def _record(self, problem: Problem, conversations: list[list[Message]], truncated: list[list[bool]]) -> DebateRecord:
         timeout = self.settings.grading_timeout_s
-        answers = [[self.extract(m.content) for m in conv if m.role == "assistant"] for conv in conversations]
+        replies = [[m.content for m in conv if m.role == "assistant"] for conv in conversations]
+        answers = [[None if cut else self.extract(text) for text, cut in zip(texts, truncated[a])]
+                   for a, texts in enumerate(replies)]
         round_votes = [majority_vote([answers[a][rnd] for a in range(len(answers))], timeout_s=timeout)
                        for rnd in range(self.settings.rounds)]
-        agents = [AgentTranscript(agent=a, models=models[a], messages=conversations[a], answers=answers[a],
+        round_correct = [equivalent(v.answer, problem.gold, timeout_s=timeout) for v in round_votes]
+        agents = [AgentTranscript(agent=a, models=self.expected_models(a), messages=conversations[a],
+                                  answers=answers[a], truncated=truncated[a],
                                   correct=[equivalent(ans, problem.gold, timeout_s=timeout) for ans in answers[a]])
                   for a in range(len(answers))]
         return DebateRecord(iteration=self.iteration, split=self.split, problem=problem, agents=agents,
-                            round_votes=round_votes,
-                            correct=equivalent(round_votes[-1].answer, problem.gold, timeout_s=timeout))
+                            round_votes=round_votes, round_correct=round_correct, correct=round_correct[-1])
 
 
 def finished_records(path: Path) -> dict[str, DebateRecord]:
     return {r.problem.id: r for r in iter_jsonl(path, DebateRecord)}
 
 
+def problems_in_flight(concurrency: int, agents: int) -> int:
+    """How many problems to debate at once: enough to keep `concurrency` calls busy while some
+    problems sit between rounds (hence 2x), few enough that records complete from the start
+    rather than all at the end (which a budget stop or a crash would leave with nothing saved)."""
+    return max(2, 2 * math.ceil(concurrency / max(agents, 1)))
+
+
+def _check_reusable(record: DebateRecord, debater: Debater, path: Path) -> None:
+    """A record from an earlier session must come from the same society and protocol."""
+    n, rounds = debater.society.n_agents, debater.settings.rounds
+    have = [t.models for t in record.agents]
+    want = [debater.expected_models(a) for a in range(n)]
+    if len(record.agents) != n or len(record.round_votes) != rounds or have != want:
+        raise DataError(
+            f"{path}: problem {record.problem.id!r} was debated by {len(record.agents)} agents over "
+            f"{len(record.round_votes)} rounds with models {have}, but this run has {n} agents, {rounds} rounds "
+            f"and models {want}. Debate settings cannot change on --resume: start a new run (--run-dir) instead.")
+
+
 async def run_debates(debater: Debater, problems: Sequence[Problem], out_path: Path,
-                      on_done: Callable[[DebateRecord], None] | None = None) -> list[DebateRecord]:
+                      on_done: Callable[[DebateRecord], None] | None = None, *,
+                      max_in_flight: int = 32) -> list[DebateRecord]:
     """Debate every problem not already in `out_path`, appending each record as it finishes.
 
-    Returns all records (earlier and new) in the order of `problems`. If the budget cap stops new
-    calls, the calls already in flight are allowed to finish (so nothing paid is lost), their
-    problems are saved, and BudgetExceeded is raised for the loop to report.
+    Returns all records (earlier and new) in the order of `problems`. When a call fails for good
+    (the budget cap, an authentication error, retries used up), no new problem starts, the
+    problems already under way finish (nothing paid is thrown away) and are saved, and the first
+    error is raised for the loop to report; a resumed run continues from there.
     """
     done = finished_records(out_path)
-    todo = [p for p in problems if p.id not in done]
+    for record in done.values():
+        _check_reusable(record, debater, out_path)
+    todo = deque(p for p in problems if p.id not in done)
     if done:
-        log.info("%s: %d of %d problems already debated; resuming with %d", out_path, len(
-            [p for p in problems if p.id in done]), len(problems), len(todo))
+        log.info("%s: %d of %d problems already debated; resuming with %d", out_path,
+                 len(problems) - len(todo), len(problems), len(todo))
     for p in problems:
         if p.id in done and on_done is not None:
             on_done(done[p.id])
-    budget_stop: BudgetExceeded | None = None
+    stop: HarnessError | None = None
     with JsonlAppender(out_path) as out:
-        tasks = [asyncio.create_task(debater.debate(p)) for p in todo]
-        try:
-            for fut in asyncio.as_completed(tasks):
+        async def worker() -> None:
+            nonlocal stop
+            while todo and stop is None:
+                problem = todo.popleft()
                 try:
-                    record = await fut
-                except BudgetExceeded as e:
-                    budget_stop = budget_stop or e
-                    continue
+                    record = await debater.debate(problem)
+                except HarnessError as e:
+                    stop = stop or e
+                    return
                 out.append(record)
                 done[record.problem.id] = record
                 if on_done is not None:
                     on_done(record)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(max_in_flight, len(todo)))]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:  # interrupted, or a bug: stop everything now
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             raise
-    if budget_stop is not None:
-        raise budget_stop
+    if stop is not None:
+        raise stop
     return [done[p.id] for p in problems]

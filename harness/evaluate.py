@@ -35,15 +35,7 @@ def split_metrics(records: Sequence[DebateRecord], *, iteration: int, split: str
     n_agents = len(records[0].agents)
     rounds = len(records[0].round_votes)
     accuracy = _mean([float(r.correct) for r in records])
-    # A round's majority is correct when some agent in the winning class was correct that round.
-    per_round = []
-    for m in range(rounds):
-        hits = 0
-        for r in records:
-            vote = r.round_votes[m]
-            winners = next((c.agents for c in vote.classes if c.answer == vote.answer), [])
-            hits += any(r.agents[a].correct[m] for a in winners)
-        per_round.append(hits / n)
+    per_round = [_mean([float(r.round_correct[m]) for r in records]) for m in range(rounds)]
     per_agent_round = [[_mean([float(r.agents[a].correct[m]) for r in records]) for m in range(rounds)]
                        for a in range(n_agents)]
     agreement, pairwise, unparsed = [], [], []
@@ -54,11 +46,12 @@ def split_metrics(records: Sequence[DebateRecord], *, iteration: int, split: str
         if pairs:
             pairwise.append(sum(len(c.agents) * (len(c.agents) - 1) / 2 for c in vote.classes) / pairs)
         unparsed.append(sum(t.answers[-1] is None for t in r.agents) / n_agents)
+    replies = [cut for r in records for t in r.agents for cut in t.truncated]
     return SplitMetrics(
         iteration=iteration, split=split, n=n, accuracy=accuracy, stderr=stderr(accuracy, n),
         per_round=per_round, per_agent=[row[-1] for row in per_agent_round], per_agent_round=per_agent_round,
         agreement=_mean(agreement), pairwise_agreement=_mean(pairwise) if pairs else 1.0,
-        unparsed_rate=_mean(unparsed), simulated=simulated)
+        unparsed_rate=_mean(unparsed), truncated_rate=_mean([float(c) for c in replies]), simulated=simulated)
 
 
 def results_table(metrics: Sequence[SplitMetrics], title: str = "Results") -> Table:

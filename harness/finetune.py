@@ -36,6 +36,9 @@ class FinetuneStage:
     registry_path: Path
     run_dir: Path
     console: Console
+    # A failed job is retried on resume only while the next iteration has not debated yet:
+    # after that, its debates were made with the fallback model and must stay consistent.
+    retry_failed: bool = True
 
     def _save(self, entry: ModelEntry) -> None:
         self.registry.upsert(entry)
@@ -87,8 +90,8 @@ class FinetuneStage:
 
     async def _one(self, stats: FtDataStats, data_dir: Path, target: int, role: str, agent: int, show) -> ModelEntry:
         done = self.registry.get(target, role, agent)
-        if done is not None and done.status in ("succeeded", "kept"):
-            show(role, agent, f"{done.status} (earlier session): {done.model_id}")
+        if done is not None and (done.status in ("succeeded", "kept") or not self.retry_failed):
+            show(role, agent, f"{done.status} (earlier session): {done.model_id or done.error}")
             return done
         parent = self._parent(target, role, agent)
         info = stats.file(role, agent)

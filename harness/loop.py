@@ -23,7 +23,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.config import RunConfig, config_to_yaml, load_config
-from harness.debate import Debater, DebateSettings, Society, run_debates
+from harness.debate import Debater, DebateSettings, Society, problems_in_flight, run_debates
 from harness.diversity import compute_diversity
 from harness.endpoints import open_endpoint
 from harness.errors import BudgetExceeded, ConfigError, HarnessError
@@ -42,6 +42,10 @@ from harness.tasks import get_task, load_split
 log = logging.getLogger("harness")
 
 EXIT_BUDGET = 3
+# What a resumed run may change: where and how fast to call, how much to spend, how far to go.
+RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "endpoint.max_retries",
+                    "endpoint.base_url", "endpoint.api_key_env", "serve.", "finetune.iterations",
+                    "finetune.poll_interval_s")
 
 
 class Run:
@@ -57,6 +61,7 @@ class Run:
         self.client: LLMClient | None = None
         self.provider: FinetuneProvider | None = None
         self.urls: list[str] = []
+        self.warnings: list[str] = []
         self.registry_path = run_dir / "registry.json"
         # The registry's run id tags every finetuning job; it is unique per run directory so
         # two runs that share a name never pick up each other's jobs.
@@ -100,7 +105,9 @@ class Run:
                 hits[1] += 1
                 bar.update(task_id, advance=1, acc=f"{100 * hits[0] / hits[1]:.1f}%")
 
-            records = await run_debates(debater, problems, self.iter_dir(k) / f"debate-{split}.jsonl", on_done)
+            records = await run_debates(debater, problems, self.iter_dir(k) / f"debate-{split}.jsonl", on_done,
+                                        max_in_flight=problems_in_flight(self.cfg.endpoint.concurrency,
+                                                                         self.cfg.debate.agents))
         if not self.console.is_terminal:
             self.console.print(f"iter {k} · debate {split}: {len(records)} problems")
         return records
@@ -125,7 +132,7 @@ class Run:
     def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> None:
         assert self.client is not None
         summary = RunSummary(run=self.cfg.name, simulated=self.simulated, iterations=iterations,
-                             usage=self.client.totals().model_dump(), finished=finished)
+                             usage=self.client.totals().model_dump(), warnings=self.warnings, finished=finished)
         write_model(self.dir / "summary.json", summary)
 
 
@@ -185,12 +192,15 @@ async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Probl
         data_dir = run.iter_dir(k) / "ftdata"
         stats = await asyncio.to_thread(build_ftdata, train_records, n_agents=cfg.debate.agents, cfg=cfg.finetune,
                                         out_dir=data_dir, seed=cfg.seed, timeout_s=cfg.grading.timeout_s)
-        stage = FinetuneStage(cfg, provider, run.registry, run.registry_path, run.dir, run.console)
+        next_started = any(run.iter_dir(k + 1).glob("debate-*.jsonl"))
+        stage = FinetuneStage(cfg, provider, run.registry, run.registry_path, run.dir, run.console,
+                              retry_failed=not next_started)
         entries = await stage.run(stats, data_dir, target=k + 1)
-        failed = [e for e in entries if e.status not in ("succeeded", "kept")]
-        for e in failed:
-            log.warning("iteration %d %s %d: %s; the agent keeps %s", e.iteration, e.role, e.agent,
-                        e.error or e.status, run.registry.model_for(e.iteration, e.role, e.agent))
+        for e in entries:
+            if e.status not in ("succeeded", "kept"):
+                run.warnings.append(
+                    f"iteration {e.iteration}: the {e.role} job of agent {e.agent} {e.status} "
+                    f"({e.error or 'no message'}); that agent kept {run.registry.model_for(e.iteration, e.role, e.agent)}")
     return metrics
 
 
@@ -226,6 +236,13 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
             raise ConfigError(f"--resume {run_dir}: no config.yaml there; is this a run directory?")
         if args.config:
             raise ConfigError("--resume uses the run's saved config.yaml; drop --config (use --set to change a field)")
+        frozen = [o.split("=", 1)[0] for o in args.overrides
+                  if not o.split("=", 1)[0].strip().startswith(RESUMABLE_FIELDS)]
+        if frozen:
+            raise ConfigError(
+                f"--resume {run_dir}: {', '.join(frozen)} cannot change in a run that has started (finished "
+                f"debates, data and jobs were made with the saved value); start a new run instead. On resume "
+                f"--set may change: {', '.join(RESUMABLE_FIELDS)}")
         return load_config(str(saved), args.overrides), run_dir
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -277,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"${cost:.4f}" if cost is not None else "unknown")
                   + (f" + {unknown} calls of unknown price" if unknown else "")
                   + (" (simulated prices)" if summary.simulated else ""))
+    for warning in summary.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")
     console.print(f"finished in {time.monotonic() - started:.1f}s · run directory: {run_dir}")
     return 0
 

@@ -89,16 +89,22 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
             break
         est, gen_tokens, conv_tokens = _debate_estimate(cfg, prompts, train, f"iter {k}: debate train", model, model)
         stages.append(est)
+        # The same jobs the finetune stage runs: critics only when there are later rounds, and a
+        # single pooled model (all agents' examples) for the single-model baseline.
         n = cfg.debate.agents
-        examples = int(len(train) * AGREE_SHARE)
-        trained = cfg.finetune.hyperparameters.n_epochs * n * examples * (gen_tokens + conv_tokens)
+        models_per_role = 1 if cfg.finetune.single_model else n
+        examples = int(len(train) * AGREE_SHARE) * (n if cfg.finetune.single_model else 1)
+        tokens_per_example = gen_tokens + (conv_tokens if cfg.debate.rounds > 1 else 0)
+        jobs = models_per_role * (2 if cfg.debate.rounds > 1 else 1)
+        trained = cfg.finetune.hyperparameters.n_epochs * models_per_role * examples * tokens_per_example
         if cfg.finetune.provider == "local":
             ft_cost, note = 0.0, "local LoRA jobs: your own compute, no per-token charge"
         else:
             price = training_price_for(base, cfg.prices)
             ft_cost = None if price is None else trained * price / 1e6
             note = f"finetuning: ~{examples} examples per model, {cfg.finetune.hyperparameters.n_epochs} epochs"
-        stages.append(StageEstimate(stage=f"iter {k}: finetune {2 * n} models", calls=2 * n, prompt_tokens=trained,
+        stages.append(StageEstimate(stage=f"iter {k}: finetune {jobs} model{'s' if jobs > 1 else ''}", calls=jobs,
+                                    prompt_tokens=trained,
                                     completion_tokens=0, cost_usd=ft_cost, note=note))
     return stages
 

@@ -67,8 +67,11 @@ class AgentTranscript(BaseModel):
     agent: int
     models: list[str]  # model id used in each round (generator in round 0, critic after)
     messages: list[Message]
-    answers: list[str | None]  # parsed final answer per round (None: unparseable)
+    answers: list[str | None]  # parsed final answer per round (None: unparseable or cut off)
     correct: list[bool]  # per round, against gold (evaluation only)
+    # per round: the reply hit max_tokens. A cut-off reply does not vote (its last number is
+    # an intermediate step, not an answer); raise sampling.max_tokens if this is common.
+    truncated: list[bool] = Field(default_factory=list)
 
 
 class DebateRecord(BaseModel):
@@ -80,6 +83,7 @@ class DebateRecord(BaseModel):
     problem: Problem
     agents: list[AgentTranscript]
     round_votes: list[Vote]  # majority vote after each round; the last one is the debate's vote
+    round_correct: list[bool] = Field(default_factory=list)  # each round's vote vs gold (evaluation only)
     correct: bool  # final vote equivalent to gold (an unparseable vote is wrong)
 
     @property
@@ -114,6 +118,7 @@ class SplitMetrics(BaseModel):
     per_round: list[float]  # majority-vote accuracy after each round
     per_agent: list[float]  # each agent's final-round accuracy
     per_agent_round: list[list[float]]  # [agent][round] accuracy
+    truncated_rate: float = 0.0  # share of agent replies (all rounds) cut off by max_tokens
     agreement: float  # share of problems where every agent's final answer is equivalent
     pairwise_agreement: float  # mean over agent pairs of final-answer equivalence
     unparsed_rate: float  # share of final-round agent answers that could not be parsed
@@ -137,4 +142,7 @@ class RunSummary(BaseModel):
     simulated: bool
     iterations: list[IterationMetrics]
     usage: dict[str, Any] = Field(default_factory=dict)  # calls, tokens, cost (None parts unknown)
+    # What a reader of the numbers must know, e.g. finetuning jobs that failed (those agents kept
+    # their previous models).
+    warnings: list[str] = Field(default_factory=list)
     finished: bool = False

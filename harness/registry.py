@@ -102,8 +102,9 @@ class Registry(BaseModel):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not valid JSON ({e}); restore it from a backup or delete it "
-                            f"to rebuild (finished jobs are found again by their metadata)") from e
+            raise DataError(f"{path}: not valid JSON ({e}); restore it from a backup. Do not delete it: "
+                            f"it holds the run id that tags this run's jobs, and a new id would start "
+                            f"every finetuning job again") from e
         try:
             reg = cls.model_validate(data)
         except ValidationError as e:

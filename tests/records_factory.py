@@ -31,6 +31,6 @@ def make_record(pid: str, gold: str, answers: list[list[str | None]], *, vote_ro
                                 n_voters=sum(len(v) for v in classes.values()),
                                 classes=[VoteClass(answer=k, agents=v) for k, v in ordered], tie=tie,
                                 tie_rule="lowest-agent-index"))
-    final = round_votes[-1].answer
+    round_correct = [v.answer == gold for v in round_votes]
     return DebateRecord(iteration=iteration, split=split, problem=Problem(id=pid, task="arithmetic", question=f"problem {pid}", gold=gold),
-                        agents=agents, round_votes=round_votes, correct=final == gold)
+                        agents=agents, round_votes=round_votes, round_correct=round_correct, correct=round_correct[-1])

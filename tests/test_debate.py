@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from harness.config import EndpointConfig, SamplingConfig, SimulatorConfig
-from harness.debate import Debater, DebateSettings, Society, finished_records, run_debates
+from harness.debate import Debater, DebateSettings, Society, finished_records, problems_in_flight, run_debates
+from harness.errors import DataError
 from harness.fileio import read_jsonl
 from harness.llm import LLMClient
 from harness.prompts import Prompts
@@ -17,14 +18,15 @@ PROBLEMS = [Problem(id=f"p{i}", task="arithmetic", question=f"What is the result
                     gold=str(i + 6 + 4 - 5 * (i % 4))) for i in range(12)]
 
 
-async def _debate(tmp_path, sim_cfg, mode="concatenate", agents=3, rounds=2, problems=PROBLEMS):
+async def _debate(tmp_path, sim_cfg, mode="concatenate", agents=3, rounds=2, problems=PROBLEMS,
+                  sampling=None, max_in_flight=32):
     with SimServer(sim_cfg) as sim:
         async with LLMClient(base_url=sim.base_url, api_key="x", run_dir=tmp_path, endpoint=EndpointConfig(),
-                             sampling=SamplingConfig(), seed=0) as client:
+                             sampling=sampling or SamplingConfig(), seed=0) as client:
             society = Society(generators=["sim-base"] * agents, critics=["sim-base"] * agents, summarizer="sim-base")
             debater = Debater(client, society, Prompts("arithmetic"), get_task("arithmetic").extract,
                               DebateSettings(rounds=rounds, mode=mode), iteration=0, split="test")
-            return await run_debates(debater, problems, tmp_path / "debate-test.jsonl")
+            return await run_debates(debater, problems, tmp_path / "debate-test.jsonl", max_in_flight=max_in_flight)
 
 
 async def test_each_agent_keeps_its_own_conversation_and_sees_only_the_others(tmp_path):
@@ -85,3 +87,41 @@ async def test_a_restarted_debate_skips_finished_problems(tmp_path):
     assert set(finished_records(tmp_path / "debate-test.jsonl")) == {p.id for p in PROBLEMS[:8]}
     new_usage = read_jsonl(tmp_path / "usage.jsonl", UsageRecord)[calls_before:]
     assert {u.sample.problem_id for u in new_usage} == {p.id for p in PROBLEMS[5:8]}
+
+
+async def test_a_reply_cut_off_by_max_tokens_does_not_vote(tmp_path):
+    """Arithmetic allows a plain final number, but a cut-off reply's last number is an
+    intermediate step: it must count as unparseable, and the record says it was cut off."""
+    records = await _debate(tmp_path, SimulatorConfig(skill=1.0, seed=1), problems=PROBLEMS[:3],
+                            sampling=SamplingConfig(max_tokens=6))
+    for r in records:
+        assert all(t.truncated == [True, True] for t in r.agents)
+        assert r.vote.answer is None and not r.correct
+
+
+async def test_records_are_saved_from_the_start_not_all_at_the_end(tmp_path):
+    """With a bounded number of problems in flight, the first records land long before the last
+    calls are made, so a crash or a budget stop mid-split keeps most of the finished work."""
+    path = tmp_path / "debate-test.jsonl"
+    records_seen_when = []
+
+    with SimServer(SimulatorConfig(latency_ms=5, seed=2)) as sim:
+        endpoint = EndpointConfig(concurrency=4)
+        async with LLMClient(base_url=sim.base_url, api_key="x", run_dir=tmp_path, endpoint=endpoint,
+                             sampling=SamplingConfig(), seed=0) as client:
+            society = Society(["sim-base"] * 3, ["sim-base"] * 3, "sim-base")
+            debater = Debater(client, society, Prompts("arithmetic"), get_task("arithmetic").extract,
+                              DebateSettings(rounds=2, mode="concatenate"), iteration=0, split="test")
+
+            def on_done(_record):
+                records_seen_when.append(len(read_jsonl(tmp_path / "usage.jsonl")))
+
+            await run_debates(debater, PROBLEMS, path, on_done, max_in_flight=problems_in_flight(4, 3))
+    total_calls = len(PROBLEMS) * 3 * 2
+    assert records_seen_when[0] < total_calls / 2
+
+
+async def test_resuming_with_a_different_society_is_refused_naming_the_file(tmp_path):
+    await _debate(tmp_path, SimulatorConfig(seed=4), problems=PROBLEMS[:2])
+    with pytest.raises(DataError, match=r"debate-test.jsonl.*3 agents.*this run has 2 agents"):
+        await _debate(tmp_path, SimulatorConfig(seed=4), problems=PROBLEMS[:3], agents=2)
