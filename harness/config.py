@@ -7,9 +7,11 @@ is allowed. Secrets never live in the config: it names the environment variable 
 from __future__ import annotations
 
 import os
+import re
+import types
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -180,6 +182,10 @@ class FinetuneConfig(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     poll_interval_s: float = Field(5.0, gt=0)
     suffix: str | None = None  # OpenAI model-name suffix; None: derived from run name
+    # A tied final vote (e.g. three different answers) is broken by agent order, which would hand
+    # the lowest-index agent training data nobody else supports. Such debates give no data
+    # unless this is true (it is what taking the first most-common answer amounts to).
+    use_tied_votes: bool = False
     # Baseline "single-agent self-finetuning" (STaR-like): pool every agent's data into ONE
     # generator (and one critic) that all agents then share. False is multiagent finetuning.
     single_model: bool = False
@@ -229,6 +235,9 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _check_local(self) -> "RunConfig":
         local = self.finetune.local
+        if self.finetune.provider == "local" and local.full_finetune and self.endpoint.kind == "vllm":
+            raise ValueError("finetune.local.full_finetune: a vLLM server loads LoRA adapters at run time, not whole "
+                             "models; train adapters (full_finetune: false) or serve each agent's model yourself")
         if self.finetune.provider == "local" and not local.full_finetune and local.r > self.serve.max_lora_rank:
             raise ValueError(f"finetune.local.r: rank {local.r} exceeds serve.max_lora_rank "
                              f"{self.serve.max_lora_rank}; vLLM would refuse the adapters")
@@ -268,15 +277,56 @@ def _read_yaml(source: str) -> tuple[dict, str]:
     return data, label
 
 
+class _OverrideLoader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-4 and 5E3 as floats. YAML 1.1 wants a dot and a signed
+    exponent (1.0e-4), so PyYAML leaves these as strings, which a float field rejects and an
+    untyped one (sampling.extra_body) would pass on as text. Being a resolver, it applies at any
+    depth ({min_p: 1e-4}) and only to plain scalars: a quoted '1e-4' stays a string."""
+
+
+_OverrideLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def _without_none(ann: Any) -> Any:
+    """`X | None` -> X, so that an optional section or dict is recognised as one."""
+    if get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return ann
+
+
+def _override_path(parts: list[str]) -> tuple[list[str], Any]:
+    """The keys to set in the config data, and the annotation of the value set (None: unknown).
+
+    Below a dict-valued field the rest of the dotted path is ONE key, since dict keys may hold
+    dots themselves (prices.gpt-4.1-mini). Found from the models, so new dict fields just work."""
+    model: Any = RunConfig
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return parts, None  # unknown field or a value's sub-key: validation names the problem
+        ann = _without_none(field.annotation)
+        if get_origin(ann) is dict and i + 1 < len(parts):
+            args = get_args(ann)
+            return parts[: i + 1] + [".".join(parts[i + 1 :])], args[1] if len(args) == 2 else None
+        model = ann
+    return parts, model
+
+
 def _apply_override(data: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. debate.agents=5")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_OverrideLoader) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    parts = key.strip().split(".")
+    parts, target = _override_path(key.strip().split("."))
+    if _without_none(target) is str and isinstance(value, (bool, int, float)):
+        value = raw.strip()  # a text field given 1, 1e5 or yes (serve.env.X=1) keeps the text
     node = data
     for part in parts[:-1]:
         nxt = node.setdefault(part, {})

@@ -71,6 +71,7 @@ class FtDataStats(BaseModel):
     schema_version: int = 1
     n_records: int
     n_records_with_vote: int
+    n_records_tied_skipped: int = 0  # tied final votes, left out (finetune.use_tied_votes: false)
     n_agents: int
     seed: int
     critic_weight: float
@@ -161,12 +162,16 @@ def build_ftdata(records: Sequence[DebateRecord], *, n_agents: int, cfg: Finetun
     unparsed0 = [0] * n_agents
     unparsed_final = [0] * n_agents
     with_vote = 0
+    tied_skipped = 0
 
     for r, rec in enumerate(records):
         y_hat = rec.vote.answer if rec.round_votes else None
         if y_hat is None:
             continue
         with_vote += 1
+        if rec.vote.tie and not cfg.use_tied_votes:
+            tied_skipped += 1
+            continue
         seen: set[int] = set()
         for t in rec.agents:
             n = t.agent
@@ -192,6 +197,7 @@ def build_ftdata(records: Sequence[DebateRecord], *, n_agents: int, cfg: Finetun
                     (plus if first_ok else minus)[n].append((r, ex))
 
     stats = FtDataStats(n_records=len(records), n_records_with_vote=with_vote, n_agents=n_agents,
+                        n_records_tied_skipped=tied_skipped,
                         seed=seed, critic_weight=cfg.critic_weight,
                         critic_first_turn_loss=cfg.critic_first_turn_loss)
     for n in range(n_agents):

@@ -114,13 +114,17 @@ _FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
 _SLASH_RE = re.compile(r"^(-?\d+)/(-?\d+)$")
 _DEC_RE = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
 _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+# A trailing percent sign: %, \% (also JSON-doubled \\%), "percent", \text{percent}.
+_PERCENT_RE = re.compile(r"(?:\\*%|\\(?:text|mathrm)\{percent\}|percent)$")
 
 
 def _normalize(s: str) -> str:
     s = _strip_answer(s)
     s = re.sub(r"\\left|\\right|\\[,!;:]|\\\s", "", s)
-    s = s.replace("\\$", "").replace("−", "-")
-    return re.sub(r"\s+", "", s)
+    s = re.sub(r"\s+", "", s.replace("\\$", "").replace("−", "-"))
+    # math-verify reads "10\%" as 10 or 0.1 by direction, making "10" ~ "10\%" ~ "0.1" (votes then
+    # depend on agent order); dropping the sign keeps equivalence transitive and on the fast path.
+    return _PERCENT_RE.sub("", s)
 
 
 def _as_number(s: str) -> tuple[Fraction, bool] | None:
@@ -215,8 +219,7 @@ class _Worker:
     @staticmethod
     def _readline(proc: subprocess.Popen, timeout_s: float) -> str | None:
         assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-        if not ready:
+        if not select.select([proc.stdout], [], [], timeout_s)[0]:
             return None
         line = proc.stdout.readline()  # one short reply line per request: never blocks here
         return line.strip() if line else None
@@ -342,9 +345,7 @@ def equivalent(a: str | None, b: str | None, *, timeout_s: float = 5.0) -> bool:
     A comparison that runs past `timeout_s` counts as not equivalent. Blocking (up to the
     timeout) only for answers that need symbolic algebra; call it via asyncio.to_thread when
     the event loop must stay responsive."""
-    if a is None or b is None:
-        return False
-    na, nb = _normalize(a), _normalize(b)
+    na, nb = _normalize(a or ""), _normalize(b or "")  # None (unparseable) never equals anything
     if not na or not nb:
         return False
     fast = _fast(na, nb)
@@ -389,12 +390,11 @@ def majority_vote(answers: Sequence[str | None], *, timeout_s: float = 5.0) -> V
                 break
         else:
             classes.append(VoteClass(answer=ans, agents=[agent]))
-    n_voters = sum(len(c.agents) for c in classes)
     if not classes:
         return Vote(answer=None, count=0, n_voters=0, classes=[], tie=False, tie_rule=TIE_RULE)
+    n_voters = sum(len(c.agents) for c in classes)
     top = max(len(c.agents) for c in classes)
     leaders = [c for c in classes if len(c.agents) == top]
     # classes are created in order of their earliest agent, so the first leader wins the tie
-    winner = leaders[0]
-    return Vote(answer=winner.answer, count=top, n_voters=n_voters, classes=classes,
+    return Vote(answer=leaders[0].answer, count=top, n_voters=n_voters, classes=classes,
                 tie=len(leaders) > 1, tie_rule=TIE_RULE)

@@ -66,3 +66,37 @@ def test_every_shipped_preset_loads():
     assert "demo" in names
     for name in names:
         load_config(name)
+
+
+def test_dict_fields_take_the_rest_of_the_path_as_one_key():
+    cfg = load_config("demo", [
+        "prices.gpt-4.1-mini={input: 0.4, output: 1.6}",
+        "sampling.extra_body.min_p=0.05",
+        "sampling.extra_body.top_k=20",
+        "serve.env.VLLM_X=1",
+    ])
+    assert cfg.prices == {"gpt-4.1-mini": {"input": 0.4, "output": 1.6}}
+    assert cfg.sampling.extra_body == {"min_p": 0.05, "top_k": 20}
+    assert cfg.serve.env == {"VLLM_X": "1"}  # a text-valued dict keeps the text
+
+
+def test_exponent_numbers_are_floats_at_any_depth():
+    cfg = load_config("demo", [
+        "finetune.local.learning_rate=5E-5",
+        "budget.max_cost_usd=5E3",
+        "sampling.extra_body={min_p: 1e-4, stop: [1e2, x]}",
+        "sampling.extra_body.eps=1e-8",
+        "task.source=/data/1e5/x.jsonl",
+        "name=1e5",
+    ])
+    assert cfg.finetune.local.learning_rate == 5e-5 and cfg.budget.max_cost_usd == 5000.0
+    assert cfg.sampling.extra_body == {"min_p": 1e-4, "stop": [100.0, "x"], "eps": 1e-8}
+    assert isinstance(cfg.sampling.extra_body["min_p"], float)
+    assert cfg.task.source == "/data/1e5/x.jsonl" and cfg.name == "1e5"
+    # quoting still makes a string
+    assert load_config("demo", ["sampling.extra_body.tag='1e-4'"]).sampling.extra_body == {"tag": "1e-4"}
+
+
+def test_a_full_finetune_cannot_be_served_as_an_adapter():
+    with pytest.raises(ConfigError, match="full_finetune.*LoRA adapters"):
+        load_config("vllm", ["finetune.local.full_finetune=true"])

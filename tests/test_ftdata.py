@@ -251,3 +251,15 @@ def test_token_estimate_fallback_warns_once(tmp_path, monkeypatch, caplog):
 def test_missing_file_is_reported(tmp_path):
     report = validate_training_file(tmp_path / "nope.jsonl")
     assert not report.ok and "does not exist" in report.errors[0]
+
+
+def test_a_tied_vote_gives_no_data_unless_asked(tmp_path):
+    """Three different final answers: the tie rule would pick agent 0's, handing it data that no
+    other agent supports. By default such a debate trains nobody, and stats say how many."""
+    rec = record("p", {0: ["1", "1"], 1: ["2", "2"], 2: ["3", "3"]}, "1")
+    rec.round_votes = [v.model_copy(update={"tie": True}) for v in rec.round_votes]
+    stats = build_ftdata([rec], n_agents=3, cfg=cfg(), out_dir=tmp_path / "skip", seed=0)
+    assert stats.n_records_with_vote == 1 and stats.n_records_tied_skipped == 1
+    assert all(a.generator_examples == 0 and a.critic_examples == 0 for a in stats.agents)
+    stats = build_ftdata([rec], n_agents=3, cfg=cfg(use_tied_votes=True), out_dir=tmp_path / "use", seed=0)
+    assert [a.generator_examples for a in stats.agents] == [1, 0, 0]

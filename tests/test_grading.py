@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from harness import grading
 from harness.grading import equivalent, extract_answer, majority_vote
 
 PATHOLOGICAL = r"10^{10^{10^{10}}}"
@@ -83,6 +84,15 @@ def test_equivalent_symbolic():
     assert equivalent(r"\sqrt{4}", "2")
     assert equivalent("x^2 - x - 6", "(x+2)(x-3)")
     assert not equivalent(r"5\sqrt{2}", r"2\sqrt{5}")
+
+
+@pytest.mark.parametrize("pct", ["10%", r"10\%", r"10\\%", "10 percent", r"10\text{ percent}", r"$10\%$"])
+def test_percent_sign_is_dropped_on_both_sides(pct, monkeypatch):
+    # decided without math-verify, which reads 10\% as 10 one way and 0.1 the other
+    monkeypatch.setattr(grading, "_get_pool", lambda: pytest.fail("percent answers reached math-verify"))
+    assert equivalent(pct, "10") and equivalent("10", pct)
+    assert equivalent(pct, r"10\%") and equivalent(pct, "10.0")
+    assert not equivalent(pct, "0.1") and not equivalent("0.1", pct)
 
 
 @pytest.mark.slow
@@ -168,3 +178,13 @@ def test_majority_all_unparseable():
     assert vote.answer is None and vote.count == 0 and vote.n_voters == 0
     assert vote.classes == [] and vote.tie is False
     assert majority_vote([]).answer is None
+
+
+def test_majority_with_percents_does_not_depend_on_agent_order():
+    answers = ["0.5", r"50\%", "50"]
+    for order in (answers, answers[::-1]):
+        vote = majority_vote(order)
+        # the same election either way: the 50-class with two votes beats 0.5
+        assert vote.count == 2 and vote.n_voters == 3 and not vote.tie
+        won = next(c for c in vote.classes if c.answer == vote.answer)
+        assert sorted(order[i] for i in won.agents) == ["50", r"50\%"]

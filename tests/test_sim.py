@@ -96,6 +96,18 @@ async def test_same_request_same_answer_and_request_seeds_give_independent_sampl
     assert gold(EXPRESSIONS[4]) in answers and len(answers) >= 2
 
 
+async def test_unseeded_sampling_differs_between_identical_requests(sim):
+    # agents sharing a prompt without a seed must not all get one answer, as on a real server
+    _, client = sim(skill=0.5, seed=3)
+    prompts = [question(e) for e in EXPRESSIONS] + [f"What is {k}+{k}*2+1-0*0?" for k in range(15)]
+    pairs = [(await ask(client, q, temperature=1), await ask(client, q, temperature=1)) for q in prompts]
+    assert sum(a != b for a, b in pairs) >= 5
+    # seeded requests stay reproducible, and greedy decoding gives one answer seed or not
+    for q in prompts:
+        assert await ask(client, q, seed=5, temperature=1) == await ask(client, q, seed=5, temperature=1)
+        assert await ask(client, q, temperature=0) == await ask(client, q, temperature=0)
+
+
 async def test_config_seed_changes_the_samples(sim):
     _, one = sim(skill=0.5, seed=1)
     _, two = sim(skill=0.5, seed=2)

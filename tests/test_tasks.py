@@ -162,6 +162,28 @@ def test_mmlu_local_file_and_letter_extraction(tmp_path):
     assert task.extract("no idea") is None
 
 
+@pytest.mark.parametrize("text, letter", [
+    (r"so \boxed{\textbf{B}}", "B"),
+    (r"$\boxed{\mathrm{C}}$", "C"),
+    (r"\boxed{\text{(D)}}", "D"),
+    (r"\boxed{\text{\textbf{A.}}}", "A"),
+    (r"\boxed{B.}", "B"),
+    (r"\boxed{A and B}", None),  # two letters in the box: not one answer
+    (r"\boxed{\text{A and B}}", None),
+    ("Answer: C", "C"),
+    ("After checking, the answer is (B).", "B"),
+    ("Final answer: **D**", "D"),
+    ("the answer is a number I cannot find", None),  # "a" the article, not option A
+    # a box without a single letter falls back to the text
+    (r"The answer is (C), i.e. \boxed{\text{the third option}}", "C"),
+    (r"Answer: A. \boxed{A and B}", "A"),
+    # a valid box wins over the text
+    (r"The answer is (C). On reflection \boxed{D}", "D"),
+])
+def test_mmlu_extraction_needs_one_letter(text, letter):
+    assert get_task("mmlu").extract(text) == letter
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_missing_file_names_the_path(tmp_path):

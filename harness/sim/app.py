@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import itertools
 import math
 import re
 import struct
@@ -45,6 +46,9 @@ class Sim:
         self.store = Store(state_dir)
         self.knowledge = Knowledge(known_problems)
         self.faults = Faults(cfg)
+        # Numbers the unseeded samples this app draws (see `chat`); per app, so that a new
+        # server replays the same sequence.
+        self.unseeded_draws = itertools.count()
 
     def params_for(self, name: str, *, finetunable: bool = False) -> ModelParams | None:
         """The parameters of a model that exists now; None for an unknown model."""
@@ -171,7 +175,12 @@ def create_app(
         limit = req.max_completion_tokens or req.max_tokens
         choices, c_tokens = [], 0
         for i in range(req.n or 1):
-            text = respond(req.model, params, messages, sim.knowledge, cfg, seed=req.seed, choice=i, temperature=req.temperature)
+            # Without a seed a real server samples afresh each time, so agents sending the same
+            # prompt get different answers. The arrival number stands in for that fresh draw; it
+            # is ignored at temperature 0 (greedy), and seeded requests stay reproducible.
+            draw_no = i if req.seed is not None else next(sim.unseeded_draws)
+            text = respond(req.model, params, messages, sim.knowledge, cfg, seed=req.seed, choice=draw_no,
+                           temperature=req.temperature)
             finish = "stop"
             if limit is not None and estimate_tokens(text) > limit:
                 text, finish = text[: limit * 4], "length"  # cut like a model hitting max_tokens

@@ -31,7 +31,9 @@ Rules (every number a simulated run reports follows from these):
 * **Randomness** is a private generator per sample, seeded from (config seed, model, messages,
   request seed, choice index): the same request gives the same answer, another ``seed`` gives
   an independent sample. At temperature 0 the request seed and choice index are left out
-  (greedy decoding gives one answer).
+  (greedy decoding gives one answer). A request without a ``seed`` is sampled afresh, as on a
+  real server: the app passes its count of unseeded samples so far in place of the choice
+  index, so identical unseeded requests (agents sharing a prompt) differ at temperature > 0.
 """
 
 from __future__ import annotations

@@ -37,8 +37,21 @@ def to_problem(located: Located) -> Problem:
                    meta={"subject": rec.get("subject")})
 
 
-_LETTER_IN_BOX = re.compile(r"^(?:\\text\{\s*)?\(?([A-Da-d])\)?(?:[\s.:)}]|$)")
-_LETTER_IN_TEXT = re.compile(r"answer is\s*:?\s*\$?\(?([A-D])\b")
+# A box counts only when it holds one option letter, maybe "(B)" or "B.", once font wrappers
+# (\text{...}, \textbf{...}, \mathrm{...}) are peeled off: "\boxed{A and B}" is not an answer.
+_FONT_WRAPPER = re.compile(r"^\\(?:text|textbf|textrm|mathrm|mathbf)\s*\{(.*)\}$", re.DOTALL)
+_LETTER_IN_BOX = re.compile(r"^\(?([A-Da-d])\)?\.?$")
+# "Answer: C", "the answer is (B)", "Final answer: **D**". Only a capital letter: in "the answer
+# is a number" the "a" is an article.
+_LETTER_IN_TEXT = re.compile(r"(?i:answer)(?:\s+is)?\s*:?\s*[*$(\s]*([A-D])\b")
+
+
+def _box_letter(boxed: str) -> str | None:
+    s = boxed.strip()
+    while (m := _FONT_WRAPPER.match(s)) is not None:
+        s = m.group(1).strip()
+    m = _LETTER_IN_BOX.match(s)
+    return m.group(1).upper() if m else None
 
 
 class MMLUTask:
@@ -50,8 +63,9 @@ class MMLUTask:
 
     def extract(self, text: str) -> str | None:
         boxed = extract_answer(text)
-        if boxed is not None:
-            m = _LETTER_IN_BOX.match(boxed)
-            return m.group(1).upper() if m else None
+        letter = _box_letter(boxed) if boxed is not None else None
+        if letter is not None:
+            return letter
+        # no box, or one without a single letter: the last "answer is X" in the text decides
         found = _LETTER_IN_TEXT.findall(text or "")
         return found[-1] if found else None
