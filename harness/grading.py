@@ -102,7 +102,7 @@ def extract_answer(text: str, *, allow_plain_number: bool = False) -> str | None
         if s:
             return s
     if allow_plain_number:
-        nums = _NUMBER_RE.findall(text)
+        nums = _NUMBER_RE.findall(text.replace("\u2212", "-"))  # models often write U+2212 for minus
         if nums:
             return nums[-1].replace(",", "")
     return None

@@ -188,3 +188,7 @@ def test_majority_with_percents_does_not_depend_on_agent_order():
         assert vote.count == 2 and vote.n_voters == 3 and not vote.tie
         won = next(c for c in vote.classes if c.answer == vote.answer)
         assert sorted(order[i] for i in won.agents) == ["50", r"50\%"]
+
+
+def test_a_unicode_minus_keeps_its_sign_in_the_plain_number_fallback():
+    assert extract_answer("so the total is \u22125", allow_plain_number=True) == "-5"
