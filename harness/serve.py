@@ -228,16 +228,28 @@ class VLLMServer:
             missing = subprocess.run(probe, capture_output=True, timeout=60).returncode != 0
         except FileNotFoundError:
             missing = True
+        except (OSError, subprocess.TimeoutExpired) as e:  # not executable, or hangs
+            raise ServeError(f"cannot run serve.python {self.python}: {e}") from e
         if missing:
             raise ServeError(f"vLLM is not installed for {self.python}; create its environment with "
                              f".ci/setup-vllm.sh (CPU) or `pip install vllm` (GPU), or set serve.python")
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.cfg.env}
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        # A session of its own, so stop() can signal the API server and its engine workers together.
-        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        out = None
+        try:
+            if self.log_path:
+                # A fresh run has no serve/ folder yet: create it before opening the log in it.
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                out = open(self.log_path, "ab")
+            # A session of its own, so stop() can signal the API server and its engine workers together.
+            self.proc = subprocess.Popen(self.command(), stdout=out or subprocess.DEVNULL,
+                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        except OSError as e:
+            where = f"its log {self.log_path}" if out is None and self.log_path else f"{self.python}"
+            raise ServeError(f"could not start vLLM ({where}): {type(e).__name__}: {e}") from e
+        finally:
+            # The server holds its own copy of the descriptor; ours would only leak.
+            if out is not None:
+                out.close()
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:

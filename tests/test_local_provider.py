@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,8 @@ pytest.importorskip("trl", reason="the `local` extra (torch, transformers, peft,
 from harness.config import Hyperparameters, LocalFinetuneConfig, RunConfig  # noqa: E402
 from harness.errors import FinetuneError, ServeError  # noqa: E402
 from harness.providers.base import FinetuneRequest, JobStatus  # noqa: E402
-from harness.providers.local import LocalProvider, adapter_name  # noqa: E402
-from harness.providers.local_train import IGNORE, tokenize_weighted  # noqa: E402
+from harness.providers.local import LocalProvider, _alive, adapter_name  # noqa: E402
+from harness.providers.local_train import IGNORE, JobFile, JobSpec, tokenize_weighted  # noqa: E402
 from harness.serve import validate_adapter  # noqa: E402
 from harness.testing.tiny_model import build_tiny_model, write_chat_jsonl  # noqa: E402
 
@@ -75,6 +77,65 @@ def test_unweighted_turns_default_to_loss_and_all_zero_is_skipped(tokenizer):
     assert any(label != IGNORE for label in ex["labels"])
     messages[1]["weight"] = 0
     assert tokenize_weighted(tokenizer, messages) is None
+
+
+def learned_runs(tokenizer, ex) -> list[str]:
+    """The decoded runs of consecutive labelled tokens: one per learned assistant turn."""
+    runs, current = [], []
+    for tid, label in zip(ex["input_ids"], ex["labels"]):
+        if label != IGNORE:
+            current.append(tid)
+        elif current:
+            runs, current = runs + [current], []
+    return [tokenizer.decode(r) for r in runs + ([current] if current else [])]
+
+
+def test_every_turn_weighted_with_a_template_that_closes_with_eos(tiny_model):
+    """critic_first_turn_loss: every assistant turn learned, with a Phi-3-style template that
+    appends eos when no generation prompt follows (so a partial render is no prefix of the whole)."""
+    from transformers import AutoTokenizer
+
+    from harness.testing.tiny_model import CHAT_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = CHAT_TEMPLATE.replace("{% endif %}", "{% else %}{{ eos_token }}{% endif %}")
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "It is 6.", "weight": 1},
+        {"role": "user", "content": "Others say 5."},
+        {"role": "assistant", "content": "It is \\boxed{5}.", "weight": 1},
+    ]
+    ex = tokenize_weighted(tok, messages)
+    # Each answer with its end-of-turn marker (the last also with the closing eos); the next
+    # turn's <|user|> marker, which shares its first characters with the eos, is not learned.
+    assert learned_runs(tok, ex) == ["It is 6.<|end|>\n", "It is \\boxed{5}.<|end|>\n<|end|>"]
+    messages[2]["weight"] = 0
+    assert learned_runs(tok, tokenize_weighted(tok, messages)) == ["It is \\boxed{5}.<|end|>\n<|end|>"]
+
+
+def test_an_example_whose_weighted_turn_would_be_cut_is_dropped(tokenizer):
+    messages = [{"role": "user", "content": "What is 2+3?"},
+                {"role": "assistant", "content": "It is 5. " * 20}]
+    whole = tokenize_weighted(tokenizer, messages)
+    assert whole["labels"][-2:] == whole["input_ids"][-2:]  # ends with the learned "<|end|>\n"
+    # Cut inside the answer: no partial turn without its end marker is kept.
+    assert tokenize_weighted(tokenizer, messages, max_length=len(whole["input_ids"]) - 1) is None
+    assert tokenize_weighted(tokenizer, messages, max_length=len(whole["input_ids"])) == whole
+    # A cut that only removes unweighted tokens keeps the example.
+    messages.append({"role": "user", "content": "Thanks, that is all for today."})
+    trailing = tokenize_weighted(tokenizer, messages, max_length=len(whole["input_ids"]))
+    assert trailing == whole
+
+
+def test_adapter_names_keep_the_run_prefix_the_loop_unloads_by():
+    # The loop's run id is f"{cfg.name}-{8 hex}" and it unloads stale adapters by f"{run}-".
+    for run in ("a-long-experiment-name-about-critics-and-more-0123abcd", "n" * 45 + "-0123abcd"):
+        names = {adapter_name({"harness_run": run, "iteration": str(it), "role": role, "agent": str(agent)})
+                 for it in (1, 12) for role in ("generator", "critic") for agent in (0, 1, 2)}
+        assert len(names) == 12, "names stay distinct"
+        assert all(n.startswith(run + "-") and len(n) <= 64 for n in names), names
+        assert any("-it12-generator" not in n for n in names), "long enough to be cut"
 
 
 def test_adapter_names_are_safe_and_short():
@@ -177,10 +238,38 @@ async def test_a_crashing_job_fails_with_its_log_and_jobs_queue(tmp_path, tiny_m
     retry = await p.submit(FinetuneRequest(training_file=data, base_model="base", metadata=meta(0)))
     assert retry.job_id != bad.job_id and retry.job_id.endswith("-2")
     # A process that dies without a word (killed) reads as failed, with its log tail.
-    status = json.loads((tmp_path / "run" / "local-jobs" / retry.job_id / "status.json").read_text())
-    os.killpg(status["pid"], signal.SIGKILL)
+    # (launch.json: the pid the provider started; the job's own status.json may not have it yet.)
+    launch = json.loads((tmp_path / "run" / "local-jobs" / retry.job_id / "launch.json").read_text())
+    os.killpg(launch["pid"], signal.SIGKILL)
     died = await wait(p, retry.job_id)
     assert died.status == JobStatus.FAILED and "ended without finishing" in died.error
+
+
+@pytest.mark.slow
+async def test_examples_too_long_for_max_length_are_dropped_and_counted(tmp_path, tiny_model):
+    def long_example() -> str:
+        return json.dumps({"messages": [{"role": "user", "content": "Explain at length."},
+                                        {"role": "assistant", "content": "It is 5. " * 60}]}) + "\n"
+
+    mixed = write_chat_jsonl(tmp_path / "mixed.jsonl", n=6)
+    with open(mixed, "a", encoding="utf-8") as f:
+        f.write(long_example() * 2)
+    only_long = tmp_path / "long.jsonl"
+    only_long.write_text(long_example() * 3)
+    p = provider(tmp_path / "run", tiny_model, max_length=128, max_parallel_jobs=2)
+    ok = await p.submit(FinetuneRequest(training_file=mixed, base_model="base", metadata=meta(0), hyperparameters=FAST))
+    bad = await p.submit(FinetuneRequest(training_file=only_long, base_model="base", metadata=meta(1)))
+    ok, bad = await wait(p, ok.job_id), await wait(p, bad.job_id)
+
+    assert ok.status == JobStatus.SUCCEEDED, ok.error
+    job_dir = tmp_path / "run" / "local-jobs" / ok.job_id
+    assert json.loads((job_dir / "status.json").read_text())["dropped_examples"] == 2
+    assert "2 examples dropped: longer than finetune.local.max_length" in await p.events(ok.job_id)
+    log = (job_dir / "train.log").read_text()
+    assert "mixed.jsonl:7: dropped" in log and "mixed.jsonl:8: dropped" in log
+
+    assert bad.status == JobStatus.FAILED
+    assert "nothing left to train on" in bad.error and "raise finetune.local.max_length" in bad.error
 
 
 async def test_cancel_and_unknown_base_model(tmp_path, tiny_model):
@@ -203,3 +292,80 @@ def test_from_config_needs_weights(tmp_path):
     cfg = RunConfig.model_validate({"finetune": {"provider": "local"}, "serve": {"model": "/m"}})
     p = LocalProvider.from_config(cfg, tmp_path)
     assert p.base_model_path == "/m" and "base" in p.base_names
+
+
+# ----------------------------------------------------------------------------- provider internals
+
+def fake_job(jobs_dir: Path, job_id: str, name: str, created_at: float) -> Path:
+    """A succeeded job on disk, as a previous loop would have left it."""
+    job_dir = jobs_dir / job_id
+    (job_dir / "adapter").mkdir(parents=True)
+    (job_dir / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    spec = JobSpec(job_id=job_id, adapter_name=name, metadata=meta(0), training_file="x.jsonl",
+                   base_model_path="/base", created_at=created_at)
+    (job_dir / "spec.json").write_text(spec.model_dump_json())
+    (job_dir / "status.json").write_text(
+        JobFile(status="succeeded", artifact_path=str(job_dir / "adapter")).model_dump_json())
+    return job_dir
+
+
+async def test_continuing_an_adapter_starts_from_the_one_that_is_served(tmp_path, tiny_model):
+    jobs = tmp_path / "run" / "local-jobs"
+    # Two succeeded attempts under one name; the older one comes first in path order.
+    fake_job(jobs, "t-it1-critic0-aaaa-1", "t-it1-critic0", created_at=1000.0)
+    newest = fake_job(jobs, "t-it1-critic0-bbbb-1", "t-it1-critic0", created_at=2000.0)
+    p = provider(tmp_path / "run", tiny_model, python="/bin/true")  # the new job itself never trains
+    assert p.artifacts(["t-it1-critic0"]) == {"t-it1-critic0": str(newest / "adapter")}
+    state = await p.submit(FinetuneRequest(training_file=tmp_path / "x.jsonl", base_model="t-it1-critic0",
+                                           metadata=meta(0, 2)))
+    spec = json.loads((jobs / state.job_id / "spec.json").read_text())
+    assert spec["init_adapter"] == str(newest / "adapter")
+
+
+def test_a_job_is_alive_only_by_its_exact_job_dir(tmp_path):
+    import subprocess
+    import sys
+
+    job10 = tmp_path / "t-it1-critic0-abcd1234-10"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)",
+                             "--job-dir", str(job10)], stdout=subprocess.PIPE)
+    try:
+        proc.stdout.readline()  # past exec: /proc shows its own command line from here on
+        assert _alive(proc.pid, job10)
+        assert not _alive(proc.pid, tmp_path / "t-it1-critic0-abcd1234-1")  # a prefix of ...-10
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert not _alive(proc.pid, job10)
+
+
+async def test_launch_never_overwrites_the_status_the_job_wrote(tmp_path, tiny_model, monkeypatch):
+    """A job that finishes at once: its "succeeded" must survive the provider's launch, even when
+    the job writes it between the provider's read of status.json and any write of its own."""
+    import harness.providers.local as local
+
+    child = tmp_path / "python"  # stands in for `python -m harness.providers.local_train --job-dir DIR`
+    child.write_text('#!/bin/sh\ndir="$4"\nmkdir -p "$dir/adapter"\n'
+                     'echo \'{"peft_type": "LORA", "r": 8}\' > "$dir/adapter/adapter_config.json"\n'
+                     'echo "{\\"status\\": \\"succeeded\\", \\"artifact_path\\": \\"$dir/adapter\\", '
+                     '\\"finished_at\\": 1.0}" > "$dir/status.json.tmp"\nmv "$dir/status.json.tmp" "$dir/status.json"\n')
+    child.chmod(0o755)
+    real_read = local.read_status
+
+    def read_status(job_dir: Path):
+        seen = real_read(job_dir)
+        if sys._getframe(1).f_code.co_name == "_launch":
+            # The worst interleaving: the job writes its final status right after this read.
+            for _ in range(200):
+                if real_read(job_dir).status == "succeeded":
+                    break
+                time.sleep(0.05)
+        return seen
+
+    monkeypatch.setattr(local, "read_status", read_status)
+    p = provider(tmp_path / "run", tiny_model, python=str(child))
+    state = await p.submit(FinetuneRequest(training_file=tmp_path / "x.jsonl", base_model="base", metadata=meta(0)))
+    done = await wait(p, state.job_id)
+    assert done.status == JobStatus.SUCCEEDED, done.error
+    assert done.model_id == "t-it1-critic0"

@@ -155,6 +155,16 @@ async def test_adapters_load_route_and_unload(server, adapters, workdir):
     assert names[1] not in {m["id"] for m in await list_models(url)}
     with pytest.raises(NotFoundError):
         await chat(url, names[1])
+    # A long run name: its adapter names are cut to 64 characters yet keep f"{run}-", so the
+    # loop's next iteration unloads them as stale (and leaves other runs' adapters alone).
+    from harness.providers.local import adapter_name
+
+    run = "a-long-experiment-name-about-critics-and-more-0123abcd"
+    long_name = adapter_name({"harness_run": run, "iteration": "12", "role": "generator", "agent": "0"})
+    await load_adapters(url, {long_name: adapters[names[0]]}, unload_stale=False)
+    assert long_name in {m["id"] for m in await list_models(url)}
+    await load_adapters(url, {}, stale_prefix=run + "-")
+    assert {m["id"] for m in await list_models(url)} == {"base", names[0]}
     await unload_adapters(url, [names[0]])
     assert {m["id"] for m in await list_models(url)} == {"base"}
 
@@ -197,6 +207,61 @@ def test_missing_vllm_install_is_a_clear_error(tmp_path):
     cfg = ServeConfig(model="/m", port=free_port(), python=str(tmp_path / "nope"))
     with pytest.raises(ServeError, match="vLLM is not installed"):
         VLLMServer(cfg).start()
+
+
+def fake_python(path: Path, serve: str) -> Path:
+    """An "interpreter" that passes the vLLM import probe (`-c ...`) and runs `serve` (shell)
+    as the server: no vLLM needed to test how the server process is started."""
+    path.write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exit 0; fi\n{serve}\n')
+    path.chmod(0o755)
+    return path
+
+
+async def test_a_fresh_run_dir_gets_its_serve_folder_and_log(tmp_path):
+    # serve.manage on a fresh run: run_dir/serve/ does not exist yet.
+    log = tmp_path / "run" / "serve" / "vllm.log"
+    python = fake_python(tmp_path / "python", 'echo "fake vLLM listening"; exec sleep 60')
+    srv = VLLMServer(ServeConfig(model="x", port=free_port(), python=str(python)), log_path=log)
+    srv.start()
+    try:
+        for _ in range(100):
+            if log.exists() and "fake vLLM listening" in log.read_text():
+                break
+            await asyncio.sleep(0.05)
+        assert "fake vLLM listening" in log.read_text()
+        srv.check_alive()
+    finally:
+        srv.stop()
+    assert srv.proc is None
+
+
+async def test_a_server_that_exits_at_once_is_a_serve_error_with_its_log(tmp_path):
+    log = tmp_path / "serve" / "vllm.log"
+    python = fake_python(tmp_path / "python", 'echo "no such model: x"; exit 1')
+    srv = VLLMServer(ServeConfig(model="x", port=free_port(), python=str(python)), log_path=log)
+    srv.start()
+    with pytest.raises(ServeError, match="exited with code 1") as err:
+        await srv.wait_healthy(30)
+    assert "no such model: x" in str(err.value) and str(log) in str(err.value)
+    srv.stop()
+
+
+def test_failures_to_start_are_serve_errors_naming_the_path(tmp_path):
+    blocked = tmp_path / "serve"
+    blocked.write_text("a file where the log folder should be")
+    python = fake_python(tmp_path / "python", "exec sleep 60")
+    srv = VLLMServer(ServeConfig(model="x", port=free_port(), python=str(python)), log_path=blocked / "vllm.log")
+    with pytest.raises(ServeError, match="could not start vLLM") as err:
+        srv.start()
+    assert str(blocked) in str(err.value) and srv.proc is None
+    # An interpreter that is not executable: a clear error, not a bare PermissionError.
+    python.chmod(0o644)
+    with pytest.raises(ServeError, match=str(python)):
+        VLLMServer(ServeConfig(model="x", port=free_port(), python=str(python))).start()
+    # An interpreter that exits 1 for everything: vLLM reads as missing.
+    with pytest.raises(ServeError, match="vLLM is not installed"):
+        VLLMServer(ServeConfig(model="x", port=free_port(), python="/bin/false"),
+                   log_path=tmp_path / "new" / "serve" / "vllm.log").start()
 
 
 def test_command_line_carries_scaling_settings():

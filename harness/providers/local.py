@@ -1,7 +1,8 @@
 """The `local` finetuning provider: TRL SFT with a PEFT LoRA adapter, one subprocess per job.
 
 Each job lives in run_dir/local-jobs/<job_id>/: spec.json (what to train, with the job's
-metadata), status.json, train.log, progress.jsonl and the adapter. All state is on disk, so a
+metadata), status.json (the job's own once started), launch.json (the pid the provider started),
+train.log, progress.jsonl and the adapter. All state is on disk, so a
 new provider on the same run directory (a resumed loop) finds jobs by their metadata and never
 starts a second one; a job whose process died without finishing reads as failed, with the last
 lines of its log as the error. Jobs run in their own session: killing the loop does not kill a
@@ -34,23 +35,38 @@ from harness.errors import FinetuneError, ServeError
 from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus
 from harness.providers.local_train import JobFile, JobSpec, LoraSpec, read_status, write_status
 from harness.serve import validate_adapter
-from harness.fileio import write_model
+from harness.fileio import write_json, write_model
 
 MAX_NAME = 64
+# Written by the provider only, when it starts a job's process: status.json belongs to the job
+# from then on, so a launch never overwrites a status the job already wrote.
+LAUNCH = "launch.json"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
 
 
 def adapter_name(metadata: dict[str, str], fallback: str = "adapter") -> str:
-    """f"{run}-it{iteration}-{role}{agent}" (run: metadata "run" or "harness_run"), restricted to [A-Za-z0-9._-] and <= 64 characters
-    (a long run name is cut and a short hash keeps names distinct)."""
+    """f"{run}-it{iteration}-{role}{agent}" (run: metadata "run" or "harness_run"), restricted to
+    [A-Za-z0-9._-] and <= 64 characters. A longer name gets a short hash of the whole (which
+    keeps names distinct) and keeps f"{run}-" whole while that leaves room for the hash: the loop
+    unloads its stale adapters by that prefix, so cutting into it would leave them loaded."""
     run = metadata.get("run") or metadata.get("harness_run") or fallback
-    tail = f"-it{metadata.get('iteration', 0)}-{metadata.get('role', 'model')}{metadata.get('agent', '')}"
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", run + tail).strip("-.")
-    if len(name) > MAX_NAME:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:6]
-        safe_tail = re.sub(r"[^A-Za-z0-9._-]+", "-", tail)
-        name = name[: MAX_NAME - len(safe_tail) - 7].rstrip("-.") + "-" + digest + safe_tail
-        name = name[-MAX_NAME:]
-    return name
+    tail = f"it{metadata.get('iteration', 0)}-{metadata.get('role', 'model')}{metadata.get('agent', '')}"
+    name = _safe(f"{run}-{tail}").strip("-.")
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    prefix, safe_tail = _safe(run).strip("-.") + "-", _safe(tail)
+    room = MAX_NAME - len(prefix) - len(digest)
+    if room >= 0:
+        # The run prefix and the hash fit: the iteration/role/agent tail gives way, keeping its
+        # end (role and agent) as far as it fits, e.g. "<run>-3f2a9c-critic0".
+        kept = safe_tail[max(0, len(safe_tail) - room + 1):].lstrip("-.") if room > 1 else ""
+        return prefix + digest + ("-" + kept if kept else "")
+    # A run name too long to keep whole: its head, the hash and the whole tail.
+    return (prefix[: MAX_NAME - len(safe_tail) - 8].rstrip("-.") + "-" + digest + "-" + safe_tail)[-MAX_NAME:]
 
 
 def _log_tail(path: Path, lines: int = 12) -> str:
@@ -58,6 +74,20 @@ def _log_tail(path: Path, lines: int = 12) -> str:
         return "(no log written)"
     text = path.read_text(encoding="utf-8", errors="replace").splitlines()
     return "\n".join(text[-lines:]) or "(empty log)"
+
+
+def _names_job(args: list[str], job_dir: Path) -> bool:
+    """Whether a command line carries exactly `--job-dir <job_dir>`. A substring test is not
+    enough: job "...-1" is a prefix of job "...-10", whose process would pass for it."""
+    want = str(job_dir)
+    return f"--job-dir={want}" in args or any(a == "--job-dir" and b == want for a, b in zip(args, args[1:]))
+
+
+def _launched_pid(job_dir: Path) -> int | None:
+    """The pid the provider started for a job (launch.json), or None if it was never started."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return int(json.loads((job_dir / LAUNCH).read_text(encoding="utf-8"))["pid"])
+    return None
 
 
 def _alive(pid: int | None, job_dir: Path) -> bool:
@@ -69,10 +99,10 @@ def _alive(pid: int | None, job_dir: Path) -> bool:
     if proc.exists():
         try:
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except (OSError, IndexError):
             return False
-        return state != "Z" and str(job_dir) in cmdline
+        return state != "Z" and _names_job(args, job_dir)
     if Path("/proc/self").exists():
         return False
     try:  # no /proc (macOS): signal 0 only tells whether the pid exists
@@ -82,6 +112,10 @@ def _alive(pid: int | None, job_dir: Path) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _dropped(n: int) -> str:
+    return f"{n} example{'s' * (n != 1)} dropped: longer than finetune.local.max_length"
 
 
 class LocalProvider(FinetuneProvider):
@@ -160,15 +194,19 @@ class LocalProvider(FinetuneProvider):
         async with self._lock:
             status = read_status(job_dir)
             if status.status in ("queued", "running"):
-                if _alive(status.pid, job_dir):
+                pid = status.pid or _launched_pid(job_dir)  # started, maybe not yet running
+                if _alive(pid, job_dir):
                     with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(status.pid, signal.SIGTERM)
+                        os.killpg(pid, signal.SIGTERM)
                     proc = self._procs.get(job_id)
                     if proc is not None:
                         with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(proc.wait(), 30)
-                status.status, status.finished_at = "cancelled", time.time()
-                write_status(job_dir, status)
+                # Read again: the job may have finished on its own while it was being stopped.
+                status = read_status(job_dir)
+                if status.status in ("queued", "running"):
+                    status.status, status.finished_at = "cancelled", time.time()
+                    write_status(job_dir, status)
         return await self.refresh(job_id)
 
     async def events(self, job_id: str, limit: int = 20) -> list[str]:
@@ -181,6 +219,8 @@ class LocalProvider(FinetuneProvider):
                     p = json.loads(line)
                     lines.append(f"step {p['step']}: loss {p['loss']:.4f}, epoch {p.get('epoch') or 0:.2f}")
         status = read_status(job_dir)
+        if status.dropped_examples:
+            lines.append(_dropped(status.dropped_examples))
         if status.status in ("succeeded", "failed", "cancelled"):
             lines.append(f"job {status.status}" + (f": {status.error}" if status.error else ""))
         return lines[-limit:]
@@ -189,13 +229,8 @@ class LocalProvider(FinetuneProvider):
         """{model id: adapter dir} for the ids this provider trained (newest succeeded job of
         each name); other ids (the base model, a hosted model) are left out. What the loop passes
         to `harness.serve.load_adapters` before a debate with finetuned agents."""
-        wanted, found = set(model_ids), {}
-        for spec in sorted(self._specs(), key=lambda s: s.created_at):
-            if spec.adapter_name in wanted:
-                status = read_status(self.jobs_dir / spec.job_id)
-                if status.status == "succeeded" and status.artifact_path:
-                    found[spec.adapter_name] = status.artifact_path
-        return found
+        wanted = set(model_ids)
+        return {name: status.artifact_path for name, (_, status) in self._succeeded().items() if name in wanted}
 
     async def close(self) -> None:
         # Jobs keep running on purpose (a resumed loop adopts them); only drop the handles.
@@ -218,18 +253,27 @@ class LocalProvider(FinetuneProvider):
                 specs.append(JobSpec.model_validate_json(path.read_text(encoding="utf-8")))
         return specs
 
+    def _succeeded(self) -> dict[str, tuple[JobSpec, JobFile]]:
+        """{adapter name: (spec, status) of its newest succeeded job}."""
+        found: dict[str, tuple[JobSpec, JobFile]] = {}
+        for spec in sorted(self._specs(), key=lambda s: (s.created_at, s.job_id)):
+            status = read_status(self.jobs_dir / spec.job_id)
+            if status.status == "succeeded" and status.artifact_path:
+                found[spec.adapter_name] = (spec, status)
+        return found
+
     def _resolve_start(self, base_model: str) -> tuple[str, str | None]:
         """(weights to load, adapter to continue training or None) for a request's base_model."""
         if base_model in self.base_names:
             return self.base_model_path, None
-        for spec in self._specs():
-            if spec.adapter_name != base_model:
-                continue
-            status = read_status(self.jobs_dir / spec.job_id)
-            if status.status == "succeeded" and status.artifact_path:
-                if spec.full_finetune:
-                    return status.artifact_path, None
-                return spec.base_model_path, status.artifact_path
+        # The same job `artifacts()` serves under that name: training continues from the adapter
+        # the agents were debating with, not from an older attempt.
+        found = self._succeeded().get(base_model)
+        if found is not None:
+            spec, status = found
+            if spec.full_finetune:
+                return status.artifact_path, None
+            return spec.base_model_path, status.artifact_path
         path = Path(base_model)
         if (path / "adapter_config.json").exists():
             return self.base_model_path, str(path.resolve())
@@ -244,12 +288,14 @@ class LocalProvider(FinetuneProvider):
         async with self._lock:
             specs = sorted(self._specs(), key=lambda s: s.created_at)
             statuses = {s.job_id: read_status(self.jobs_dir / s.job_id) for s in specs}
-            running = sum(1 for s in specs if statuses[s.job_id].status == "running"
-                          and _alive(statuses[s.job_id].pid, self.jobs_dir / s.job_id))
+            launched = {s.job_id: _launched_pid(self.jobs_dir / s.job_id) for s in specs}
+            # A launched job still reads "queued" until its process writes its first status.
+            running = sum(1 for s in specs if statuses[s.job_id].status in ("queued", "running")
+                          and _alive(statuses[s.job_id].pid or launched[s.job_id], self.jobs_dir / s.job_id))
             for spec in specs:
                 if running >= self.cfg.max_parallel_jobs:
                     break
-                if statuses[spec.job_id].status == "queued":
+                if statuses[spec.job_id].status == "queued" and launched[spec.job_id] is None:
                     await self._launch(spec)
                     running += 1
 
@@ -269,15 +315,26 @@ class LocalProvider(FinetuneProvider):
                                               error=f"could not start {self.python}: {e}"))
                 return
         self._procs[spec.job_id] = proc
-        status = read_status(job_dir)
-        if status.status == "queued":
-            status.status, status.pid, status.started_at = "running", proc.pid, time.time()
-            write_status(job_dir, status)
+        # Not status.json: the job writes that from its first instant, and a read-then-write
+        # here could overwrite its "running" or even its final status with a stale "running".
+        write_json(job_dir / LAUNCH, {"pid": proc.pid, "launched_at": time.time()})
 
     def _state(self, job_id: str) -> JobState:
         job_dir = self._job_dir(job_id)
         spec = JobSpec.model_validate_json((job_dir / "spec.json").read_text(encoding="utf-8"))
         status = read_status(job_dir)
+        launched = _launched_pid(job_dir) if status.status == "queued" else None
+        if launched is not None and _alive(launched, job_dir):
+            # Started, and its process has not written yet: shown as running, not written.
+            status.status, status.pid = "running", launched
+        elif launched is not None:
+            status = read_status(job_dir)  # it may have written between the two reads
+            if status.status == "queued":
+                status.status, status.pid, status.finished_at = "failed", launched, time.time()
+                status.error = f"the training process (pid {launched}) ended without finishing, before it " \
+                               f"wrote any status; last lines of {job_dir / 'train.log'}:\n" \
+                               f"{_log_tail(job_dir / 'train.log')}"
+                write_status(job_dir, status)
         if status.status == "running" and not _alive(status.pid, job_dir):
             status = read_status(job_dir)  # it may have finished between the two reads
             if status.status == "running":
@@ -296,7 +353,8 @@ class LocalProvider(FinetuneProvider):
         latest = None
         if status.status == "running":
             latest = f"step {status.step}/{status.total_steps or '?'}" + \
-                (f", loss {status.loss:.4f}" if status.loss is not None else "")
+                (f", loss {status.loss:.4f}" if status.loss is not None else "") + \
+                (f"; {_dropped(status.dropped_examples)}" if status.dropped_examples else "")
         succeeded = status.status == "succeeded"
         return JobState(
             job_id=job_id, provider=self.name, status=JobStatus.normalize(status.status), raw_status=status.status,
