@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import secrets
 import sys
 import time
@@ -64,8 +65,10 @@ class Run:
         self.warnings: list[str] = []
         self.registry_path = run_dir / "registry.json"
         # The registry's run id tags every finetuning job; it is unique per run directory so
-        # two runs that share a name never pick up each other's jobs.
-        self.registry = Registry.load_or_create(self.registry_path, run=f"{cfg.name}-{secrets.token_hex(4)}",
+        # two runs that share a name never pick up each other's jobs. It is kept to characters
+        # and a length that adapter names can carry whole (the loop unloads stale adapters by it).
+        safe_name = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.name).strip("-.")[:40] or "run"
+        self.registry = Registry.load_or_create(self.registry_path, run=f"{safe_name}-{secrets.token_hex(4)}",
                                                 base_model=cfg.models.base)
         if not self.registry_path.exists():
             self.registry.save(self.registry_path)
