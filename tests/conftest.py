@@ -1,4 +1,4 @@
-"""Shared test helpers. Tests never reach the internet or read ../shared: servers run on
+"""Shared test helpers. Tests never reach the internet or read reference data outside the repo: servers run on
 127.0.0.1 and fixtures live here."""
 
 from __future__ import annotations

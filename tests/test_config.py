@@ -46,11 +46,11 @@ def test_bad_file_errors_name_the_file(tmp_path):
 
 
 def test_saved_config_holds_no_secret(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-value-123456789")
+    monkeypatch.setenv("OPENAI_API_KEY", "fake-secret-value-123456789")
     cfg = load_config("demo", ["endpoint.kind=openai", "models.base=gpt-4.1-mini"])
-    assert cfg.endpoint.api_key() == "sk-test-secret-value-123456789"
+    assert cfg.endpoint.api_key() == "fake-secret-value-123456789"
     text = config_to_yaml(cfg)
-    assert "sk-test" not in text and "OPENAI_API_KEY" in text
+    assert "fake-secret" not in text and "OPENAI_API_KEY" in text
     assert yaml.safe_load(text)["endpoint"]["kind"] == "openai"
 
 
