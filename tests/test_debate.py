@@ -1,6 +1,5 @@
 """The debate engine against the simulator over real HTTP."""
 
-import asyncio
 
 import pytest
 

@@ -207,6 +207,7 @@ async def test_usage_lines_cost_and_unknown_price(server, tmp_path):
         unknown = await c.chat("my-local-model", Q, sid(1))
         again = await c.chat("my-local-model", Q, sid(1))
         totals = c.totals()
+    assert unknown.usage.cost_usd is None and not unknown.cached  # unknown, never $0
     lines = [json.loads(x) for x in (tmp_path / "usage.jsonl").read_text().splitlines()]
     assert len(lines) == 3
     first = UsageRecord.model_validate(lines[0])

@@ -1,7 +1,5 @@
 """`python -m harness.loop` end to end, as a user runs it (subprocess, real simulator on 127.0.0.1)."""
 
-import json
-import os
 import signal
 import subprocess
 import sys
