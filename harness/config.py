@@ -51,6 +51,9 @@ class SimulatorConfig(_Strict):
     error_rate: float = Field(0.0, ge=0, le=1)  # share of calls answered with HTTP 500
     timeout_rate: float = Field(0.0, ge=0, le=1)  # share of calls that hang past the client timeout
     malformed_rate: float = Field(0.0, ge=0, le=1)  # share of answers without a parseable final answer
+    # Context window in prompt tokens: longer prompts get a 400 context_length_exceeded, as from
+    # OpenAI or a vLLM server with a small max_model_len. None: unlimited.
+    context_tokens: int | None = Field(None, ge=1)
     job_seconds: float = Field(1.0, ge=0)  # simulated duration of a fine-tuning job
     job_failure_rate: float = Field(0.0, ge=0, le=1)
 

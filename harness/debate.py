@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from harness.errors import DataError, HarnessError
+from harness.errors import DataError, HarnessError, LLMError
 from harness.fileio import JsonlAppender, iter_jsonl
 from harness.grading import equivalent, majority_vote
 from harness.prompts import Prompts
@@ -79,13 +79,21 @@ class Debater:
         if self.settings.mode == "concatenate":
             return self.prompts.debate(others)
         request = [Message(role="user", content=self.prompts.summarize(problem.question, others))]
-        result = await self.client.chat(self.society.summarizer, request,
-                                        self._sample(problem, agent, rnd, role="summarizer"), purpose="summary")
+        try:
+            result = await self.client.chat(self.society.summarizer, request,
+                                            self._sample(problem, agent, rnd, role="summarizer"), purpose="summary")
+        except LLMError as e:
+            if not e.context_too_long:
+                raise
+            log.warning("problem %s round %d: the answers are too long to summarize; agent %d gets them as they are",
+                        problem.id, rnd, agent)
+            return self.prompts.debate(others)
         return self.prompts.debate_summary(result.text)
 
     async def _agent_turn(self, problem: Problem, agent: int, rnd: int, conversation: list[Message],
-                          previous: list[str] | None) -> tuple[str, bool]:
-        """One reply of one agent; returns its text and whether max_tokens cut it off."""
+                          previous: list[str] | None) -> tuple[str, bool, str | None]:
+        """One reply of one agent: its text, whether max_tokens cut it off, and why the server
+        refused it (None when it answered)."""
         if rnd == 0:
             conversation.append(Message(role="user", content=self.prompts.question(problem.question)))
             model = self.society.generators[agent]
@@ -94,9 +102,18 @@ class Debater:
             conversation.append(Message(role="user", content=await self._other_answers_message(
                 problem, agent, rnd, previous)))
             model = self.society.critics[agent]
-        result = await self.client.chat(model, list(conversation), self._sample(problem, agent, rnd))
+        try:
+            result = await self.client.chat(model, list(conversation), self._sample(problem, agent, rnd))
+        except LLMError as e:
+            if not e.context_too_long:
+                raise
+            # Only this turn is refused (its conversation outgrew the context window): it becomes an
+            # empty, unparseable reply with the reason recorded, and the debate and the run go on.
+            log.info("problem %s agent %d round %d: %s", problem.id, agent, rnd, e)
+            conversation.append(Message(role="assistant", content=""))
+            return "", False, str(e)
         conversation.append(Message(role="assistant", content=result.text))
-        return result.text, getattr(result, "finish_reason", None) == "length"
+        return result.text, getattr(result, "finish_reason", None) == "length", None
 
     def expected_models(self, agent: int) -> list[str]:
         return [self.society.generators[agent]] + [self.society.critics[agent]] * (self.settings.rounds - 1)
@@ -105,18 +122,21 @@ class Debater:
         n = self.society.n_agents
         conversations: list[list[Message]] = [[] for _ in range(n)]
         truncated: list[list[bool]] = [[] for _ in range(n)]
+        errors: list[list[str | None]] = [[] for _ in range(n)]
         previous: list[str] | None = None
         for rnd in range(self.settings.rounds):
             replies = await asyncio.gather(*(
                 self._agent_turn(problem, a, rnd, conversations[a], previous) for a in range(n)))
-            for a, (_, cut) in enumerate(replies):
+            for a, (_, cut, error) in enumerate(replies):
                 truncated[a].append(cut)
-            previous = [text for text, _ in replies]
+                errors[a].append(error)
+            previous = [text for text, _, _ in replies]
         # Votes never feed back into the debate, so all grading happens once, at the end, in one
         # worker thread: math-verify can take a while on odd answers and must not block the loop.
-        return await asyncio.to_thread(self._record, problem, conversations, truncated)
+        return await asyncio.to_thread(self._record, problem, conversations, truncated, errors)
 
-    def _record(self, problem: Problem, conversations: list[list[Message]], truncated: list[list[bool]]) -> DebateRecord:
+    def _record(self, problem: Problem, conversations: list[list[Message]], truncated: list[list[bool]],
+                errors: list[list[str | None]]) -> DebateRecord:
         timeout = self.settings.grading_timeout_s
         replies = [[m.content for m in conv if m.role == "assistant"] for conv in conversations]
         answers = [[None if cut else self.extract(text) for text, cut in zip(texts, truncated[a])]
@@ -125,7 +145,7 @@ class Debater:
                        for rnd in range(self.settings.rounds)]
         round_correct = [equivalent(v.answer, problem.gold, timeout_s=timeout) for v in round_votes]
         agents = [AgentTranscript(agent=a, models=self.expected_models(a), messages=conversations[a],
-                                  answers=answers[a], truncated=truncated[a],
+                                  answers=answers[a], truncated=truncated[a], errors=errors[a],
                                   correct=[equivalent(ans, problem.gold, timeout_s=timeout) for ans in answers[a]])
                   for a in range(len(answers))]
         return DebateRecord(iteration=self.iteration, split=self.split, problem=problem, agents=agents,

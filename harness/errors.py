@@ -16,7 +16,20 @@ class DataError(HarnessError):
 
 
 class LLMError(HarnessError):
-    """A model call failed for good (after retries, or a terminal error such as bad auth)."""
+    """A model call failed for good (after retries, or a terminal error such as bad auth).
+    `status` and `code` are the server's HTTP status and error code, when it gave them."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+    @property
+    def context_too_long(self) -> bool:
+        """The request was refused because the conversation outgrew the model's context window
+        (OpenAI's code, or vLLM's wording): a property of this one request, not of the run."""
+        return self.status == 400 and (self.code == "context_length_exceeded"
+                                       or "maximum context length" in str(self).lower())
 
 
 class BudgetExceeded(HarnessError):

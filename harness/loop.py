@@ -113,6 +113,12 @@ class Run:
                                                                          self.cfg.debate.agents))
         if not self.console.is_terminal:
             self.console.print(f"iter {k} · debate {split}: {len(records)} problems")
+        refused = [e for r in records for t in r.agents for e in t.errors if e is not None]
+        if refused:
+            self.warnings.append(
+                f"iteration {k}, {split}: the server refused {len(refused)} replies for length (they count as "
+                f"unparseable); use a model with a longer context (vLLM: serve.max_model_len) or fewer "
+                f"debate rounds. The server said: …{refused[0][-150:]}")
         return records
 
     async def diversity(self, k: int, records: list[DebateRecord]) -> None:

@@ -72,6 +72,9 @@ class AgentTranscript(BaseModel):
     # per round: the reply hit max_tokens. A cut-off reply does not vote (its last number is
     # an intermediate step, not an answer); raise sampling.max_tokens if this is common.
     truncated: list[bool] = Field(default_factory=list)
+    # per round: why the server refused this turn (e.g. context length exceeded), else None. A
+    # refused turn is an empty, unparseable reply; the debate goes on.
+    errors: list[str | None] = Field(default_factory=list)
 
 
 class DebateRecord(BaseModel):

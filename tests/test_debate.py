@@ -5,7 +5,7 @@ import pytest
 
 from harness.config import EndpointConfig, SamplingConfig, SimulatorConfig
 from harness.debate import Debater, DebateSettings, Society, finished_records, problems_in_flight, run_debates
-from harness.errors import DataError
+from harness.errors import DataError, LLMError
 from harness.fileio import read_jsonl
 from harness.llm import LLMClient
 from harness.prompts import Prompts
@@ -124,3 +124,33 @@ async def test_resuming_with_a_different_society_is_refused_naming_the_file(tmp_
     await _debate(tmp_path, SimulatorConfig(seed=4), problems=PROBLEMS[:2])
     with pytest.raises(DataError, match=r"debate-test.jsonl.*3 agents.*this run has 2 agents"):
         await _debate(tmp_path, SimulatorConfig(seed=4), problems=PROBLEMS[:3], agents=2)
+
+
+@pytest.mark.parametrize("mode", ["concatenate", "summarize"])
+async def test_a_turn_refused_for_context_length_is_unparsed_and_the_debate_goes_on(tmp_path, mode):
+    """A conversation that outgrows the model's context window (a 400 from OpenAI or from vLLM's
+    max_model_len) must not stop the split: that turn is an unparseable reply, with the reason."""
+    records = await _debate(tmp_path, SimulatorConfig(skill=1.0, seed=1, context_tokens=200), mode=mode,
+                            problems=PROBLEMS[:3])
+    assert len(records) == 3
+    for r in records:
+        for t in r.agents:
+            assert t.errors[0] is None and t.answers[0] is not None
+            assert "maximum context length is 200" in t.errors[1] and t.answers[1] is None
+        assert r.vote.answer is None and not r.correct
+
+
+async def test_other_bad_requests_still_stop_the_run(tmp_path):
+    """A 400 that is not about one conversation's length (a bad parameter, say) is a configuration
+    error that every call would hit: it must stop the run, not be absorbed as empty replies."""
+    from test_llm_server import ScriptedServer
+
+    with ScriptedServer() as server:
+        server.fail(400, {"message": "Unsupported parameter: 'seed'", "code": "unsupported_parameter"}, times=100)
+        async with LLMClient(base_url=server.base_url, api_key="x", run_dir=tmp_path, endpoint=EndpointConfig(),
+                             sampling=SamplingConfig(), seed=0) as client:
+            society = Society(["m"] * 3, ["m"] * 3, "m")
+            debater = Debater(client, society, Prompts("arithmetic"), get_task("arithmetic").extract,
+                              DebateSettings(rounds=2, mode="concatenate"), iteration=0, split="test")
+            with pytest.raises(LLMError, match="Unsupported parameter"):
+                await run_debates(debater, PROBLEMS[:2], tmp_path / "debate-test.jsonl")

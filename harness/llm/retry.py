@@ -210,7 +210,8 @@ def final_error(exc: BaseException, *, attempts: int, base_url: str, model: str 
                 api_key_env: str | None = None, what: str | None = None) -> LLMError:
     """The LLMError a caller raises once retrying has stopped (terminal error or attempts used)."""
     if is_terminal(exc):
-        return LLMError(terminal_message(exc, base_url=base_url, model=model, api_key_env=api_key_env))
+        return LLMError(terminal_message(exc, base_url=base_url, model=model, api_key_env=api_key_env),
+                        status=_status(exc), code=_code(exc))
     subject = what or (f"model '{model}'" if model else "the request")
     return LLMError(
         f"{subject} at {base_url} failed after {attempts} attempt(s); last error: {short_error(exc)}. "

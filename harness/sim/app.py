@@ -155,6 +155,11 @@ def create_app(
             raise model_not_found(req.model)
         messages = [m.model_dump() for m in req.messages]
         p_tokens = prompt_tokens(messages)
+        window = sim.cfg.context_tokens
+        if window is not None and p_tokens > window:
+            raise ApiError(400, f"This model's maximum context length is {window} tokens. However, your messages "
+                                f"resulted in {p_tokens} tokens. Please reduce the length of the messages.",
+                           param="messages", code="context_length_exceeded")
         draw = sim.faults.draw()
         try:
             sim.faults.admit(p_tokens)
