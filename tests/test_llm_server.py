@@ -301,3 +301,17 @@ async def test_several_servers_share_the_agents(tmp_path):
     assert all(r.text.startswith("answer") for r in results)
     seen = lambda server: sorted(r["messages"][0]["content"] for r in server.requests)  # noqa: E731
     assert seen(a) == ["agent 0 asks", "agent 2 asks"] and seen(b) == ["agent 1 asks", "agent 3 asks"]
+
+
+async def test_cancelling_one_of_two_identical_requests_does_not_cancel_the_other(tmp_path):
+    with ScriptedServer(delay_s=0.3) as server:
+        async with client(server.base_url, tmp_path) as c:
+            first = asyncio.create_task(c.chat("gpt-4o-mini", Q, sid()))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(c.chat("gpt-4o-mini", Q, sid()))  # shares the first's call
+            await asyncio.sleep(0.05)
+            first.cancel()
+            result = await second
+    assert result.text.startswith("answer")
+    with pytest.raises(asyncio.CancelledError):
+        await first

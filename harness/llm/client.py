@@ -60,6 +60,10 @@ def _dump_messages(messages: list[Message] | list[dict]) -> list[dict[str, str]]
     return out
 
 
+class _OwnerCancelled(Exception):
+    """The call that identical in-flight requests were sharing was cancelled by its own caller."""
+
+
 class LLMClient:
     def __init__(self, *, base_url: str | Sequence[str], api_key: str, run_dir: Path, endpoint: EndpointConfig,
                  sampling: SamplingConfig, budget_usd: float | None = None,
@@ -178,7 +182,12 @@ class LLMClient:
         re-entered stage must not pay twice); the followers are logged as cache hits."""
         hit = self._cache.get(key)
         if hit is None and key in self._inflight:
-            hit = await asyncio.shield(self._inflight[key])
+            try:
+                hit = await asyncio.shield(self._inflight[key])
+            except _OwnerCancelled:
+                # The caller that owned the shared call was cancelled, not this one: start over
+                # (the first follower back becomes the new owner, the others wait for it).
+                return await self._cached(key, kind, model, sample, purpose, call)
         if hit is not None:
             rec = UsageRecord(ts=time.time(), model=model, sample=sample, purpose=purpose, prompt_tokens=0,
                               completion_tokens=0, cached_prompt_tokens=0, latency_s=0.0, cost_usd=0.0,
@@ -199,11 +208,9 @@ class LLMClient:
             self._usage.append(rec)
             self._cache.put(key, kind, model, value)
         except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                fut.cancel()
-            else:
-                fut.set_exception(exc)
-                fut.exception()  # mark retrieved: no "never retrieved" warning when nobody waited
+            # Followers must not inherit the owner's cancellation: they get a marker and retry.
+            fut.set_exception(_OwnerCancelled() if isinstance(exc, asyncio.CancelledError) else exc)
+            fut.exception()  # mark retrieved: no "never retrieved" warning when nobody waited
             raise
         finally:
             del self._inflight[key]
