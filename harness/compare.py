@@ -23,15 +23,13 @@ import argparse
 import json
 import math
 import sys
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from harness.analysis import RunData, load_run, runs_frame, usage_frame
-from harness.config import load_config
+from harness.config import load_config, read_yaml_source
 from harness.errors import ConfigError, HarnessError
 
 DEFAULT_SET = "paper-table1"
@@ -48,26 +46,11 @@ class ComparisonSet(BaseModel):
     methods: list[MethodSpec]
 
 
-def comparison_names() -> list[str]:
-    folder = resources.files("harness.presets") / "comparisons"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
 def load_comparison(source: str) -> ComparisonSet:
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"comparison set {path} does not exist")
-        label, text = str(path), path.read_text(encoding="utf-8")
-    else:
-        res = resources.files("harness.presets") / "comparisons" / f"{source}.yaml"
-        if not res.is_file():
-            raise ConfigError(f"--comparison {source!r} is neither a file nor a built-in set; "
-                              f"built-in: {', '.join(comparison_names())}")
-        label, text = f"comparison set '{source}'", res.read_text(encoding="utf-8")
+    data, label = read_yaml_source(source, folder="comparisons", what="comparison set")
     try:
-        return ComparisonSet.model_validate(yaml.safe_load(text) or {})
-    except (yaml.YAMLError, ValidationError) as e:
+        return ComparisonSet.model_validate(data)
+    except ValidationError as e:
         raise ConfigError(f"{label}: {e}") from None
 
 

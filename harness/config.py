@@ -253,24 +253,32 @@ class RunConfig(_Strict):
 
 # ----------------------------------------------------------------------------- loading
 
+def _named_files(folder: str) -> list[str]:
+    root = resources.files("harness.presets")
+    if folder:
+        root = root / folder
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("harness.presets").iterdir() if p.name.endswith(".yaml"))
+    return _named_files("")
 
 
-def _read_yaml(source: str) -> tuple[dict, str]:
-    """Read a config file or a named preset; returns (data, label used in error messages)."""
+def read_yaml_source(source: str, *, folder: str = "", what: str = "preset") -> tuple[dict, str]:
+    """A YAML mapping from a file path, or from a named file shipped in harness/presets/<folder>
+    (presets; comparison sets); returns (data, label used in error messages)."""
+    names = ", ".join(_named_files(folder))
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist (presets: {', '.join(preset_names())})")
+        if not path.is_file():
+            raise ConfigError(f"{what} file {path} does not exist (built-in {what}s: {names})")
         label, text = str(path), path.read_text(encoding="utf-8")
     else:
-        res = resources.files("harness.presets") / f"{source}.yaml"
+        res = resources.files("harness.presets")
+        res = (res / folder if folder else res) / f"{source}.yaml"
         if not res.is_file():
-            raise ConfigError(
-                f"--config {source!r} is neither a file nor a preset; presets: {', '.join(preset_names())}"
-            )
-        label, text = f"preset '{source}'", res.read_text(encoding="utf-8")
+            raise ConfigError(f"{source!r} is neither a file nor a built-in {what}; built-in {what}s: {names}")
+        label, text = f"{what} '{source}'", res.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -366,7 +374,7 @@ def _allowed_fields(loc: tuple) -> list[str]:
 
 def load_config(source: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a preset name or YAML path (default: the `demo` preset) and apply `--set` overrides."""
-    data, label = _read_yaml(source or "demo")
+    data, label = read_yaml_source(source or "demo")
     for item in overrides or []:
         _apply_override(data, item)
     if overrides:
