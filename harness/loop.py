@@ -52,16 +52,17 @@ RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "en
 class Run:
     """One run directory and everything the stages share."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, console: Console):
+    def __init__(self, cfg: RunConfig, run_dir: Path, console: Console, client: LLMClient, urls: list[str],
+                 provider: FinetuneProvider | None):
         self.cfg = cfg
         self.dir = run_dir
         self.console = console
+        self.client = client
+        self.urls = urls  # every server of the endpoint (adapters are loaded on each)
+        self.provider = provider  # None: nothing to train and nothing to load
         self.task = get_task(cfg.task.name)
         self.prompts = Prompts(cfg.task.name, cfg.task.prompts_dir)
         self.simulated = cfg.endpoint.kind == "simulator"
-        self.client: LLMClient | None = None
-        self.provider: FinetuneProvider | None = None
-        self.urls: list[str] = []
         self.warnings: list[str] = []
         self.registry_path = run_dir / "registry.json"
         # The registry's run id tags every finetuning job; it is unique per run directory so
@@ -92,7 +93,6 @@ class Run:
             await load_adapters(url, adapters, stale_prefix=self.registry.run + "-")
 
     async def debate(self, k: int, split: str, problems: list[Problem], society: Society) -> list[DebateRecord]:
-        assert self.client is not None
         await self.load_models(society)
         settings = DebateSettings(rounds=self.cfg.debate.rounds, mode=self.cfg.debate.mode,
                                   grading_timeout_s=self.cfg.grading.timeout_s)
@@ -127,7 +127,6 @@ class Run:
         path = self.iter_dir(k) / "diversity.json"
         if path.exists():
             return
-        assert self.client is not None
         cfg = self.cfg
         use_logprobs = cfg.endpoint.kind == "vllm" and cfg.analysis.likelihood
         div = await compute_diversity(
@@ -138,11 +137,11 @@ class Run:
             likelihood_max_problems=cfg.analysis.likelihood_max_problems)
         write_model(path, div)
 
-    def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> None:
-        assert self.client is not None
+    def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> RunSummary:
         summary = RunSummary(run=self.cfg.name, simulated=self.simulated, iterations=iterations,
                              usage=self.client.totals().model_dump(), warnings=self.warnings, finished=finished)
         write_model(self.dir / "summary.json", summary)
+        return summary
 
 
 def make_provider(cfg: RunConfig, base_url: str, run_dir: Path) -> FinetuneProvider:
@@ -157,7 +156,6 @@ def make_provider(cfg: RunConfig, base_url: str, run_dir: Path) -> FinetuneProvi
 
 
 async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummary:
-    run = Run(cfg, run_dir, console)
     train = load_split(cfg.task, "train") if cfg.finetune.iterations > 0 else []
     test = load_split(cfg.task, "test")
     iterations: list[IterationMetrics] = []
@@ -165,24 +163,22 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummar
         async with LLMClient(base_url=urls, api_key=cfg.endpoint.api_key(), run_dir=run_dir,
                              endpoint=cfg.endpoint, sampling=cfg.sampling, budget_usd=cfg.budget.max_cost_usd,
                              prices=cfg.prices, seed=cfg.seed) as client:
-            run.client, run.urls = client, urls
             # A local provider is needed even with nothing left to train: it knows the adapters
             # that a resumed run's society must load.
             needs_provider = cfg.finetune.iterations > 0 or cfg.finetune.provider == "local"
-            provider = run.provider = make_provider(cfg, urls[0], run_dir) if needs_provider else None
+            provider = make_provider(cfg, urls[0], run_dir) if needs_provider else None
+            run = Run(cfg, run_dir, console, client, urls, provider)
             try:
                 for k in range(cfg.finetune.iterations + 1):
-                    iterations.append(await run_iteration(run, k, train, test, provider))
+                    iterations.append(await run_iteration(run, k, train, test))
                     run.write_summary(iterations, finished=False)
             finally:
                 if provider is not None:
                     await provider.close()
-            run.write_summary(iterations, finished=True)
-            return RunSummary.model_validate_json((run_dir / "summary.json").read_text())
+            return run.write_summary(iterations, finished=True)
 
 
-async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Problem],
-                        provider: FinetuneProvider | None) -> IterationMetrics:
+async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Problem]) -> IterationMetrics:
     """Evaluate iteration k's society on the test split; unless it is the last iteration, debate the
     train split, build each agent's data and finetune iteration k+1's society."""
     cfg = run.cfg
@@ -191,10 +187,10 @@ async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Probl
     splits = {"test": split_metrics(test_records, iteration=k, split="test", simulated=run.simulated)}
     metrics = IterationMetrics(iteration=k, splits=splits, generators=list(society.generators),
                                critics=list(society.critics))
-    write_model(run.iter_dir(k) / "metrics.json", metrics)
+    write_model(run.iter_dir(k) / "metrics.json", metrics)  # test results on disk before training starts
     await run.diversity(k, test_records)
     if k < cfg.finetune.iterations:
-        assert provider is not None
+        assert run.provider is not None
         train_records = await run.debate(k, "train", train, society)
         splits["train"] = split_metrics(train_records, iteration=k, split="train", simulated=run.simulated)
         write_model(run.iter_dir(k) / "metrics.json", metrics)
@@ -202,7 +198,7 @@ async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Probl
         stats = await asyncio.to_thread(build_ftdata, train_records, n_agents=cfg.debate.agents, cfg=cfg.finetune,
                                         out_dir=data_dir, seed=cfg.seed, timeout_s=cfg.grading.timeout_s)
         next_started = any(run.iter_dir(k + 1).glob("debate-*.jsonl"))
-        stage = FinetuneStage(cfg, provider, run.registry, run.registry_path, run.dir, run.console,
+        stage = FinetuneStage(cfg, run.provider, run.registry, run.registry_path, run.dir, run.console,
                               retry_failed=not next_started)
         entries = await stage.run(stats, data_dir, target=k + 1)
         for e in entries:
@@ -237,6 +233,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flat(data: dict, prefix: str = "") -> dict[str, object]:
+    """{"debate.agents": 3, ...}: a nested config dump as dotted leaf fields."""
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     if args.resume is not None:
         run_dir = args.resume
@@ -245,14 +252,18 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
             raise ConfigError(f"--resume {run_dir}: no config.yaml there; is this a run directory?")
         if args.config:
             raise ConfigError("--resume uses the run's saved config.yaml; drop --config (use --set to change a field)")
-        frozen = [o.split("=", 1)[0] for o in args.overrides
-                  if not o.split("=", 1)[0].strip().startswith(RESUMABLE_FIELDS)]
+        before = _flat(load_config(str(saved)).model_dump(mode="json"))
+        cfg = load_config(str(saved), args.overrides)
+        after = _flat(cfg.model_dump(mode="json"))
+        # Compared by value: restating a saved value (as `harness.compare` does) is fine.
+        frozen = sorted(k for k in before.keys() | after.keys()
+                        if before.get(k) != after.get(k) and not k.startswith(RESUMABLE_FIELDS))
         if frozen:
             raise ConfigError(
                 f"--resume {run_dir}: {', '.join(frozen)} cannot change in a run that has started (finished "
                 f"debates, data and jobs were made with the saved value); start a new run instead. On resume "
                 f"--set may change: {', '.join(RESUMABLE_FIELDS)}")
-        return load_config(str(saved), args.overrides), run_dir
+        return cfg, run_dir
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if (run_dir / "config.yaml").exists():

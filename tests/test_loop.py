@@ -198,6 +198,8 @@ def test_resume_refuses_changes_that_would_contradict_finished_work(cli, tmp_pat
     assert result.returncode == 2
     assert "debate.agents cannot change" in result.stdout.replace("\n", " ")
     assert "budget.max_cost_usd cannot" not in result.stdout
+    # Restating a saved value is not a change (a comparison resumes its methods this way).
+    assert cli("--resume", "r", "--set", "debate.agents=3", "--set", "task.n_test=5").returncode == 0
 
 
 @pytest.mark.slow
