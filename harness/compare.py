@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field, ValidationError
 from harness.analysis import RunData, load_run, runs_frame, usage_frame
 from harness.config import load_config, read_yaml_source
 from harness.errors import ConfigError, HarnessError
+from harness.fileio import write_atomic
 
 DEFAULT_SET = "paper-table1"
 
@@ -120,7 +121,7 @@ def write_table(rows: list[tuple[MethodSpec, Path, str]], out: Path, set_name: s
         table_rows.append({**base, "label": spec.label or base["method"], "status": status})
     table = pd.DataFrame(table_rows)
     csv = table.drop(columns=["run"]).assign(run_dir=table["run"])
-    csv.to_csv(out / "table1.csv", index=False)
+    write_atomic(out / "table1.csv", csv.to_csv(index=False))
     shown = table1(table.fillna({"simulated": False}))
     shown.insert(1, "description", table["label"])
     shown["status"] = table["status"]
@@ -132,7 +133,7 @@ def write_table(rows: list[tuple[MethodSpec, Path, str]], out: Path, set_name: s
     lines += [md_table(shown), "",
               "s.e. = sqrt(p(1-p)/n) over all n test problems (an unparseable vote counts as wrong). "
               "Cost = inference + finetuning; 'unknown' or '≥' where some prices are unknown.", ""]
-    (out / "table1.md").write_text("\n".join(lines), encoding="utf-8")
+    write_atomic(out / "table1.md", "\n".join(lines))
     return table
 
 

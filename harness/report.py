@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import math
 import os
 import sys
@@ -30,6 +31,7 @@ from matplotlib.figure import Figure
 from harness.analysis import Frames, RunData, diversity_frame, load_runs
 from harness.diversity import DiversityMetrics, compute_diversity
 from harness.errors import HarnessError
+from harness.fileio import write_atomic
 
 SIM_LABEL = " (SIMULATED: a test double, not real accuracy)"
 
@@ -211,7 +213,9 @@ def save_plots(frames: Frames, out: Path) -> list[Path]:
     paths = []
     for name, draw in PLOTS.items():
         fig = draw(frames, colors)
-        fig.savefig(out / name, dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
+        write_atomic(out / name, png.getvalue())
         paths.append(out / name)
     return paths
 
@@ -349,7 +353,7 @@ def write_report(frames: Frames, out: Path) -> Path:
     parts += [f"- `{r.dir}`: method `{r.method}`{' (simulated)' if r.simulated else ''}"
               f"{'' if r.finished else ' — not finished'}" for r in frames.data]
     path = out / "report.md"
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    write_atomic(path, "\n".join(parts) + "\n")
     return path
 
 
@@ -363,7 +367,7 @@ def build_report(run_dirs: Sequence[str | Path], out: Path, *, compute_missing: 
                                                                 embed_model=embed_model))
         if extra:
             frames.diversity = diversity_frame(frames.data, extra, extra_runs)
-    frames.diversity.to_csv(out / "diversity.csv", index=False)
+    write_atomic(out / "diversity.csv", frames.diversity.to_csv(index=False))
     save_plots(frames, out)
     return write_report(frames, out)
 
