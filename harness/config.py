@@ -6,6 +6,7 @@ is allowed. Secrets never live in the config: it names the environment variable 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import types
@@ -189,10 +190,31 @@ class FinetuneConfig(_Strict):
     # the lowest-index agent training data nobody else supports. Such debates give no data
     # unless this is true (it is what taking the first most-common answer amounts to).
     use_tied_votes: bool = False
-    # Baseline "single-agent self-finetuning" (STaR-like): pool every agent's data into ONE
-    # generator (and one critic) that all agents then share. False is multiagent finetuning.
+    # Which examples a model learns from (harness/ftdata.py has both rules):
+    #   vote: the paper's method — answers that agree with the debate's majority vote; the gold
+    #         answer is never read.
+    #   star: the STaR baseline — the agent's own round-0 answers that match the GOLD answer, and
+    #         for problems it got wrong, its answer when re-asked with a hint holding the gold
+    #         answer (rationalization, harness/star.py). The only setting that reads gold for data.
+    selection: Literal["vote", "star"] = "vote"
+    # ONE model trained on the pooled data of every agent (generator and critic examples in one
+    # file) and used by every agent in both roles: the paper's "single-agent FT" ablation, and
+    # with debate.rounds=1 its "Majority FT" baseline. False: each agent trains its own models
+    # on its own data (multiagent finetuning).
     single_model: bool = False
+    # False: only the generators are finetuned; the critics stay the base model (the paper's
+    # "multiagent FT w/o critic" ablation).
+    train_critics: bool = True
     local: LocalFinetuneConfig = Field(default_factory=LocalFinetuneConfig)
+
+
+class EvaluationConfig(_Strict):
+    """The society that answers the test split, when it differs from the one that makes the
+    training data (`debate`). None: the same as `debate`. E.g. the paper's "single-agent FT w/o
+    debate": data from a 3-agent, 2-round debate; at test one agent answers once."""
+
+    agents: int | None = Field(None, ge=1)
+    rounds: int | None = Field(None, ge=1)
 
 
 class AnalysisConfig(_Strict):
@@ -224,6 +246,7 @@ class RunConfig(_Strict):
     grading: GradingConfig = Field(default_factory=GradingConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     # Per-model prices in USD per million tokens, overriding the built-in table.
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)
     serve: ServeConfig = Field(default_factory=ServeConfig)
@@ -245,6 +268,27 @@ class RunConfig(_Strict):
             raise ValueError(f"finetune.local.r: rank {local.r} exceeds serve.max_lora_rank "
                              f"{self.serve.max_lora_rank}; vLLM would refuse the adapters")
         return self
+
+    @model_validator(mode="after")
+    def _check_method(self) -> "RunConfig":
+        ft = self.finetune
+        if ft.selection == "star" and self.debate.rounds != 1:
+            raise ValueError("finetune.selection: star learns from the model's own answers without a debate; "
+                             "set debate.rounds=1")
+        agents = self.evaluation.agents or self.debate.agents
+        if ft.iterations > 0 and not ft.single_model and agents > self.debate.agents:
+            raise ValueError(f"evaluation.agents: {agents} agents at test, but only debate.agents="
+                             f"{self.debate.agents} are finetuned; use at most {self.debate.agents}")
+        return self
+
+    @property
+    def test_agents(self) -> int:
+        """Agents of the society that answers the test split."""
+        return self.evaluation.agents or self.debate.agents
+
+    @property
+    def test_rounds(self) -> int:
+        return self.evaluation.rounds or self.debate.rounds
 
     @property
     def summarizer(self) -> str:
@@ -375,6 +419,12 @@ def _allowed_fields(loc: tuple) -> list[str]:
 def load_config(source: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a preset name or YAML path (default: the `demo` preset) and apply `--set` overrides."""
     data, label = read_yaml_source(source or "demo")
+    return config_from_data(data, label, overrides)
+
+
+def config_from_data(data: dict, label: str, overrides: list[str] | None = None) -> RunConfig:
+    """Validate config data (as read from YAML) after applying `--set` overrides; errors name `label`."""
+    data = copy.deepcopy(data)
     for item in overrides or []:
         _apply_override(data, item)
     if overrides:

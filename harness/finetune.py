@@ -2,6 +2,15 @@
 submitted as its own job (all 2N at once), followed to the end with a live status display, and
 recorded in the registry as the next iteration's models.
 
+Which models are trained (the paper's method and its ablations):
+* multiagent FT: one generator and one critic per agent, each on its own data (2N jobs);
+* `finetune.train_critics: false` (w/o critic): the N generators only; every critic stays the
+  base model, recorded in the registry as "kept" with a note;
+* `finetune.single_model: true` (single-agent FT, Majority FT, STaR): ONE job on every agent's
+  examples pooled in one file; its model is registered as agent 0's generator and shared by
+  every agent in every role it was trained for;
+* with one debate round the critics never speak: generators only.
+
 Idempotent: a model already registered as succeeded (or kept) is skipped, and the provider looks
 each job up by its metadata before creating one, so a resumed run never starts a second job.
 """
@@ -19,7 +28,7 @@ from rich.live import Live
 from rich.table import Table
 
 from harness.config import RunConfig
-from harness.ftdata import FtDataStats, pool_agents
+from harness.ftdata import FtDataStats, pool_one_model
 from harness.ftvalidate import validate_training_file
 from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus
 from harness.registry import ModelEntry, Registry
@@ -51,13 +60,14 @@ class FinetuneStage:
 
     async def run(self, stats: FtDataStats, data_dir: Path, target: int) -> list[ModelEntry]:
         """Train iteration `target`'s models from the data in `data_dir` (built at target-1)."""
+        ft = self.cfg.finetune
         # With a single debate round the critics never speak: train generators only.
-        roles = ROLES if self.cfg.debate.rounds > 1 else ("generator",)
-        n_agents = stats.n_agents
-        if self.cfg.finetune.single_model:
-            stats = await asyncio.to_thread(pool_agents, stats, data_dir)
-            n_agents = 1
-        jobs = [(role, agent) for agent in range(n_agents) for role in roles]
+        roles = ROLES if self.cfg.debate.rounds > 1 and ft.train_critics else ("generator",)
+        if ft.single_model:
+            stats = await asyncio.to_thread(pool_one_model, stats, data_dir, roles)
+            jobs = [("generator", 0)]
+        else:
+            jobs = [(role, agent) for agent in range(stats.n_agents) for role in roles]
         states: dict[tuple[str, int], str] = {}
         table = lambda: self._table(target, jobs, states)  # noqa: E731
         with Live(table(), console=self.console, refresh_per_second=4, transient=False,
@@ -74,19 +84,37 @@ class FinetuneStage:
 
             entries = list(await asyncio.gather(*(self._one(stats, data_dir, target, role, agent, show)
                                                   for role, agent in jobs)))
-        if self.cfg.finetune.single_model:
-            entries += self._share(entries, target)
+        if ft.single_model:
+            entries += self._share(entries[0], target, roles)
+        if self.cfg.debate.rounds > 1 and not ft.train_critics:
+            entries += self._keep_critics(target)
         return entries
 
-    def _share(self, trained: list[ModelEntry], target: int) -> list[ModelEntry]:
-        """Single-model baseline: every other agent uses the one model trained on the pooled data."""
+    def _share(self, trained: ModelEntry, target: int, roles: tuple[str, ...]) -> list[ModelEntry]:
+        """Single model: every (role, agent) the model was trained for uses the one model."""
         shared = []
-        for e in trained:
-            for agent in range(1, self.cfg.debate.agents):
-                copy = e.model_copy(update={"agent": agent, "note": f"shares agent 0's {e.role} (single_model)"})
+        for role in roles:
+            for agent in range(self.cfg.debate.agents):
+                if (role, agent) == (trained.role, trained.agent):
+                    continue
+                copy = trained.model_copy(update={
+                    "role": role, "agent": agent,
+                    "note": "shares the one model trained on every agent's pooled data (finetune.single_model)"})
                 self._save(copy)
                 shared.append(copy)
         return shared
+
+    def _keep_critics(self, target: int) -> list[ModelEntry]:
+        """W/o critic: the critics are not finetuned; each keeps its model (the base model)."""
+        kept = []
+        for agent in range(self.cfg.debate.agents):
+            parent = self._parent(target, "critic", agent)
+            entry = ModelEntry(iteration=target, role="critic", agent=agent, provider=self.provider.name,
+                               parent_model=parent, model_id=parent, status="kept",
+                               note=f"kept {parent}: critics are not finetuned (finetune.train_critics: false)")
+            self._save(entry)
+            kept.append(entry)
+        return kept
 
     async def _one(self, stats: FtDataStats, data_dir: Path, target: int, role: str, agent: int, show) -> ModelEntry:
         done = self.registry.get(target, role, agent)

@@ -15,6 +15,17 @@ Only the vote selects data: the gold answer and the records' `correct` fields ar
 here (they are for evaluation). Each agent's files are built only from transcripts whose
 `AgentTranscript.agent` is that agent: the society stays diverse only if agents never share data.
 A debate with no vote (no parseable final answer) yields nothing; so does an unparseable answer.
+
+Two other rules serve the paper's baselines and ablations (§3.2, Tables 1-2):
+
+* **STaR** (`finetune.selection: star`, `build_star_ftdata`): generator data of agent n = its
+  round-0 answers equivalent to the GOLD answer, plus, for the others, its rationalized answer
+  (harness/star.py: asked again with a hint holding gold) when that is equivalent to gold; the
+  example is the plain task prompt without the hint and the rationalized reply. STaR has no
+  critic data. **It reads gold: no other rule does**, and its stats.json says so (`reads_gold`).
+* **One model** (`finetune.single_model`, `pool_one_model`): every agent's generator and critic
+  examples in ONE file, for one model that every agent then uses in both roles (single-agent FT;
+  with debate.rounds=1 there are only generator examples: Majority FT).
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from pydantic import BaseModel, Field
 from harness.config import FinetuneConfig
 from harness.errors import DataError
 from harness.fileio import read_jsonl, write_jsonl_atomic, write_model
-from harness.records import AgentTranscript, DebateRecord, Message
+from harness.records import AgentTranscript, DebateRecord, Message, Rationalization
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,10 @@ class AgentFtStats(BaseModel):
     # equivalent to the vote, so such a transcript can still be C- if its final answer is.
     unparsed_round0: int
     unparsed_final: int
+    # STaR only (selection: star); None otherwise.
+    gold_correct: int | None = None  # round-0 answers equivalent to gold, kept as they are
+    rationalized_tried: int | None = None  # wrong round-0 answers asked again with the gold hint
+    rationalized_kept: int | None = None  # of those, the ones now equivalent to gold
 
 
 class FileStats(BaseModel):
@@ -67,8 +82,16 @@ class FileStats(BaseModel):
     sha256: str  # of the file's bytes, as uploaded
 
 
+VOTE_RULE = "answers equivalent to the debate's majority vote; the gold answer is never read"
+STAR_RULE = ("STaR: round-0 answers equivalent to the GOLD answer, plus rationalized answers (asked again "
+             "with a hint holding the gold answer) that are then equivalent to gold, trained without the hint")
+
+
 class FtDataStats(BaseModel):
     schema_version: int = 1
+    selection: Literal["vote", "star"] = "vote"
+    selection_rule: str = VOTE_RULE
+    reads_gold: bool = False  # True only for STaR: the gold answer chose the data
     n_records: int
     n_records_with_vote: int
     n_records_tied_skipped: int = 0  # tied final votes, left out (finetune.use_tied_votes: false)
@@ -110,6 +133,14 @@ def generator_example(t: AgentTranscript) -> dict | None:
             head = t.messages[: i + 1]
             return {"messages": _to_dicts(head)} if any(x.role == "user" for x in head) else None
     return None
+
+
+def task_prompt(t: AgentTranscript) -> list[Message]:
+    """[system?, task prompt]: the transcript up to and including its first user message."""
+    for i, m in enumerate(t.messages):
+        if m.role == "user":
+            return list(t.messages[: i + 1])
+    return []
 
 
 def critic_example(t: AgentTranscript, first_turn_loss: bool) -> dict | None:
@@ -216,28 +247,85 @@ def build_ftdata(records: Sequence[DebateRecord], *, n_agents: int, cfg: Finetun
             critic_minus_share=(keep_minus / total) if total else None,
             critic_first_turn_loss=cfg.critic_first_turn_loss,
             unparsed_round0=unparsed0[n], unparsed_final=unparsed_final[n]))
-        for role, rows in (("generator", gen[n]), ("critic", critic)):
-            path = out_dir / f"{role}-{n}.jsonl"
-            write_jsonl_atomic(path, rows)
-            stats.files.append(FileStats(path=path.name, role=role, agent=n, examples=len(rows),
-                                         sha256=_sha256(path)))
+        _write_agent_files(stats, out_dir, n, gen[n], critic)
         log.info("agent %d: %d generator examples; critic %d (C- %d/%d, C+ %d/%d)", n, len(gen[n]),
                  total, keep_minus, len(minus[n]), keep_plus, len(plus[n]))
     write_model(out_dir / "stats.json", stats)
     return stats
 
 
-def pool_agents(stats: FtDataStats, out_dir: Path) -> FtDataStats:
-    """The single-agent self-finetuning baseline (STaR-like): every agent's examples pooled into
-    one generator file and one critic file, trained as ONE model that all agents then share.
+def _write_agent_files(stats: FtDataStats, out_dir: Path, n: int, gen: list[dict], critic: list[dict]) -> None:
+    for role, rows in (("generator", gen), ("critic", critic)):
+        path = out_dir / f"{role}-{n}.jsonl"
+        write_jsonl_atomic(path, rows)
+        stats.files.append(FileStats(path=path.name, role=role, agent=n, examples=len(rows), sha256=_sha256(path)))
+
+
+def build_star_ftdata(records: Sequence[DebateRecord], rationalizations: Sequence[Rationalization], *,
+                      n_agents: int, cfg: FinetuneConfig, out_dir: Path, seed: int,
+                      timeout_s: float = 5.0) -> FtDataStats:
+    """STaR's data (the module docstring): generator-<n>.jsonl from gold-correct round-0 answers
+    and gold-correct rationalizations; critic-<n>.jsonl empty. READS THE GOLD ANSWER."""
+    out_dir = Path(out_dir)
+    eq = _Equiv(timeout_s)
+    hinted = {(r.problem_id, r.agent): r for r in rationalizations}
+    gen: list[list[dict]] = [[] for _ in range(n_agents)]
+    counts = [[0, 0, 0, 0, 0] for _ in range(n_agents)]  # gold-correct, tried, kept, unparsed round 0, final
+    for rec in records:
+        for t in rec.agents:
+            n = t.agent
+            if not 0 <= n < n_agents:
+                raise DataError(f"debate record {rec.problem.id!r}: field 'agents.agent' is {n}, outside "
+                                f"0..{n_agents - 1}; the sampling and the finetuning disagree on the number of agents")
+            if not t.answers:
+                continue
+            counts[n][3] += t.answers[0] is None
+            counts[n][4] += t.answers[-1] is None
+            if eq(t.answers[0], rec.problem.gold):  # gold read on purpose: this is STaR
+                ex = generator_example(t)
+                if ex is not None:
+                    gen[n].append(ex)
+                    counts[n][0] += 1
+                continue
+            r = hinted.get((rec.problem.id, n))
+            if r is None:
+                continue
+            counts[n][1] += 1
+            head = task_prompt(t)
+            if r.correct and r.answer is not None and not r.truncated and head:
+                reply = next(m.content for m in reversed(r.messages) if m.role == "assistant")
+                gen[n].append({"messages": _to_dicts([*head, Message(role="assistant", content=reply)])})
+                counts[n][2] += 1
+    stats = FtDataStats(selection="star", selection_rule=STAR_RULE, reads_gold=True, n_records=len(records),
+                        n_records_with_vote=sum(1 for r in records if r.round_votes and r.vote.answer is not None),
+                        n_agents=n_agents, seed=seed, critic_weight=cfg.critic_weight,
+                        critic_first_turn_loss=cfg.critic_first_turn_loss)
+    for n in range(n_agents):
+        ok, tried, kept, u0, uf = counts[n]
+        stats.agents.append(AgentFtStats(
+            agent=n, generator_examples=len(gen[n]), critic_minus_available=0, critic_minus_kept=0,
+            critic_plus_available=0, critic_plus_kept=0, critic_examples=0, critic_weight=cfg.critic_weight,
+            critic_minus_share=None, critic_first_turn_loss=cfg.critic_first_turn_loss, unparsed_round0=u0,
+            unparsed_final=uf, gold_correct=ok, rationalized_tried=tried, rationalized_kept=kept))
+        _write_agent_files(stats, out_dir, n, gen[n], [])
+        log.info("agent %d (STaR): %d gold-correct answers, %d of %d rationalizations kept", n, ok, kept, tried)
+    write_model(out_dir / "stats.json", stats)
+    return stats
+
+
+ONE_MODEL_FILE = "one-model.jsonl"
+
+
+def pool_one_model(stats: FtDataStats, out_dir: Path, roles: Sequence[str]) -> FtDataStats:
+    """Single-agent FT (and Majority FT, STaR): the examples of every agent for `roles`
+    (generator and critic examples together) in ONE file, trained as ONE model that every agent
+    then uses in every role. Returned as agent 0's generator file; stats-one-model.json says so.
     Multiagent finetuning never calls this: there each agent keeps to its own data."""
     out_dir = Path(out_dir)
     pooled = stats.model_copy(deep=True)
-    pooled.files = []
-    for role in ("generator", "critic"):
-        rows = [row for n in range(stats.n_agents) for row in read_jsonl(out_dir / stats.file(role, n).path)]
-        path = out_dir / f"{role}-pooled.jsonl"
-        write_jsonl_atomic(path, rows)
-        pooled.files.append(FileStats(path=path.name, role=role, agent=0, examples=len(rows), sha256=_sha256(path)))
-    write_model(out_dir / "stats-pooled.json", pooled)
+    rows = [row for role in roles for n in range(stats.n_agents) for row in read_jsonl(out_dir / stats.file(role, n).path)]
+    path = out_dir / ONE_MODEL_FILE
+    write_jsonl_atomic(path, rows)
+    pooled.files = [FileStats(path=path.name, role="generator", agent=0, examples=len(rows), sha256=_sha256(path))]
+    write_model(out_dir / "stats-one-model.json", pooled)
     return pooled

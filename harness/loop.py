@@ -31,13 +31,14 @@ from harness.errors import BudgetExceeded, ConfigError, HarnessError
 from harness.evaluate import print_results, split_metrics
 from harness.fileio import write_atomic, write_model
 from harness.finetune import FinetuneStage
-from harness.ftdata import build_ftdata
+from harness.ftdata import FtDataStats, build_ftdata, build_star_ftdata
 from harness.llm import LLMClient
 from harness.plan import estimate_plan, plan_table
 from harness.prompts import Prompts
 from harness.providers.base import FinetuneProvider
 from harness.records import DebateRecord, IterationMetrics, Problem, RunSummary
 from harness.registry import Registry
+from harness.star import rationalize
 from harness.tasks import get_task, load_split
 
 log = logging.getLogger("harness")
@@ -77,8 +78,8 @@ class Run:
     def iter_dir(self, k: int) -> Path:
         return self.dir / f"iter-{k}"
 
-    def society(self, k: int) -> Society:
-        generators, critics = self.registry.models_for(k, self.cfg.debate.agents)
+    def society(self, k: int, agents: int) -> Society:
+        generators, critics = self.registry.models_for(k, agents)
         return Society(generators=generators, critics=critics, summarizer=self.cfg.summarizer)
 
     async def load_models(self, society: Society) -> None:
@@ -92,9 +93,10 @@ class Run:
         for url in self.urls:
             await load_adapters(url, adapters, stale_prefix=self.registry.run + "-")
 
-    async def debate(self, k: int, split: str, problems: list[Problem], society: Society) -> list[DebateRecord]:
+    async def debate(self, k: int, split: str, problems: list[Problem], society: Society,
+                     rounds: int) -> list[DebateRecord]:
         await self.load_models(society)
-        settings = DebateSettings(rounds=self.cfg.debate.rounds, mode=self.cfg.debate.mode,
+        settings = DebateSettings(rounds=rounds, mode=self.cfg.debate.mode,
                                   grading_timeout_s=self.cfg.grading.timeout_s)
         debater = Debater(self.client, society, self.prompts, self.task.extract, settings, iteration=k, split=split)
         with Progress(TextColumn(f"iter {k} · debate {split}"), BarColumn(), MofNCompleteColumn(),
@@ -110,7 +112,7 @@ class Run:
 
             records = await run_debates(debater, problems, self.iter_dir(k) / f"debate-{split}.jsonl", on_done,
                                         max_in_flight=problems_in_flight(self.cfg.endpoint.concurrency,
-                                                                         self.cfg.debate.agents))
+                                                                         society.n_agents))
         if not self.console.is_terminal:
             self.console.print(f"iter {k} · debate {split}: {len(records)} problems")
         refused = [e for r in records for t in r.agents for e in t.errors if e is not None]
@@ -120,6 +122,18 @@ class Run:
                 f"unparseable); use a model with a longer context (vLLM: serve.max_model_len) or fewer "
                 f"debate rounds. The server said: …{refused[0][-150:]}")
         return records
+
+    async def star_data(self, k: int, records: list[DebateRecord], data_dir: Path) -> FtDataStats:
+        """STaR only: rationalize the wrong answers with a gold hint (harness.star), then select
+        the gold-correct answers and rationalizations. The one stage that reads gold for data."""
+        cfg = self.cfg
+        rationalized = await rationalize(
+            self.client, self.prompts, self.task.extract, records, self.iter_dir(k) / "star-rationalize.jsonl",
+            iteration=k, grading_timeout_s=cfg.grading.timeout_s,
+            max_in_flight=problems_in_flight(cfg.endpoint.concurrency, 1))
+        return await asyncio.to_thread(build_star_ftdata, records, rationalized, n_agents=cfg.debate.agents,
+                                       cfg=cfg.finetune, out_dir=data_dir, seed=cfg.seed,
+                                       timeout_s=cfg.grading.timeout_s)
 
     async def diversity(self, k: int, records: list[DebateRecord]) -> None:
         """iter-<k>/diversity.json for the test split (harness.diversity defines each measure);
@@ -182,21 +196,26 @@ async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Probl
     """Evaluate iteration k's society on the test split; unless it is the last iteration, debate the
     train split, build each agent's data and finetune iteration k+1's society."""
     cfg = run.cfg
-    society = run.society(k)
-    test_records = await run.debate(k, "test", test, society)
+    # The test split is answered by the evaluation society (by default the debate's own).
+    test_society = run.society(k, cfg.test_agents)
+    test_records = await run.debate(k, "test", test, test_society, cfg.test_rounds)
     splits = {"test": split_metrics(test_records, iteration=k, split="test", simulated=run.simulated)}
-    metrics = IterationMetrics(iteration=k, splits=splits, generators=list(society.generators),
-                               critics=list(society.critics))
+    metrics = IterationMetrics(iteration=k, splits=splits, generators=list(test_society.generators),
+                               critics=list(test_society.critics))
     write_model(run.iter_dir(k) / "metrics.json", metrics)  # test results on disk before training starts
     await run.diversity(k, test_records)
     if k < cfg.finetune.iterations:
         assert run.provider is not None
-        train_records = await run.debate(k, "train", train, society)
+        train_records = await run.debate(k, "train", train, run.society(k, cfg.debate.agents), cfg.debate.rounds)
         splits["train"] = split_metrics(train_records, iteration=k, split="train", simulated=run.simulated)
         write_model(run.iter_dir(k) / "metrics.json", metrics)
         data_dir = run.iter_dir(k) / "ftdata"
-        stats = await asyncio.to_thread(build_ftdata, train_records, n_agents=cfg.debate.agents, cfg=cfg.finetune,
-                                        out_dir=data_dir, seed=cfg.seed, timeout_s=cfg.grading.timeout_s)
+        if cfg.finetune.selection == "star":
+            stats = await run.star_data(k, train_records, data_dir)
+        else:
+            stats = await asyncio.to_thread(build_ftdata, train_records, n_agents=cfg.debate.agents,
+                                            cfg=cfg.finetune, out_dir=data_dir, seed=cfg.seed,
+                                            timeout_s=cfg.grading.timeout_s)
         next_started = any(run.iter_dir(k + 1).glob("debate-*.jsonl"))
         stage = FinetuneStage(cfg, run.provider, run.registry, run.registry_path, run.dir, run.console,
                               retry_failed=not next_started)

@@ -36,9 +36,8 @@ def _tokens(text: str) -> int:
 
 
 def _debate_estimate(cfg: RunConfig, prompts: Prompts, problems: Sequence[Problem], stage: str,
-                     generator: str, critic: str) -> tuple[StageEstimate, int, int]:
+                     generator: str, critic: str, n: int, rounds: int) -> tuple[StageEstimate, int, int]:
     """Returns the estimate and the mean tokens of one generator example and one conversation."""
-    n, rounds = cfg.debate.agents, cfg.debate.rounds
     answer = min(ANSWER_TOKENS, cfg.sampling.max_tokens)
     calls = prompt = completion = 0
     cost: float | None = 0.0
@@ -83,26 +82,37 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
     stages: list[StageEstimate] = []
     for k in range(cfg.finetune.iterations + 1):
         model = base if k == 0 else tuned
-        est, _, _ = _debate_estimate(cfg, prompts, test, f"iter {k}: debate test", model, model)
+        est, _, _ = _debate_estimate(cfg, prompts, test, f"iter {k}: debate test", model, model,
+                                     cfg.test_agents, cfg.test_rounds)
         stages.append(est)
         if k == cfg.finetune.iterations:
             break
-        est, gen_tokens, conv_tokens = _debate_estimate(cfg, prompts, train, f"iter {k}: debate train", model, model)
+        n, rounds = cfg.debate.agents, cfg.debate.rounds
+        est, gen_tokens, conv_tokens = _debate_estimate(cfg, prompts, train, f"iter {k}: debate train", model, model,
+                                                        n, rounds)
         stages.append(est)
-        # The same jobs the finetune stage runs: critics only when there are later rounds, and a
-        # single pooled model (all agents' examples) for the single-model baseline.
-        n = cfg.debate.agents
-        models_per_role = 1 if cfg.finetune.single_model else n
-        examples = int(len(train) * AGREE_SHARE) * (n if cfg.finetune.single_model else 1)
-        tokens_per_example = gen_tokens + (conv_tokens if cfg.debate.rounds > 1 else 0)
-        jobs = models_per_role * (2 if cfg.debate.rounds > 1 else 1)
-        trained = cfg.finetune.hyperparameters.n_epochs * models_per_role * examples * tokens_per_example
+        if cfg.finetune.selection == "star":  # the wrong answers are asked again with a gold hint
+            wrong = int(len(train) * n * (1 - AGREE_SHARE))
+            hint_prompt = gen_tokens - min(ANSWER_TOKENS, cfg.sampling.max_tokens) + 40
+            answer = min(ANSWER_TOKENS, cfg.sampling.max_tokens)
+            stages.append(StageEstimate(stage=f"iter {k}: STaR rationalize", calls=wrong,
+                                        prompt_tokens=wrong * hint_prompt, completion_tokens=wrong * answer,
+                                        cost_usd=cost_usd(model, wrong * hint_prompt, 0, wrong * answer, cfg.prices),
+                                        note="STaR: wrong answers retried with a gold hint"))
+        # The same jobs the finetune stage runs: critics only when there are later rounds and they
+        # are trained, and ONE model on every agent's pooled examples with finetune.single_model.
+        critics = rounds > 1 and cfg.finetune.train_critics
+        examples = int(len(train) * AGREE_SHARE)
+        tokens_per_example = gen_tokens + (conv_tokens if critics else 0)
+        jobs = 1 if cfg.finetune.single_model else n * (2 if critics else 1)
+        trained = cfg.finetune.hyperparameters.n_epochs * n * examples * tokens_per_example
         if cfg.finetune.provider == "local":
             ft_cost, note = 0.0, "local LoRA jobs: your own compute, no per-token charge"
         else:
             price = training_price_for(base, cfg.prices)
             ft_cost = None if price is None else trained * price / 1e6
-            note = f"finetuning: ~{examples} examples per model, {cfg.finetune.hyperparameters.n_epochs} epochs"
+            per_model = examples * (n if cfg.finetune.single_model else 1)
+            note = f"finetuning: ~{per_model} examples per model, {cfg.finetune.hyperparameters.n_epochs} epochs"
         stages.append(StageEstimate(stage=f"iter {k}: finetune {jobs} model{'s' if jobs > 1 else ''}", calls=jobs,
                                     prompt_tokens=trained,
                                     completion_tokens=0, cost_usd=ft_cost, note=note))

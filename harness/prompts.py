@@ -24,6 +24,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "other_answer": ("agent", "answer"),  # one other agent's answer inside {other_answers}
     "summarize": ("question", "other_answers"),  # the summarizer's request
     "debate_summary": ("summary",),  # round m >= 1, summarize mode
+    "star_hint": ("question", "answer"),  # STaR rationalization: the task prompt as sent, and the gold answer
 }
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")

@@ -36,7 +36,7 @@ class SampleId(BaseModel):
     iteration: int
     split: str
     problem_id: str
-    role: Literal["agent", "summarizer"] = "agent"
+    role: Literal["agent", "summarizer", "rationalizer"] = "agent"  # rationalizer: STaR's hinted retry
     agent: int
     round: int
     sample: int = 0
@@ -92,6 +92,23 @@ class DebateRecord(BaseModel):
     @property
     def vote(self) -> Vote:
         return self.round_votes[-1]
+
+
+class Rationalization(BaseModel):
+    """One line of iter-<k>/star-rationalize.jsonl (the STaR baseline only, harness/star.py): a
+    training problem whose round-0 answer did not match the GOLD answer, asked again with a hint
+    holding the gold answer. Kept for training (without the hint) only when `correct`."""
+
+    schema_version: int = 1
+    iteration: int
+    problem_id: str
+    agent: int
+    model: str
+    messages: list[Message]  # the hinted request as sent, then the reply
+    answer: str | None  # parsed final answer of the reply (None: unparseable or cut off)
+    truncated: bool = False
+    error: str | None = None  # why the server refused the request, else None
+    correct: bool  # the rationalized answer is equivalent to gold (reads gold: STaR only)
 
 
 class UsageRecord(BaseModel):

@@ -17,6 +17,12 @@ Rules (every number a simulated run reports follows from these):
   first with probability 0.6, the second 0.25, the third 0.15.
 * **Round 0** (no assistant turn yet): correct with probability ``skill``, else a wrong answer.
   The reply is a few lines of reasoning and then ``\\boxed{ANSWER}``.
+* **A hint** (STaR's rationalization, ``prompts/default/star_hint.txt``): a round-0 request whose
+  first user message has a line beginning with "Hint" (any case) that holds a non-empty
+  ``\\boxed{X}`` answers X with probability (1 + ``skill``) / 2 (a model can mostly turn a given
+  answer into a derivation, a stronger one more often), else as without the hint. The problem
+  is still found, since the hint prompt holds the whole task prompt; a reply that adopts the
+  hint is graded like any other, so a hint holding a wrong answer teaches a wrong answer.
 * **Later rounds** (the conversation has assistant turns): the other agents' answers are every
   ``\\boxed{}`` in the last user message. With probability ``persuadability`` the model adopts
   their majority (ties: a seeded draw) if it differs from its own previous answer; then, if the
@@ -38,6 +44,7 @@ Rules (every number a simulated run reports follows from these):
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Sequence
 
@@ -114,6 +121,9 @@ def respond(
     malformed = rng.random() < cfg.malformed_rate
     if not assistant_turns:
         answer = _first_answer(model, params, fact, rng)
+        hint = hinted_answer(user_turns[0] if user_turns else "")
+        if hint is not None and rng.random() < (1 + params.skill) / 2:
+            answer = hint
         return _malformed(rng) if malformed else _reasoning(fact, answer, rng) + f"\n\\boxed{{{answer}}}"
 
     previous = final_answer(assistant_turns[-1])
@@ -122,6 +132,18 @@ def respond(
     if malformed:
         return _malformed(rng)
     return f"{how}\n{_reasoning(fact, answer, rng)}\n\\boxed{{{answer}}}"
+
+
+_HINT_LINE = re.compile(r"^[ \t]*hint\b.*$", re.IGNORECASE | re.MULTILINE)
+
+
+def hinted_answer(text: str) -> str | None:
+    """The answer a "Hint ..." line of the prompt gives in a non-empty \\boxed{}, else None."""
+    for line in _HINT_LINE.findall(text):
+        boxes = boxed_all(line)
+        if boxes:
+            return boxes[-1]
+    return None
 
 
 def is_summary_request(text: str) -> bool:
