@@ -256,8 +256,10 @@ def runs_frame(runs: Sequence[RunData], usage: pd.DataFrame | None = None, split
             "accuracy": last.accuracy if last else math.nan, "stderr": last.stderr if last else math.nan,
             "n": last.n if last else 0,
             "iterations": max((it.iteration for it in run.iterations), default=0),
-            "agents": (run.config.get("debate") or {}).get("agents"),
-            "rounds": (run.config.get("debate") or {}).get("rounds"),
+            # The society that answered the test split (`evaluation` overrides `debate`).
+            "agents": (run.config.get("evaluation") or {}).get("agents") or (run.config.get("debate") or {}).get("agents"),
+            "rounds": (run.config.get("evaluation") or {}).get("rounds") or (run.config.get("debate") or {}).get("rounds"),
+            "truncated_rate": last.truncated_rate if last else math.nan,
             "calls": int(u["calls"].sum()), "cache_hits": int(u["cache_hits"].sum()),
             "tokens": int(u["tokens"].sum()), "trained_tokens": int(u["trained_tokens"].sum()),
             "cost_known_usd": known, "unknown_cost_items": unknown,
