@@ -1,17 +1,56 @@
-"""`python -m harness.compare` on the simulator: one row per method, pins hold, reruns reuse."""
+"""`python -m harness.compare` on the simulator: the paper's Tables 1 and 2, one row per method,
+pins hold, a paired test against multiagent FT, reruns reuse; --base sets up every method."""
 
 import csv
 import json
 
 import pytest
 
-from harness.compare import load_comparison, method_key
+from harness.compare import load_comparison, method_key, resolve_method
+from harness.fileio import read_jsonl
+from harness.records import DebateRecord
+from harness.stats import mcnemar_exact
 
-METHODS = ["single-agent", "majority-vote", "debate", "star", "multiagent-ft"]
+TABLE1 = ["single-agent", "majority-vote", "debate", "star", "majority-ft", "multiagent-ft"]
+TABLE2 = ["multiagent-ft", "multiagent-ft-wo-summary", "multiagent-ft-wo-critic", "single-agent-ft",
+          "single-agent-ft-wo-debate"]
 
 
-def test_paper_table1_lists_the_five_methods():
-    assert [method_key(m) for m in load_comparison("paper-table1").methods] == METHODS
+def test_the_paper_sets_list_their_methods_as_the_paper_names_them():
+    t1, t2 = load_comparison("paper-table1"), load_comparison("paper-table2")
+    assert [method_key(m) for m in t1.methods] == TABLE1 and [method_key(m) for m in t2.methods] == TABLE2
+    assert [m.label for m in t1.methods] == ["Single agent", "Majority", "Debate", "STaR (reads ground truth)",
+                                             "Majority FT", "Multiagent FT (ours)"]
+    assert t1.reference == t2.reference == "multiagent-ft" and (t1.table, t2.table) == ("table1", "table2")
+
+
+def test_paper_sizes_by_default_and_small_on_the_simulator():
+    cs = load_comparison("paper-table1")
+    spec = cs.methods[TABLE1.index("multiagent-ft")]
+    sim = resolve_method(spec, cs, [], None)
+    assert sim.endpoint.kind == "simulator" and (sim.task.n_train, sim.task.n_test) == (100, 100)
+    assert resolve_method(spec, cs, ["task.n_test=7"], None).task.n_test == 7  # --set wins
+    real = resolve_method(spec, cs, ["endpoint.kind=openai", "models.base=gpt-4.1-mini-2025-04-14"], None)
+    assert (real.task.n_train, real.task.n_test, real.debate.agents, real.debate.rounds) == (500, 500, 3, 2)
+    assert real.finetune.iterations == 1
+
+
+def test_one_base_preset_sets_up_every_method_and_pins_still_hold():
+    cs = load_comparison("paper-table2")
+    cfgs = {method_key(s): resolve_method(s, cs, ["serve.model=/models/phi3", "debate.agents=5"], "vllm")
+            for s in cs.methods}
+    for key, cfg in cfgs.items():
+        assert cfg.name == key and cfg.endpoint.kind == "vllm" and cfg.finetune.provider == "local"
+        assert cfg.serve.model == "/models/phi3" and cfg.task.name == "math" and cfg.task.n_test == 500
+        assert cfg.debate.agents == 5  # the override reaches every method ...
+    assert cfgs["multiagent-ft-wo-summary"].debate.mode == "concatenate"  # ... the method's own fields stay
+    assert cfgs["multiagent-ft-wo-critic"].finetune.train_critics is False
+    wo = cfgs["single-agent-ft-wo-debate"]
+    assert wo.finetune.single_model and (wo.test_agents, wo.test_rounds) == (1, 1)
+    t1 = load_comparison("paper-table1")
+    star = resolve_method(t1.methods[TABLE1.index("star")], t1, ["debate.agents=5"], "openai")
+    assert star.debate.agents == 1 and star.finetune.selection == "star" and star.finetune.start_from == "base"
+    assert star.endpoint.kind == "openai" and star.models.base.startswith("gpt-")
 
 
 def test_bad_override_fails_before_anything_runs(cli, tmp_path):
@@ -20,33 +59,72 @@ def test_bad_override_fails_before_anything_runs(cli, tmp_path):
     assert not list((tmp_path / "out").glob("*/config.yaml"))
 
 
+def _table(path) -> dict[str, dict]:
+    with open(path) as f:
+        return {r["method"]: r for r in csv.DictReader(f)}
+
+
+def _check_paired(out, rows: dict[str, dict], method: str) -> None:
+    """The table's paired numbers are those of the two runs' test debates, matched by problem."""
+    def outcomes(m):
+        return {r.problem.id: r.correct for r in read_jsonl(out / m / "iter-1" / "debate-test.jsonl", DebateRecord)}
+    ours, ref = outcomes(method), outcomes("multiagent-ft")
+    only_m = sum(ours[p] and not ref[p] for p in ref)
+    only_r = sum(ref[p] and not ours[p] for p in ref)
+    row = rows[method]
+    assert (int(float(row["only_method"])), int(float(row["only_ref"])), int(float(row["n_paired"]))) == (only_m, only_r, len(ref))
+    assert float(row["p_mcnemar"]) == pytest.approx(mcnemar_exact(only_m, only_r))
+    assert float(row["diff_vs_ref"]) == pytest.approx((only_m - only_r) / len(ref))
+    assert float(row["ci_low"]) <= float(row["diff_vs_ref"]) <= float(row["ci_high"])
+
+
+SMALL = ("--no-report", "--set", "task.n_test=12", "--set", "task.n_train=24")
+
+
 @pytest.mark.slow
-def test_comparison_set_writes_one_row_per_method(cli, tmp_path):
-    args = ("--out", "out", "--no-report", "--set", "task.n_test=12", "--set", "task.n_train=30",
-            "--set", "debate.agents=2")
+def test_paper_table1_end_to_end_on_the_simulator(cli, tmp_path):
+    proc = cli("--comparison", "paper-table1", "--out", "out", *SMALL, module="harness.compare", timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    out = tmp_path / "out"
+    rows = _table(out / "table1.csv")
+    assert list(rows) == TABLE1
+    assert all(r["n"] == "12" and r["status"] == "ran" and r["simulated"] == "True" for r in rows.values())
+    assert [rows[m]["agents"] + "x" + rows[m]["rounds"] for m in TABLE1] == ["1x1", "3x1", "3x2", "1x1", "3x1", "3x2"]
+    assert [rows[m]["iterations"] for m in TABLE1] == ["0", "0", "0", "1", "1", "1"]
+    for r in rows.values():
+        assert 0 <= float(r["accuracy"]) <= 1 and float(r["truncated_rate"]) == 0 and int(r["calls"]) > 0
+    assert rows["multiagent-ft"]["p_mcnemar"] == "" and "McNemar" in rows["star"]["paired_test"]
+    _check_paired(out, rows, "star")
+    # STaR read gold and rationalized; Majority FT pooled its samples into one model.
+    star = json.loads((out / "star" / "iter-0" / "ftdata" / "stats.json").read_text())
+    assert star["reads_gold"] and star["agents"][0]["rationalized_tried"] > 0
+    assert (out / "star" / "iter-0" / "star-rationalize.jsonl").is_file()
+    mft = json.loads((out / "majority-ft" / "registry.json").read_text())["entries"]
+    assert len({e["job_id"] for e in mft}) == 1 and len(mft) == 3
+    md = (out / "table1.md").read_text()
+    assert "SIMULATED" in md and md.count("\n| ") == 1 + len(TABLE1)
+    assert "exact McNemar" in md and "reference" in md and "task.n_test=100" in md
+
+
+@pytest.mark.slow
+def test_paper_table2_end_to_end_on_the_simulator_and_rerun_reuses(cli, tmp_path):
+    args = ("--comparison", "paper-table2", "--out", "out", *SMALL)
     proc = cli(*args, module="harness.compare", timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
-    with open(tmp_path / "out" / "table1.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == METHODS
-    by = {r["method"]: r for r in rows}
-    assert all(r["n"] == "12" and r["status"] == "ran" and r["simulated"] == "True" for r in rows)
-    # --set applies to every method, but a method's defining fields are pinned.
-    assert by["single-agent"]["agents"] == "1" and by["debate"]["agents"] == "2"
-    assert by["majority-vote"]["rounds"] == "1" and by["debate"]["rounds"] == "2"
-    assert by["star"]["iterations"] == "1" and by["debate"]["iterations"] == "0"
-    for r in rows:
-        assert 0 <= float(r["accuracy"]) <= 1 and float(r["stderr"]) > 0 and int(r["calls"]) > 0
-    # STaR pools every agent's data into one shared model; multiagent finetuning keeps one per agent.
-    star = json.loads((tmp_path / "out" / "star" / "registry.json").read_text())["entries"]
-    maft = json.loads((tmp_path / "out" / "multiagent-ft" / "registry.json").read_text())["entries"]
-    star_gens = {e["model_id"] for e in star if e["role"] == "generator" and e["status"] == "succeeded"}
-    maft_gens = {e["model_id"] for e in maft if e["role"] == "generator" and e["status"] == "succeeded"}
-    assert len(star_gens) == 1 and len(maft_gens) == 2
-    md = (tmp_path / "out" / "table1.md").read_text()
-    assert "SIMULATED" in md and md.count("\n| ") == 1 + len(METHODS)
+    out = tmp_path / "out"
+    rows = _table(out / "table2.csv")
+    assert list(rows) == TABLE2 and all(r["n"] == "12" and r["status"] == "ran" for r in rows.values())
+    assert rows["single-agent-ft-wo-debate"]["agents"] == "1" and rows["single-agent-ft"]["agents"] == "3"
+    _check_paired(out, rows, "single-agent-ft-wo-debate")
+    metrics = json.loads((out / "single-agent-ft-wo-debate" / "iter-1" / "metrics.json").read_text())
+    assert len(metrics["generators"]) == 1  # data from a 3-agent debate, one agent at test
+    entries = json.loads((out / "single-agent-ft" / "registry.json").read_text())["entries"]
+    assert len(entries) == 6 and len({e["model_id"] for e in entries}) == 1
+    critics = [e for e in json.loads((out / "multiagent-ft-wo-critic" / "registry.json").read_text())["entries"]
+               if e["role"] == "critic"]
+    assert {(e["status"], e["model_id"]) for e in critics} == {("kept", "sim-base")}
+    assert "Multiagent FT w/o summary" in (out / "table2.md").read_text()
     # Run again: every finished method is reused, nothing is rerun.
     again = cli(*args, module="harness.compare", timeout=120)
     assert again.returncode == 0, again.stderr
-    with open(tmp_path / "out" / "table1.csv") as f:
-        assert {r["status"] for r in csv.DictReader(f)} == {"reused"}
+    assert {r["status"] for r in _table(out / "table2.csv").values()} == {"reused"}
