@@ -11,8 +11,8 @@ The rules, for one debate with final vote ŷ (`record.vote.answer`):
   gets `"weight": 0`: the critic should learn to revise, not to produce the round-0 answer.
 * Critic mix D_C = w·C- + (1-w)·C+, with w = `critic_weight`, as counts (see `critic_mix`).
 
-Only the vote selects data: the gold answer and the records' `correct` fields are never read
-here (they are for evaluation). Each agent's files are built only from transcripts whose
+In this rule (`build_ftdata`, the paper's method) only the vote selects data: the gold answer
+and the records' `correct` fields are never read (they are for evaluation). Each agent's files are built only from transcripts whose
 `AgentTranscript.agent` is that agent: the society stays diverse only if agents never share data.
 A debate with no vote (no parseable final answer) yields nothing; so does an unparseable answer.
 

@@ -13,7 +13,8 @@ Role = Literal["system", "user", "assistant"]
 
 
 class Problem(BaseModel):
-    """One task instance. `gold` is used for evaluation only, never to select training data."""
+    """One task instance. `gold` is used for evaluation only, never to select training data,
+    except by the STaR baseline (harness/star.py, `finetune.selection: star`), which says so."""
 
     id: str
     task: str
