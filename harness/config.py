@@ -24,6 +24,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ArithmeticConfig(_Strict):
+    """The arithmetic task's expressions: `terms` integers drawn from [low, high], joined by
+    `operators` (one per gap, in order). The default is the paper's a+b*c+d-e*f over 0..29;
+    fewer terms, a smaller range or only + and - give the easier rungs a small model needs."""
+
+    terms: int = Field(6, ge=2, le=12)
+    low: int = Field(0, ge=0)
+    high: int = Field(29, ge=0)
+    # One of + - * per gap between terms, e.g. "+*+-*" (the paper's); with random_operators, the
+    # set each gap's operator is drawn from (per problem, seeded), e.g. "+-".
+    operators: str = "+*+-*"
+    random_operators: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "ArithmeticConfig":
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        if not self.operators or set(self.operators) - set("+-*"):
+            raise ValueError(f"operators {self.operators!r}: use only + - * (e.g. '+*+-*')")
+        if not self.random_operators and len(self.operators) != self.terms - 1:
+            raise ValueError(f"operators {self.operators!r} has {len(self.operators)} operator(s) but {self.terms} "
+                             f"terms need {self.terms - 1}; give one per gap, or set random_operators: true to "
+                             f"draw each from the set")
+        return self
+
+    @property
+    def is_paper_form(self) -> bool:
+        return self == ArithmeticConfig()
+
+
 class TaskConfig(_Strict):
     name: Literal["arithmetic", "gsm8k", "math", "mmlu"] = "arithmetic"
     # Hub id or local JSONL/Parquet path for the training problems; None: the task's default.
@@ -37,6 +67,8 @@ class TaskConfig(_Strict):
     levels: list[int] = Field(default_factory=lambda: [1, 2, 3])
     # A directory with the user's own prompt templates; files there override prompts/<task>/.
     prompts_dir: str | None = None
+    # The arithmetic task's difficulty (number of terms, operand range, operators).
+    arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
 
 
 class SimulatorConfig(_Strict):

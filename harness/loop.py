@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -29,14 +30,14 @@ from harness.diversity import compute_diversity
 from harness.endpoints import open_endpoint
 from harness.errors import BudgetExceeded, ConfigError, HarnessError
 from harness.evaluate import print_results, split_metrics
-from harness.fileio import write_atomic, write_model
+from harness.fileio import JsonlAppender, write_atomic, write_model
 from harness.finetune import FinetuneStage
 from harness.ftdata import FtDataStats, build_ftdata, build_star_ftdata
 from harness.llm import LLMClient
 from harness.plan import estimate_plan, plan_table
 from harness.prompts import Prompts
 from harness.providers.base import FinetuneProvider
-from harness.records import DebateRecord, IterationMetrics, Problem, RunSummary
+from harness.records import DebateRecord, IterationMetrics, Problem, RunSummary, StageTiming
 from harness.registry import Registry
 from harness.star import rationalize
 from harness.tasks import get_task, load_split
@@ -78,11 +79,20 @@ class Run:
     def iter_dir(self, k: int) -> Path:
         return self.dir / f"iter-{k}"
 
+    @contextlib.contextmanager
+    def stage(self, k: int, stage: str, split: str | None = None):
+        """Times one stage into stages.jsonl (wall time per stage, per session)."""
+        started, t0 = time.time(), time.monotonic()
+        yield
+        with JsonlAppender(self.dir / "stages.jsonl") as out:
+            out.append(StageTiming(iteration=k, stage=stage, split=split, started_at=started,
+                                   seconds=round(time.monotonic() - t0, 3)))
+
     def society(self, k: int, agents: int) -> Society:
         generators, critics = self.registry.models_for(k, agents)
         return Society(generators=generators, critics=critics, summarizer=self.cfg.summarizer)
 
-    async def load_models(self, society: Society) -> None:
+    async def load_models(self, k: int, society: Society) -> None:
         """Models a server must load before it can answer for them (vLLM LoRA adapters), on
         every server; loading is idempotent, and this run's stale adapters are unloaded."""
         if self.provider is None or self.cfg.endpoint.kind != "vllm":
@@ -90,12 +100,13 @@ class Run:
         adapters = self.provider.artifacts([*society.generators, *society.critics])
         from harness.serve import load_adapters
 
-        for url in self.urls:
-            await load_adapters(url, adapters, stale_prefix=self.registry.run + "-")
+        with self.stage(k, "load_adapters"):
+            for url in self.urls:
+                await load_adapters(url, adapters, stale_prefix=self.registry.run + "-")
 
     async def debate(self, k: int, split: str, problems: list[Problem], society: Society,
                      rounds: int) -> list[DebateRecord]:
-        await self.load_models(society)
+        await self.load_models(k, society)
         settings = DebateSettings(rounds=rounds, mode=self.cfg.debate.mode,
                                   grading_timeout_s=self.cfg.grading.timeout_s)
         debater = Debater(self.client, society, self.prompts, self.task.extract, settings, iteration=k, split=split)
@@ -110,9 +121,10 @@ class Run:
                 hits[1] += 1
                 bar.update(task_id, advance=1, acc=f"{100 * hits[0] / hits[1]:.1f}%")
 
-            records = await run_debates(debater, problems, self.iter_dir(k) / f"debate-{split}.jsonl", on_done,
-                                        max_in_flight=problems_in_flight(self.cfg.endpoint.concurrency,
-                                                                         society.n_agents))
+            with self.stage(k, "debate", split):
+                records = await run_debates(debater, problems, self.iter_dir(k) / f"debate-{split}.jsonl", on_done,
+                                            max_in_flight=problems_in_flight(self.cfg.endpoint.concurrency,
+                                                                             society.n_agents))
         if not self.console.is_terminal:
             self.console.print(f"iter {k} · debate {split}: {len(records)} problems")
         refused = [e for r in records for t in r.agents for e in t.errors if e is not None]
@@ -143,12 +155,13 @@ class Run:
             return
         cfg = self.cfg
         use_logprobs = cfg.endpoint.kind == "vllm" and cfg.analysis.likelihood
-        div = await compute_diversity(
-            records, iteration=k, split="test", client=self.client,
-            embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
-            logprob_base_url=self.client.base_url if use_logprobs else None,
-            logprob_api_key=cfg.endpoint.api_key() if use_logprobs else None,
-            likelihood_max_problems=cfg.analysis.likelihood_max_problems)
+        with self.stage(k, "diversity", "test"):
+            div = await compute_diversity(
+                records, iteration=k, split="test", client=self.client,
+                embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
+                logprob_base_url=self.client.base_url if use_logprobs else None,
+                logprob_api_key=cfg.endpoint.api_key() if use_logprobs else None,
+                likelihood_max_problems=cfg.analysis.likelihood_max_problems)
         write_model(path, div)
 
     def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> RunSummary:
@@ -210,16 +223,18 @@ async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Probl
         splits["train"] = split_metrics(train_records, iteration=k, split="train", simulated=run.simulated)
         write_model(run.iter_dir(k) / "metrics.json", metrics)
         data_dir = run.iter_dir(k) / "ftdata"
-        if cfg.finetune.selection == "star":
-            stats = await run.star_data(k, train_records, data_dir)
-        else:
-            stats = await asyncio.to_thread(build_ftdata, train_records, n_agents=cfg.debate.agents,
-                                            cfg=cfg.finetune, out_dir=data_dir, seed=cfg.seed,
-                                            timeout_s=cfg.grading.timeout_s)
+        with run.stage(k, "ftdata"):
+            if cfg.finetune.selection == "star":
+                stats = await run.star_data(k, train_records, data_dir)
+            else:
+                stats = await asyncio.to_thread(build_ftdata, train_records, n_agents=cfg.debate.agents,
+                                                cfg=cfg.finetune, out_dir=data_dir, seed=cfg.seed,
+                                                timeout_s=cfg.grading.timeout_s)
         next_started = any(run.iter_dir(k + 1).glob("debate-*.jsonl"))
         stage = FinetuneStage(cfg, run.provider, run.registry, run.registry_path, run.dir, run.console,
                               retry_failed=not next_started)
-        entries = await stage.run(stats, data_dir, target=k + 1)
+        with run.stage(k, "finetune"):
+            entries = await stage.run(stats, data_dir, target=k + 1)
         for e in entries:
             if e.status not in ("succeeded", "kept"):
                 run.warnings.append(

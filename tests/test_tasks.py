@@ -69,6 +69,38 @@ def test_arithmetic_disjoint_and_deterministic():
     assert [p.id for p in other_test] != [p.id for p in test]
 
 
+def test_arithmetic_ladder_of_difficulty():
+    """Fewer terms, a smaller range, other operators: still seeded, disjoint and correctly graded."""
+    from harness.config import ArithmeticConfig
+
+    easy = ArithmeticConfig(terms=2, low=0, high=9, operators="+")
+    c = cfg(n_train=40, n_test=40, seed=5, arithmetic=easy)
+    train, test = both(c)
+    assert not {p.question for p in train} & {p.question for p in test}
+    for p in train + test:
+        a, b = map(int, p.question.removeprefix("What is the result of ").removesuffix("?").split("+"))
+        assert 0 <= a <= 9 and 0 <= b <= 9 and int(p.gold) == a + b
+    assert both(c) == (train, test)
+
+    mixed = ArithmeticConfig(terms=4, low=1, high=20, operators="+-*", random_operators=True)
+    probs = load_split(cfg(n_train=0, n_test=200, arithmetic=mixed), "test")
+    ops = {ch for p in probs for ch in p.meta["expression"] if ch in "+-*"}
+    assert ops == {"+", "-", "*"}
+    for p in probs:
+        assert int(p.gold) == eval(p.meta["expression"])  # noqa: S307 - the test's reference evaluator
+    assert len({p.id for p in probs}) == 200
+
+
+def test_arithmetic_form_errors_name_the_field():
+    from harness.config import load_config
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="task.arithmetic.*need 2"):
+        load_config("demo", ["task.arithmetic.terms=3", "task.arithmetic.operators=+"])
+    with pytest.raises(ConfigError, match="only 100 distinct"):
+        load_split(cfg(n_train=80, n_test=80, arithmetic={"terms": 2, "high": 9, "operators": "+"}), "train")
+
+
 def test_arithmetic_extracts_plain_numbers():
     task = get_task("arithmetic")
     assert task.allow_plain_number

@@ -136,11 +136,14 @@ class LocalProvider(FinetuneProvider):
     @classmethod
     def from_config(cls, cfg: RunConfig, run_dir: Path) -> "LocalProvider":
         local = cfg.finetune.local
-        path = local.base_model_path or cfg.serve.model
-        if not path:
+        named = local.base_model_path or cfg.serve.model
+        if not named:
             raise FinetuneError("finetune.local.base_model_path (or serve.model): the weights to finetune are not set")
-        return cls(run_dir, local, base_model_path=path, max_lora_rank=cfg.serve.max_lora_rank,
-                   base_names={cfg.models.base, cfg.serve.served_name}, seed=cfg.seed)
+        from harness.models import resolve
+
+        # `harness:<name>`: the folder harness.models caches; the name itself stays a base name.
+        return cls(run_dir, local, base_model_path=resolve(named), max_lora_rank=cfg.serve.max_lora_rank,
+                   base_names={named, cfg.models.base, cfg.serve.served_name}, seed=cfg.seed)
 
     # ------------------------------------------------------------------ the interface
 

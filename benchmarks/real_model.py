@@ -1,0 +1,238 @@
+"""The paper's key comparison on a real model, on a CPU: multiagent finetuning vs single-agent
+finetuning (one model trained on the pooled debate data) vs debate without finetuning, with
+SmolLM2-135M-Instruct over several finetuning iterations.
+
+    python benchmarks/real_model.py                       # ~1 hour on an idle 2-core machine
+    python benchmarks/real_model.py --n-train 24 --n-test 24 --iterations 1   # a quick look
+
+Every method is the `smollm2` preset run by the unpatched loop (`python -m harness.loop`), all
+against one vLLM CPU server that this script starts and stops. "Debate without finetuning" is
+iteration 0 of each finetuned run: the same society of base models debating the same test
+problems, before any training. Both finetuned methods are evaluated on the same seeded test
+problems, so they are compared pairwise (exact McNemar test on the problems where they differ).
+
+Writes benchmarks/results/real-model/README.md (accuracy ± SE per method and iteration, n,
+paired tests, wall time per stage: debate, data, training, adapter loading) and its plots.
+Runs go to --runs-dir (default runs/real-model); a run that finished is reused, an unfinished
+one resumed, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harness.config import load_config  # noqa: E402
+from harness.fileio import write_atomic  # noqa: E402
+from harness.stats import paired_compare  # noqa: E402
+
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "multiagent-ft": ("Multiagent finetuning (each agent on its own data)", []),
+    "single-agent-ft": ("Single-agent finetuning (one model on the pooled data)", ["finetune.single_model=true"]),
+}
+STAGES = ("debate", "ftdata", "finetune", "load_adapters")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_avg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def run_method(name: str, sets: list[str], run_dir: Path, log: Path) -> float:
+    """Run (or resume, or reuse) one method through the loop; returns this session's wall time."""
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("finished"):
+        print(f"== {name}: finished earlier, reused ({run_dir})", flush=True)
+        return 0.0
+    args = ["--resume", str(run_dir)] if (run_dir / "config.yaml").is_file() else \
+        ["--config", "smollm2", "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "harness.loop", *args, *[a for s in sets for a in ("--set", s)]]
+    print(f"== {name}: {' '.join(cmd[1:])}  (log: {log})", flush=True)
+    started = time.monotonic()
+    with open(log, "a") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}).returncode
+    if code != 0:
+        raise SystemExit(f"{name} failed (exit {code}); see {log}. Run the benchmark again to resume it.")
+    return time.monotonic() - started
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if path.exists() else []
+
+
+def collect(run_dir: Path) -> dict:
+    """Per iteration: test metrics, per-problem correctness, and stage wall times."""
+    iterations = {}
+    for metrics_path in sorted(run_dir.glob("iter-*/metrics.json"), key=lambda p: int(p.parent.name[5:])):
+        k = int(metrics_path.parent.name[5:])
+        m = json.loads(metrics_path.read_text())["splits"]["test"]
+        correct = {r["problem"]["id"]: r["correct"] for r in jsonl(run_dir / f"iter-{k}" / "debate-test.jsonl")}
+        iterations[k] = {"metrics": m, "correct": correct}
+    stages: dict[tuple[int, str], float] = defaultdict(float)
+    for s in jsonl(run_dir / "stages.jsonl"):
+        stages[(s["iteration"], s["stage"])] += s["seconds"]
+    registry = json.loads((run_dir / "registry.json").read_text())["models"]
+    return {"iterations": iterations, "stages": dict(stages), "registry": registry}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def write_result(out: Path, runs: dict[str, dict], args, wall: dict[str, float], loads: tuple[str, str]) -> None:
+    cfg = load_config("smollm2", common_sets(args, "http://127.0.0.1:0/v1"))
+    form = cfg.task.arithmetic
+    lines = [
+        "# Real model: multiagent vs single-agent finetuning vs debate (SmolLM2-135M-Instruct, CPU)", "",
+        f"Command: `python benchmarks/real_model.py --n-train {args.n_train} --n-test {args.n_test} "
+        f"--iterations {args.iterations}`  ",
+        f"Task: arithmetic, {form.terms} terms over {form.low}..{form.high}, operators `{form.operators}`"
+        f"{' (random)' if form.random_operators else ''}; {args.n_train} train / {args.n_test} test problems (seed "
+        f"{cfg.seed}); {cfg.debate.agents} agents × {cfg.debate.rounds} rounds ({cfg.debate.mode}); temperature "
+        f"{cfg.sampling.temperature}, max_tokens {cfg.sampling.max_tokens}.  ",
+        f"Finetuning: LoRA r={cfg.finetune.local.r}, alpha {cfg.finetune.local.alpha}, lr "
+        f"{cfg.finetune.local.learning_rate}, {cfg.finetune.hyperparameters.n_epochs} epochs, batch "
+        f"{cfg.finetune.hyperparameters.batch_size}, from the previous iteration's adapter; critic mix w = "
+        f"{cfg.finetune.critic_weight:.2f}, first critic turn weight 0.  ",
+        f"Machine: 2 CPU cores, no GPU; load average before {loads[0]}, after {loads[1]} (other work was running "
+        f"on the machine; wall times are indicative, accuracies are not affected).", "",
+        "## Test accuracy (majority vote after the last round), % ± SE, n = "
+        f"{args.n_test} problems per cell", "",
+        "| method | " + " | ".join(f"iter {k}" for k in range(args.iterations + 1)) + " |",
+        "|---|" + "---|" * (args.iterations + 1)]
+    for name, run in runs.items():
+        cells = []
+        for k in range(args.iterations + 1):
+            m = run["iterations"].get(k, {}).get("metrics")
+            cells.append(f"{pct(m['accuracy'])} ± {pct(m['stderr'])}" if m else "—")
+        lines.append(f"| {METHODS[name][0]} | " + " | ".join(cells) + " |")
+    lines += ["", "Iteration 0 is debate without finetuning (the base model in every role); each finetuned method "
+              "has its own, independently sampled iteration 0.", "",
+              "## Details per iteration (test split)", "",
+              "| method | iter | acc | per agent (final round) | per round | all agree | unparsed | truncated |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        for k, it in sorted(run["iterations"].items()):
+            m = it["metrics"]
+            lines.append(f"| {name} | {k} | {pct(m['accuracy'])} | {' / '.join(pct(a) for a in m['per_agent'])} | "
+                         f"{' → '.join(pct(a) for a in m['per_round'])} | {pct(m['agreement'])} | "
+                         f"{pct(m['unparsed_rate'])} | {pct(m.get('truncated_rate', 0.0))} |")
+    lines += ["", "## Paired comparisons (same test problems; exact McNemar test)", "",
+              "| comparison | iter | difference (pp) | 95% CI | discordant (a only / b only) | p |", "|---|---|---|---|---|---|"]
+    names = list(runs)
+    for k in range(1, args.iterations + 1):
+        pairs = [(f"{names[0]} − {names[1]}", runs[names[0]], k, runs[names[1]], k)] if len(names) > 1 else []
+        pairs += [(f"{n} iter {k} − iter 0", runs[n], k, runs[n], 0) for n in names]
+        for label, ra, ka, rb, kb in pairs:
+            a, b = ra["iterations"].get(ka, {}).get("correct"), rb["iterations"].get(kb, {}).get("correct")
+            if not a or not b:
+                continue
+            c = paired_compare(a, b)
+            lines.append(f"| {label} | {k} | {100 * c.difference:+.1f} | [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}] | "
+                         f"{c.only_a} / {c.only_b} | {c.p_value:.3f} |")
+    lines += ["", "## Wall time per stage (seconds, summed over iterations and sessions)", "",
+              "| method | " + " | ".join(STAGES) + " | whole run |", "|---|" + "---|" * (len(STAGES) + 1)]
+    for name, run in runs.items():
+        per = {st: sum(v for (k, s), v in run["stages"].items() if s == st) for st in STAGES}
+        lines.append(f"| {name} | " + " | ".join(f"{per[st]:.0f}" for st in STAGES) + f" | {wall.get(name, 0):.0f} |")
+    lines += ["", "## Training data and jobs", "", "| method | iter | role | agent | examples | trained tokens |",
+              "|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        for e in sorted(run["registry"], key=lambda e: (e["iteration"], e["role"], e["agent"])):
+            lines.append(f"| {name} | {e['iteration']} | {e['role']} | {e['agent']} | {e.get('n_examples')} | "
+                         f"{e.get('trained_tokens')} | ")
+    lines += ["", "![accuracy per iteration](accuracy.png)", ""]
+    write_atomic(out / "README.md", "\n".join(lines) + "\n")
+
+
+def plot(out: Path, runs: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, run in runs.items():
+        ks = sorted(run["iterations"])
+        acc = [100 * run["iterations"][k]["metrics"]["accuracy"] for k in ks]
+        se = [100 * run["iterations"][k]["metrics"]["stderr"] for k in ks]
+        ax.errorbar(ks, acc, yerr=se, marker="o", capsize=3, label=METHODS[name][0])
+    ax.set_xlabel("finetuning iteration (0 = debate without finetuning)")
+    ax.set_ylabel("test accuracy, % (± SE)")
+    ax.set_xticks(sorted({k for r in runs.values() for k in r["iterations"]}))
+    ax.set_title("SmolLM2-135M-Instruct, arithmetic (real model, CPU)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+
+def common_sets(args, base_url: str) -> list[str]:
+    return [f"task.n_train={args.n_train}", f"task.n_test={args.n_test}", f"finetune.iterations={args.iterations}",
+            "serve.manage=false", f"endpoint.base_url={base_url}"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-train", type=int, default=40)
+    p.add_argument("--n-test", type=int, default=60)
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "real-model")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real-model")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    args = p.parse_args()
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+
+    from harness.models import fetch
+    from harness.serve import VLLMServer
+
+    cfg = load_config("smollm2")
+    serve = cfg.serve.model_copy(update={"model": str(fetch("smollm2")), "port": free_port()})
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    loads = [load_avg()]
+    server = VLLMServer(serve, agents=cfg.debate.agents, log_path=args.runs_dir / "vllm.log")
+    wall: dict[str, float] = {}
+    server.start()
+    try:
+        import asyncio
+
+        asyncio.run(server.wait_healthy())
+        for name in names:
+            sets = common_sets(args, server.base_url) + METHODS[name][1]
+            wall[name] = run_method(name, sets, args.runs_dir / name, args.runs_dir / f"{name}.log")
+    finally:
+        server.stop()
+    loads.append(load_avg())
+    runs = {name: collect(args.runs_dir / name) for name in names}
+    plot(args.out, runs)
+    write_result(args.out, runs, args, wall, (loads[0], loads[1]))
+    from harness.report import build_report
+
+    build_report([args.runs_dir / n for n in names], args.out / "report", compute_missing=False)
+    print((args.out / "README.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
