@@ -45,7 +45,8 @@ log = logging.getLogger("harness")
 EXIT_BUDGET = 3
 # What a resumed run may change: where and how fast to call, how much to spend, how far to go.
 RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "endpoint.max_retries",
-                    "endpoint.base_url", "endpoint.api_key_env", "serve.", "finetune.iterations",
+                    "endpoint.base_url", "endpoint.api_key_env", "endpoint.rpm_limit", "endpoint.tpm_limit",
+                    "endpoint.rate_limit_wait_s", "endpoint.max_tokens_param", "serve.", "finetune.iterations",
                     "finetune.poll_interval_s")
 
 
