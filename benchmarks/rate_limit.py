@@ -70,10 +70,15 @@ async def drain(base_url: str, kind: str, max_tokens: int) -> tuple[float, float
     body = {"model": "sim-base", "messages": [{"role": "user", "content": "1+1"}], "max_completion_tokens": max_tokens}
     header = f"x-ratelimit-remaining-{'requests' if kind == 'rpm' else 'tokens'}"
     async with httpx2.AsyncClient(timeout=30) as http:
+        async def post() -> tuple[httpx2.Response, float]:
+            reply = await http.post(f"{base_url}/chat/completions", json=body)
+            return reply, time.perf_counter()
+
         while True:
-            replies = await asyncio.gather(*(http.post(f"{base_url}/chat/completions", json=body) for _ in range(64)))
-            if any(r.status_code == 429 for r in replies):
-                return min(float(r.headers[header]) for r in replies), time.perf_counter()
+            replies = await asyncio.gather(*(post() for _ in range(64)))
+            refused = [(float(r.headers[header]), t) for r, t in replies if r.status_code == 429]
+            if refused:
+                return min(refused)  # a 429 is answered at once, so its reading is as of its arrival
 
 
 async def measure(base_url: str, *, concurrency: int, calls: int, max_tokens: int) -> dict:
@@ -144,7 +149,10 @@ def main() -> None:
             f"as a budget refilled continuously; it is drained first, so the numbers are the sustained rate. "
             f"Simulated latency {args.latency_ms:g} ms (jitter {args.latency_ms / 4:g} ms), max_tokens "
             f"{args.max_tokens}, `endpoint.max_retries=0` (a 429 must not need a retry). TPM counts prompt tokens "
-            f"plus max_tokens per request, as OpenAI counts it.",
+            f"plus max_tokens per request, as OpenAI counts it. Share of limit = what was used / what the server "
+            f"could admit (the budget left after the drain plus limit/60 a second until the last answer); the "
+            f"rest is the first call's round trip (it goes alone, to read the limits), the last call's latency, "
+            f"and the pacer's margin of about one latency's worth of budget.",
             "",
             "| limit | concurrency | calls | elapsed (s) | share of limit | failed calls | 429s met | calls retried |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",

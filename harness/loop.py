@@ -169,6 +169,7 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummar
             needs_provider = cfg.finetune.iterations > 0 or cfg.finetune.provider == "local"
             provider = make_provider(cfg, urls[0], run_dir) if needs_provider else None
             run = Run(cfg, run_dir, console, client, urls, provider)
+            run.warnings.extend(client.notes)  # e.g. calls an earlier session left in flight at a crash
             try:
                 for k in range(cfg.finetune.iterations + 1):
                     iterations.append(await run_iteration(run, k, train, test))
@@ -314,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, inference cost "
                   + (f"${cost:.4f}" if cost is not None else "unknown")
                   + (f" + {unknown} calls of unknown price" if unknown else "")
+                  + (f"; {usage['unanswered_calls']} calls may have been billed without an answer (worst case "
+                     f"${usage.get('unanswered_cost_usd', 0):.4f}, see calls-in-flight.jsonl)"
+                     if usage.get("unanswered_calls") else "")
                   + (" (simulated prices)" if summary.simulated else ""))
     for warning in summary.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}")

@@ -27,8 +27,11 @@ class ScriptedServer:
     """Answers chat and embedding requests; `script` holds (status, body, headers, delay_s)
     replies used first, in order; then it answers 200. Records every request body."""
 
-    def __init__(self, *, delay_s: float = 0.0, usage: bool = True):
+    def __init__(self, *, delay_s: float = 0.0, usage: bool = True, ok_headers=None):
+        """`ok_headers(body)`: headers of each 200 answer (e.g. x-ratelimit-* announcements)."""
         self.requests: list[dict] = []
+        self.times: list[float] = []  # time.monotonic() of each request's arrival
+        self.ok_headers = ok_headers
         self.script: list[tuple[int, dict, dict, float]] = []
         self.delay_s = delay_s
         self.usage = usage
@@ -39,6 +42,7 @@ class ScriptedServer:
         async def reply(request: Request, ok) -> JSONResponse:
             body = await request.json()
             self.requests.append(body)
+            self.times.append(time.monotonic())
             self.active += 1
             self.max_active = max(self.max_active, self.active)
             try:
@@ -48,7 +52,7 @@ class ScriptedServer:
                     if status != 200:
                         return JSONResponse(payload, status_code=status, headers=headers)
                 await asyncio.sleep(self.delay_s)
-                return JSONResponse(ok(body))
+                return JSONResponse(ok(body), headers=self.ok_headers(body) if self.ok_headers else None)
             finally:
                 self.active -= 1
 

@@ -7,8 +7,9 @@ What a Pacer does before each HTTP request it admits:
   `x-ratelimit-limit/remaining-requests` and `-tokens` headers. A limit seen there becomes a
   local budget of `limit` units refilled at limit/60 a second (how OpenAI describes its limits:
   `x-ratelimit-reset-*` is the time until the budget is whole again), re-synchronised on every
-  response: the server's `remaining`, minus what this client has sent since that request. Requests wait until the budget holds them, so a paced
-  run sees (almost) no 429s, and other users of the same key are accounted through `remaining`.
+  response: the server's `remaining`, minus what this client has sent since that request.
+  Requests wait until the budget holds them, so a paced run sees (almost) no 429s, and other
+  users of the same key are accounted for through `remaining`.
 * **Configured limits** (`endpoint.rpm_limit`, `endpoint.tpm_limit`): the same budget with a
   burst of one second's worth, so the configured rate holds over any window of a second or more.
 * **Tokens** are estimated before the call: the prompt at ~4 characters a token plus 4 a
@@ -20,7 +21,8 @@ What a Pacer does before each HTTP request it admits:
   The first request to a server goes alone (for at most PROBE_S): its headers tell whether
   there are limits before a burst of `concurrency` requests is sent.
 * **A 429** pauses every caller of that server for the server's `retry-after` (`retry-after-ms`
-  when given; else the reset headers; else 1 s doubling to 60 s). It is not a failure: the retry
+  when given); without one, for 1 s, doubling to 60 s while 429s continue, and the budget
+  synchronised from its headers does the rest. It is not a failure: the retry
   layer (retry.py) does not count it against `max_retries`, and gives up only when no call to
   the server has succeeded for `endpoint.rate_limit_wait_s` (`stalled_s`).
 
@@ -119,14 +121,14 @@ class Pacer:
         self._freed = asyncio.Event()
         self._probe_until: float | None = None  # set when the first request goes
         self.answered = False  # the server gave an HTTP answer (any status) in this session
-        self.last_progress = now  # last success, or creation
+        self.last_progress = now  # last success, or the first request
         self.rate_limited = 0  # 429s seen
         self.waited_s = 0.0  # time callers spent waiting for the budget or a pause
 
     # ------------------------------------------------------------------ admission
 
     def stalled_s(self) -> float:
-        """Seconds since the last success at this server (or since the pacer was made)."""
+        """Seconds since the last success at this server (or since its first request)."""
         return self._clock() - self.last_progress
 
     def estimate(self, prompt_chars: int, messages: int, max_output_tokens: int) -> tuple[float, int]:
@@ -169,8 +171,9 @@ class Pacer:
                     continue
                 break
             self.waited_s += now - t_wait
-            if self._probe_until is None:
+            if self._probe_until is None:  # the first request to this server
                 self._probe_until = now + PROBE_S
+                self.last_progress = now
             ticket = Ticket(tokens=tokens, prompt_estimate=prompt, sent_at=now)
             for budgets in (self._configured, self._learned):
                 if "requests" in budgets:
@@ -224,10 +227,15 @@ class Pacer:
         if ticket.sent_at >= self._last_cut:  # one cut per burst: the 429s of requests sent before it count once
             self.window = max(1.0, self.window / 2)
             self._last_cut = now
-        wait = retry_after_s(error)
+        # Not the reset headers: they give the time until the whole budget is back (up to a
+        # minute), not until the next call fits, which the synchronised budget already knows.
+        wait = retry_after_s(error, use_reset=False)
         if wait is None:
             wait = self._pause_s
             self._pause_s = min(MAX_PAUSE_S, self._pause_s * 2)
+        # At most a minute at a time: a longer wait (a daily quota) is met again and again until
+        # endpoint.rate_limit_wait_s ends the run with a message, rather than looking like a hang.
+        wait = min(wait, MAX_PAUSE_S)
         self._paused_until = max(self._paused_until, now + wait)
         log.info("rate-limited at %s: pausing %.2fs, %d calls in flight allowed", self.url, wait, int(self.window))
 

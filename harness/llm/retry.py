@@ -140,9 +140,9 @@ def parse_duration(text: str) -> float | None:
     return sum(float(n) * _UNIT_S[u] for n, u in parts)
 
 
-def retry_after_s(exc: BaseException) -> float | None:
+def retry_after_s(exc: BaseException, *, use_reset: bool = True) -> float | None:
     """Seconds the server asked us to wait, from retry-after-ms, retry-after (seconds or an
-    HTTP date), or the x-ratelimit-reset-* headers of a 429; None if it did not say."""
+    HTTP date), or (`use_reset`) the x-ratelimit-reset-* headers of a 429; None if it did not say."""
     response = getattr(exc, "response", None)
     headers = getattr(response, "headers", None)
     if headers is None:
@@ -161,7 +161,7 @@ def retry_after_s(exc: BaseException) -> float | None:
             parsed = email.utils.parsedate_tz(value)
             if parsed is not None:
                 return max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
-    if _status(exc) == 429:
+    if use_reset and _status(exc) == 429:
         resets = [parse_duration(headers.get(h) or "") for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
         resets = [r for r in resets if r is not None]
         if resets:
