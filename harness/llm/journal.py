@@ -24,7 +24,6 @@ The file is compacted at start: only those counted requests are kept.
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from pathlib import Path
@@ -33,8 +32,6 @@ from typing import Callable, Literal
 from pydantic import BaseModel
 
 from harness.fileio import JsonlAppender, iter_jsonl, write_jsonl_atomic
-
-log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "calls-in-flight.jsonl"
 State = Literal["sent", "answered", "refused", "unanswered", "lost"]
