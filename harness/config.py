@@ -99,7 +99,21 @@ class EndpointConfig(_Strict):
     api_key_env: str | None = "OPENAI_API_KEY"  # the environment variable holding the key
     concurrency: int = Field(64, ge=1)  # calls in flight at once
     timeout_s: float = Field(120.0, gt=0)  # per call
-    max_retries: int = Field(6, ge=0)  # retries of transient errors (429, 5xx, timeouts)
+    max_retries: int = Field(6, ge=0)  # retries of real errors (5xx, timeouts, malformed answers); 429s are paced
+    # Client-side budget, for a limit the server does not announce in x-ratelimit-* headers (or one
+    # to stay below, e.g. to leave room for other users of the key). None: only the server's limits.
+    rpm_limit: int | None = Field(None, ge=1)  # requests per minute
+    tpm_limit: int | None = Field(None, ge=1)  # tokens per minute (prompt estimate + max_tokens)
+    # A rate limit (429) is waited out, not counted as a failure; the run stops only after no call
+    # has got through for this long.
+    rate_limit_wait_s: float = Field(600.0, gt=0)
+    # Models that accept only their default sampling (OpenAI's reasoning models): for them, on
+    # OpenAI endpoints, temperature and top_p are not sent. Shell-style patterns, matched against
+    # the model name (for a fine-tune ft:<base>:..., against <base>).
+    reasoning_models: list[str] = Field(default_factory=lambda: ["o1*", "o3*", "o4*", "gpt-5*"])
+    # The name of the output-length limit in chat requests: OpenAI's current name (vLLM accepts it
+    # too); "max_tokens" only for an older OpenAI-compatible server that ignores the new name.
+    max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
 
     def api_key(self) -> str:

@@ -47,7 +47,8 @@ log = logging.getLogger("harness")
 EXIT_BUDGET = 3
 # What a resumed run may change: where and how fast to call, how much to spend, how far to go.
 RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "endpoint.max_retries",
-                    "endpoint.base_url", "endpoint.api_key_env", "serve.", "finetune.iterations",
+                    "endpoint.base_url", "endpoint.api_key_env", "endpoint.rpm_limit", "endpoint.tpm_limit",
+                    "endpoint.rate_limit_wait_s", "endpoint.max_tokens_param", "serve.", "finetune.iterations",
                     "finetune.poll_interval_s")
 
 
@@ -195,6 +196,7 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummar
             needs_provider = cfg.finetune.iterations > 0 or cfg.finetune.provider == "local"
             provider = make_provider(cfg, urls[0], run_dir) if needs_provider else None
             run = Run(cfg, run_dir, console, client, urls, provider)
+            run.warnings.extend(client.notes)  # e.g. calls an earlier session left in flight at a crash
             try:
                 for k in range(cfg.finetune.iterations + 1):
                     iterations.append(await run_iteration(run, k, train, test))
@@ -347,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, inference cost "
                   + (f"${cost:.4f}" if cost is not None else "unknown")
                   + (f" + {unknown} calls of unknown price" if unknown else "")
+                  + (f"; {usage['unanswered_calls']} calls may have been billed without an answer (worst case "
+                     f"${usage.get('unanswered_cost_usd', 0):.4f}, see calls-in-flight.jsonl)"
+                     if usage.get("unanswered_calls") else "")
                   + (" (simulated prices)" if summary.simulated else ""))
     for warning in summary.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}")

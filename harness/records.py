@@ -125,7 +125,8 @@ class UsageRecord(BaseModel):
     latency_s: float
     cost_usd: float | None  # None: the price of this model is unknown (never reported as $0)
     cached: bool  # answered from the run's response cache: no API call was made
-    attempts: int = 1
+    attempts: int = 1  # HTTP requests made for this answer, rate-limited ones included
+    call_id: str | None = None  # the request's id in calls-in-flight.jsonl (None: a cache hit, or an older run)
 
 
 class SplitMetrics(BaseModel):

@@ -91,17 +91,19 @@ async def test_injected_500s_are_retried(tmp_path):
 
 
 @pytest.mark.slow
-async def test_rate_limit_429s_are_retried_after_the_servers_wait(tmp_path):
-    # 120 requests per minute: a bucket of 120 refilled at 2 a second. 130 calls at once:
-    # about 10 are told to come back after retry-after and then get through.
+async def test_rate_limit_is_paced_from_the_servers_headers(tmp_path):
+    # 120 requests per minute: a budget of 120 refilled at 2 a second. 130 calls at once: the
+    # client learns the limit from the first answer's x-ratelimit-* headers and holds the last
+    # ten back until the budget refills, instead of sending them into 429s.
     with SimServer(SimulatorConfig(seed=2, rpm_limit=120)) as sim:
-        async with client(sim.base_url, tmp_path, max_retries=10, concurrency=64) as c:
+        async with client(sim.base_url, tmp_path, max_retries=0, concurrency=64) as c:
             t0 = time.monotonic()
             results = await asyncio.gather(*(c.chat("sim-base", PROMPT, sid(a)) for a in range(130)))
             elapsed = time.monotonic() - t0
-    retried = [r for r in results if r.usage.attempts > 1]
-    assert len(results) == 130 and retried
-    assert elapsed >= 2.0  # the last ten waited for the bucket to refill (~0.5 s each)
+            pacing = c.pacing()[sim.base_url]
+    assert len(results) == 130 and all(r.text for r in results)
+    assert [r.usage.attempts for r in results] == [1] * 130 and pacing["rate_limited"] == 0
+    assert 4.0 <= elapsed < 9.0  # ten calls beyond the budget at 2 a second: ~5 s
 
 
 async def test_hangs_are_cut_by_the_timeout_and_retried(tmp_path):

@@ -27,8 +27,11 @@ class ScriptedServer:
     """Answers chat and embedding requests; `script` holds (status, body, headers, delay_s)
     replies used first, in order; then it answers 200. Records every request body."""
 
-    def __init__(self, *, delay_s: float = 0.0, usage: bool = True):
+    def __init__(self, *, delay_s: float = 0.0, usage: bool = True, ok_headers=None):
+        """`ok_headers(body)`: headers of each 200 answer (e.g. x-ratelimit-* announcements)."""
         self.requests: list[dict] = []
+        self.times: list[float] = []  # time.monotonic() of each request's arrival
+        self.ok_headers = ok_headers
         self.script: list[tuple[int, dict, dict, float]] = []
         self.delay_s = delay_s
         self.usage = usage
@@ -39,6 +42,7 @@ class ScriptedServer:
         async def reply(request: Request, ok) -> JSONResponse:
             body = await request.json()
             self.requests.append(body)
+            self.times.append(time.monotonic())
             self.active += 1
             self.max_active = max(self.max_active, self.active)
             try:
@@ -48,7 +52,7 @@ class ScriptedServer:
                     if status != 200:
                         return JSONResponse(payload, status_code=status, headers=headers)
                 await asyncio.sleep(self.delay_s)
-                return JSONResponse(ok(body))
+                return JSONResponse(ok(body), headers=self.ok_headers(body) if self.ok_headers else None)
             finally:
                 self.active -= 1
 
@@ -191,7 +195,8 @@ async def test_extra_body_only_for_vllm_and_seed_per_sample(server, tmp_path):
     vllm0, vllm1, openai0 = server.requests
     assert vllm0["top_k"] == 20 and vllm0["min_p"] == 0.05
     assert "top_k" not in openai0 and "min_p" not in openai0
-    assert vllm0["temperature"] == 0.7 and vllm0["top_p"] == 0.9 and vllm0["max_tokens"] == 32
+    assert vllm0["temperature"] == 0.7 and vllm0["top_p"] == 0.9 and vllm0["max_completion_tokens"] == 32
+    assert "max_tokens" not in vllm0 and "max_tokens" not in openai0  # deprecated in OpenAI's API and in vLLM
     assert vllm0["seed"] != vllm1["seed"] and vllm0["seed"] == openai0["seed"]
     unseeded = SamplingConfig(seeded=False)
     async with client(server.base_url, tmp_path / "c", sampling=unseeded) as c:
@@ -283,6 +288,8 @@ async def test_connection_pool_does_not_cap_concurrency_64(tmp_path):
     # the semaphore), so they finish in about one call's time, not several.
     with ScriptedServer(delay_s=1.0) as s:
         async with client(s.base_url, tmp_path, concurrency=64) as c:
+            # The first call to a server goes alone (its headers may announce rate limits).
+            await c.chat("gpt-4o-mini", Q, sid(0, "warm-up"))
             t0 = time.monotonic()
             await asyncio.gather(*(c.chat("gpt-4o-mini", Q, sid(a)) for a in range(64)))
             elapsed = time.monotonic() - t0

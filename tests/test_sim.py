@@ -212,17 +212,23 @@ async def test_unknown_model_is_404_and_bad_request_is_400(sim):
 
 async def test_rate_limit_gives_429_with_headers(sim):
     _, client = sim(rpm_limit=2, tpm_limit=100_000)
-    await ask(client, "1+2*3+4-5*6")
+    ok = await client.chat.completions.with_raw_response.create(
+        model="sim-base", messages=[{"role": "user", "content": "1+2*3+4-5*6"}])
+    # Every answer carries the limits, not only the 429s: a client can pace before it is refused.
+    assert ok.headers["x-ratelimit-limit-requests"] == "2" and ok.headers["x-ratelimit-remaining-requests"] == "1"
     await ask(client, "1+2*3+4-5*6")
     with pytest.raises(openai.RateLimitError) as e:
         await ask(client, "1+2*3+4-5*6")
     err = e.value
     assert err.code == "rate_limit_exceeded"
     h = err.response.headers
-    assert float(h["retry-after"]) > 0
+    # OpenAI's API: retry-after in whole seconds, at least 1 (60/2 = 30 s until one request fits).
+    assert h["retry-after"] == "30" and "retry-after-ms" not in h
+    assert re.search(r"Please try again in 29\.\d+s", err.message)  # the precise wait is in the message
     assert h["x-ratelimit-limit-requests"] == "2" and h["x-ratelimit-remaining-requests"] == "0"
     assert h["x-ratelimit-reset-requests"] and h["x-ratelimit-limit-tokens"] == "100000"
-    assert int(h["x-ratelimit-remaining-tokens"]) < 100_000
+    # Taken when the first request was admitted: its prompt tokens were spent.
+    assert int(ok.headers["x-ratelimit-remaining-tokens"]) < 100_000
 
 
 async def test_token_budget_refills(sim):

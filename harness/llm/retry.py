@@ -14,9 +14,14 @@ Two ways to use it:
             ...
     # the last transient error is re-raised as is; convert it with `final_error(...)`
 
-Transient (retried): HTTP 408, 429 (except `insufficient_quota`), 5xx, connection errors and
-timeouts. Everything else is terminal and fails at once: retrying a bad key, a missing model or
-a bad request only multiplies the same error.
+Transient (retried): HTTP 408, 429 (except `insufficient_quota` and a single request larger
+than the TPM limit), 5xx, connection errors and timeouts. Everything else is terminal and fails
+at once: retrying a bad key, a missing model or a bad request only multiplies the same error.
+
+Rate limits (`is_rate_limited`) are not failures when the caller paces (LLMClient, with a
+pacing.Pacer): `retrying(..., rate_limit_wait_s=..., stalled_s=...)` then does not count them
+against `max_retries`, waits nothing itself (the pacer holds the next attempt until the server's
+wait is over) and gives up only once no call has got through for `rate_limit_wait_s`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import httpx2
 import openai
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from harness.errors import HarnessError, LLMError
 
@@ -67,6 +72,41 @@ def _code(exc: BaseException) -> str | None:
     return str(code) if code is not None else None
 
 
+def _message(exc: BaseException) -> str:
+    return str(getattr(exc, "message", None) or exc)
+
+
+def is_request_too_large(exc: BaseException) -> bool:
+    """OpenAI's 429 for one request larger than the whole TPM limit: waiting cannot help."""
+    return _status(exc) == 429 and "request too large" in _message(exc).lower()
+
+
+def is_rate_limited(exc: BaseException | None) -> bool:
+    """A 429 that waiting cures: a rate limit, not an empty quota or an oversized request."""
+    return (exc is not None and _status(exc) == 429 and _code(exc) != "insufficient_quota"
+            and not is_request_too_large(exc))
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def cannot_connect(exc: BaseException | None) -> bool:
+    """The connection itself was refused or could not be made: nothing is listening at the URL
+    (or the host is unreachable). The SDK reports this as a connection error or, with the aiohttp
+    transport, as a *timeout*, so the cause chain is what tells."""
+    for e in _chain(exc):
+        if isinstance(e, (ConnectionRefusedError, httpx2.ConnectError)):
+            return True
+        if type(e).__name__ in ("ClientConnectorError", "ClientConnectorDNSError"):  # aiohttp's
+            return True
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth another attempt."""
     if isinstance(exc, HarnessError):  # our own decisions (budget, config) are never retried
@@ -77,8 +117,8 @@ def is_transient(exc: BaseException) -> bool:
     status = _status(exc)
     if status is None:
         return False
-    if status == 429 and _code(exc) == "insufficient_quota":
-        return False  # waiting does not add credit
+    if status == 429 and not is_rate_limited(exc):
+        return False  # waiting does not add credit, nor make a request smaller
     return status in _TRANSIENT_STATUS or status >= 500
 
 
@@ -92,7 +132,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def _parse_duration(text: str) -> float | None:
+def parse_duration(text: str) -> float | None:
     """OpenAI's x-ratelimit-reset-* headers: '1s', '6m0s', '20ms', '1h2m3.5s'."""
     parts = _DURATION.findall(text.strip())
     if not parts or "".join(n + u for n, u in parts) != text.strip():
@@ -100,9 +140,9 @@ def _parse_duration(text: str) -> float | None:
     return sum(float(n) * _UNIT_S[u] for n, u in parts)
 
 
-def retry_after_s(exc: BaseException) -> float | None:
+def retry_after_s(exc: BaseException, *, use_reset: bool = True) -> float | None:
     """Seconds the server asked us to wait, from retry-after-ms, retry-after (seconds or an
-    HTTP date), or the x-ratelimit-reset-* headers of a 429; None if it did not say."""
+    HTTP date), or (`use_reset`) the x-ratelimit-reset-* headers of a 429; None if it did not say."""
     response = getattr(exc, "response", None)
     headers = getattr(response, "headers", None)
     if headers is None:
@@ -121,8 +161,8 @@ def retry_after_s(exc: BaseException) -> float | None:
             parsed = email.utils.parsedate_tz(value)
             if parsed is not None:
                 return max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
-    if _status(exc) == 429:
-        resets = [_parse_duration(headers.get(h) or "") for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
+    if use_reset and _status(exc) == 429:
+        resets = [parse_duration(headers.get(h) or "") for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
         resets = [r for r in resets if r is not None]
         if resets:
             return max(resets)
@@ -141,11 +181,34 @@ def backoff_s(attempt: int, exc: BaseException | None, *, base_s: float = BACKOF
     return random.uniform(d / 2, d)
 
 
-def _wait(base_s: float, cap_s: float) -> Callable[[RetryCallState], float]:
-    def wait(state: RetryCallState) -> float:
+class _Policy:
+    """When to stop and how long to wait, for one logical call. Rate-limited attempts under
+    pacing neither count as failures nor wait here (the pacer holds the next attempt)."""
+
+    def __init__(self, max_retries: int, base_s: float, cap_s: float, rate_limit_wait_s: float | None,
+                 stalled_s: Callable[[], float] | None, give_up: Callable[[BaseException], bool] | None):
+        self.max_retries, self.base_s, self.cap_s = max_retries, base_s, cap_s
+        self.rate_limit_wait_s, self.stalled_s, self.give_up = rate_limit_wait_s, stalled_s, give_up
+        self.failures = 0
+
+    def _paced(self, exc: BaseException | None) -> bool:
+        return self.rate_limit_wait_s is not None and is_rate_limited(exc)
+
+    def stop(self, state: RetryCallState) -> bool:
         exc = state.outcome.exception() if state.outcome else None
-        return backoff_s(state.attempt_number, exc, base_s=base_s, cap_s=cap_s)
-    return wait
+        if exc is not None and self.give_up is not None and self.give_up(exc):
+            return True
+        if self._paced(exc):
+            stalled = self.stalled_s() if self.stalled_s is not None else state.seconds_since_start
+            return stalled >= self.rate_limit_wait_s
+        self.failures += 1
+        return self.failures > self.max_retries
+
+    def wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if self._paced(exc):
+            return 0.0
+        return backoff_s(max(1, self.failures), exc, base_s=self.base_s, cap_s=self.cap_s)
 
 
 def _log_retry(state: RetryCallState) -> None:
@@ -154,14 +217,21 @@ def _log_retry(state: RetryCallState) -> None:
              state.next_action.sleep if state.next_action else 0.0, short_error(exc))
 
 
-def retrying(max_retries: int, *, base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S) -> AsyncRetrying:
-    """A tenacity AsyncRetrying: at most 1 + max_retries attempts, transient errors only,
+def retrying(max_retries: int, *, base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S,
+             rate_limit_wait_s: float | None = None, stalled_s: Callable[[], float] | None = None,
+             give_up: Callable[[BaseException], bool] | None = None) -> AsyncRetrying:
+    """A tenacity AsyncRetrying: transient errors only, at most `max_retries` retries of failures,
     retry-after honoured, otherwise jittered exponential backoff. The last error is re-raised
-    unchanged (reraise=True) so the caller can explain it with `final_error`."""
+    unchanged (reraise=True) so the caller can explain it with `final_error`.
+
+    `rate_limit_wait_s`: the caller paces; rate-limited attempts are then free and retried at once
+    until `stalled_s()` (default: time since the first attempt) reaches it. `give_up(exc)`: True
+    stops at once (e.g. nothing listening at a server that never answered)."""
+    policy = _Policy(max_retries, base_s, cap_s, rate_limit_wait_s, stalled_s, give_up)
     return AsyncRetrying(
-        stop=stop_after_attempt(max_retries + 1),
+        stop=policy.stop,
         retry=retry_if_exception(is_transient),
-        wait=_wait(base_s, cap_s),
+        wait=policy.wait,
         before_sleep=_log_retry,
         reraise=True,
     )
@@ -197,6 +267,10 @@ def terminal_message(exc: BaseException, *, base_url: str, model: str | None = N
             return (f"{what} not found at {base_url}: check models.base / models.summarizer, or the model ids "
                     f"in registry.json ({detail})")
         return f"not found at {base_url} for {what}: check endpoint.base_url (it usually ends in /v1) ({detail})"
+    if is_request_too_large(exc):
+        return (f"one request for {what} at {base_url} is larger than the whole tokens-per-minute limit there: "
+                f"lower sampling.max_tokens (it counts against the limit), shorten the prompt (fewer debate rounds "
+                f"or agents) or ask the provider for a higher limit ({detail})")
     if status == 429 and code == "insufficient_quota":
         return (f"insufficient quota at {base_url}: add credit to the account, or lower the work "
                 f"(task.n_train, task.n_test, debate.agents, debate.rounds) and set budget.max_cost_usd ({detail})")
@@ -206,17 +280,37 @@ def terminal_message(exc: BaseException, *, base_url: str, model: str | None = N
     return f"{what} at {base_url} failed: {detail}"
 
 
+def cannot_connect_message(base_url: str, *, answered_before: bool = False) -> str:
+    msg = f"cannot connect to {base_url}: nothing is listening there; is the server running / is endpoint.base_url right?"
+    if answered_before:
+        msg += " (it answered earlier in this run, so the server has probably stopped; start it again and resume)"
+    return msg
+
+
 def final_error(exc: BaseException, *, attempts: int, base_url: str, model: str | None = None,
-                api_key_env: str | None = None, what: str | None = None) -> LLMError:
-    """The LLMError a caller raises once retrying has stopped (terminal error or attempts used)."""
+                api_key_env: str | None = None, what: str | None = None,
+                rate_limit_wait_s: float | None = None, answered_before: bool = False) -> LLMError:
+    """The LLMError a caller raises once retrying has stopped (terminal error, attempts used, or a
+    rate limit that did not lift within `rate_limit_wait_s`)."""
+    if cannot_connect(exc):
+        return LLMError(cannot_connect_message(base_url, answered_before=answered_before))
+    if rate_limit_wait_s is not None and is_rate_limited(exc):
+        subject = what or (f"model '{model}'" if model else "the request")
+        return LLMError(
+            f"{subject} at {base_url}: the server kept refusing calls for its rate limit (HTTP 429) and none got "
+            f"through for {rate_limit_wait_s:g}s, so the limit is not lifting. Check the account's limits for this "
+            f"model, or set endpoint.rpm_limit / endpoint.tpm_limit below them, or raise endpoint.rate_limit_wait_s; "
+            f"finished calls are cached and the run resumes where it stopped. Last answer: {short_error(exc)}",
+            status=429, code=_code(exc))
     if is_terminal(exc):
         return LLMError(terminal_message(exc, base_url=base_url, model=model, api_key_env=api_key_env),
                         status=_status(exc), code=_code(exc))
     subject = what or (f"model '{model}'" if model else "the request")
     return LLMError(
         f"{subject} at {base_url} failed after {attempts} attempt(s); last error: {short_error(exc)}. "
-        f"The server kept failing or rate-limiting: try again later (finished calls are cached, the run "
-        f"resumes where it stopped), lower endpoint.concurrency, or raise endpoint.max_retries."
+        f"The server kept failing{' or rate-limiting' if is_rate_limited(exc) else ''}: try again later (finished "
+        f"calls are cached, the run resumes where it stopped), lower endpoint.concurrency, or raise "
+        f"endpoint.max_retries."
     )
 
 
@@ -245,7 +339,8 @@ async def with_retries(fn: Callable[[], Awaitable[T]], max_retries: int, *, base
 
 
 __all__ = [
-    "BACKOFF_BASE_S", "BACKOFF_CAP_S", "MAX_RETRY_AFTER_S", "MalformedResponse", "backoff_s", "final_error",
-    "is_terminal", "is_transient", "retry_after_s", "retrying", "short_error", "terminal_message",
+    "BACKOFF_BASE_S", "BACKOFF_CAP_S", "MAX_RETRY_AFTER_S", "MalformedResponse", "backoff_s", "cannot_connect",
+    "cannot_connect_message", "final_error", "is_rate_limited", "is_request_too_large", "is_terminal",
+    "is_transient", "parse_duration", "retry_after_s", "retrying", "short_error", "terminal_message",
     "with_retries",
 ]

@@ -24,6 +24,12 @@ class UsageTotals(BaseModel):
     cost_usd: float = 0.0
     unknown_cost_calls: int = 0
     unknown_cost_models: list[str] = Field(default_factory=list)
+    # Requests sent that may have been billed without an answer reaching the run (in flight at a
+    # crash, timed out, cut off): calls-in-flight.jsonl. Their worst-case cost (whole prompt and
+    # max_tokens at list price) counts against the budget cap; it is not part of `cost_usd`.
+    unanswered_calls: int = 0
+    unanswered_cost_usd: float = 0.0
+    unanswered_unknown_cost_calls: int = 0
 
     def add(self, rec: UsageRecord) -> None:
         if rec.cached:
@@ -47,13 +53,22 @@ class UsageLog:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._totals = UsageTotals()
+        self._call_ids: set[str] = set()
         for rec in iter_jsonl(self.path, UsageRecord):  # earlier sessions of this run
             self._totals.add(rec)
+            if rec.call_id:
+                self._call_ids.add(rec.call_id)
         self._out = JsonlAppender(self.path)
 
     def append(self, rec: UsageRecord) -> None:
         self._out.append(rec)
         self._totals.add(rec)
+        if rec.call_id:
+            self._call_ids.add(rec.call_id)
+
+    def has_call(self, call_id: str) -> bool:
+        """usage.jsonl already holds the line of this request (see journal.py)."""
+        return call_id in self._call_ids
 
     def totals(self) -> UsageTotals:
         return self._totals.model_copy(deep=True)

@@ -161,10 +161,12 @@ def create_app(
                                 f"resulted in {p_tokens} tokens. Please reduce the length of the messages.",
                            param="messages", code="context_length_exceeded")
         draw = sim.faults.draw()
+        limit = req.max_completion_tokens or req.max_tokens
         try:
-            sim.faults.admit(p_tokens)
+            limit_headers = sim.faults.admit(p_tokens, limit * (req.n or 1) if limit else None, req.model)
         except RateLimited as e:
-            raise ApiError(429, e.message, type="requests", code="rate_limit_exceeded", headers=e.headers) from None
+            kind = "tokens" if "(TPM)" in e.message and "(RPM)" not in e.message else "requests"
+            raise ApiError(429, e.message, type=kind, code="rate_limit_exceeded", headers=e.headers) from None
         if draw.latency_s > 0:
             await asyncio.sleep(draw.latency_s)
         if draw.hang:
@@ -175,9 +177,8 @@ def create_app(
                 500,
                 "The server had an error while processing your request (simulated fault). Retry the request.",
                 type="server_error",
-                headers=sim.faults.headers(),
+                headers=limit_headers,
             )
-        limit = req.max_completion_tokens or req.max_tokens
         choices, c_tokens = [], 0
         for i in range(req.n or 1):
             # Without a seed a real server samples afresh each time, so agents sending the same
@@ -198,7 +199,8 @@ def create_app(
                     "logprobs": None,
                 }
             )
-        sim.faults.spend(c_tokens)
+        if not limit:
+            sim.faults.spend(c_tokens)  # no output allowance was counted at admission
         body = {
             "id": f"chatcmpl-sim{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
@@ -214,7 +216,7 @@ def create_app(
             },
             "system_fingerprint": FINGERPRINT,
         }
-        return JSONResponse(body, headers=sim.faults.headers())
+        return JSONResponse(body, headers=limit_headers)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

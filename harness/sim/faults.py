@@ -2,12 +2,18 @@
 
 * Latency: each call sleeps (asynchronously, so hundreds of calls wait at once) for
   max(0, normal(latency_ms, latency_jitter_ms)) milliseconds.
-* Rate limits: ``rpm_limit`` requests and ``tpm_limit`` tokens per minute, as budgets that
-  refill continuously (rpm/60 requests and tpm/60 tokens a second), the way OpenAI's limits
-  behave. A call that finds no request left, or fewer tokens left than its prompt, gets a 429
-  with ``retry-after`` (the seconds until it would fit, at least 0.05), ``retry-after-ms`` and
-  the ``x-ratelimit-*`` headers. Accepted calls spend one request and their prompt tokens on
-  arrival and their completion tokens when answered; rejected calls spend nothing.
+* Rate limits: ``rpm_limit`` requests and ``tpm_limit`` tokens per minute, as OpenAI describes
+  its limits: budgets that refill continuously (rpm/60 requests and tpm/60 tokens a second) up
+  to a full minute's worth, `x-ratelimit-reset-*` being the time until a budget is whole again.
+  A request counts its prompt tokens plus its output allowance (`max_completion_tokens`, or the
+  deprecated `max_tokens`, times `n`) when admitted, as OpenAI counts TPM; without an allowance
+  its completion tokens are spent when answered. A request that finds no request left, or too
+  few tokens, gets a 429 `rate_limit_exceeded` with an integer ``retry-after`` in seconds (at
+  least 1, the OpenAPI spec's type) and the ``x-ratelimit-*`` headers; its message says the
+  precise wait, as OpenAI's do. One request larger than the whole TPM budget gets OpenAI's
+  "Request too large" 429, which waiting cannot cure. Every chat response (200, 429 and 500)
+  carries the ``x-ratelimit-*`` headers, taken when the request was admitted or refused.
+  Rejected requests spend nothing.
 * 500s and hangs: each HTTP request draws its own fault (seeded by the config seed and the
   request's arrival number), so a retry of the same prompt is a new draw and can succeed.
   A hang sleeps far past any client timeout and ends when the client disconnects.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -92,48 +99,56 @@ class Faults:
         return Draw(latency_s=latency, error=error, hang=hang)
 
     # The event loop is single-threaded and these methods never await, so no lock is needed.
-    def admit(self, prompt_tokens: int) -> None:
-        """Spend one request and the prompt's tokens, or raise RateLimited."""
+    def admit(self, prompt_tokens: int, output_allowance: int | None = None, model: str = "") -> dict[str, str]:
+        """Spend one request and the request's tokens (prompt + output allowance), or raise
+        RateLimited. Returns the x-ratelimit-* headers as they stand after admission."""
         for bucket in (self._requests, self._tokens):
             if bucket:
                 bucket.refill()
+        tokens = prompt_tokens + (output_allowance or 0)
         waits = []
         reasons = []
         if self._requests:
             w = self._requests.wait_for(1)
             if w > 0:
                 waits.append(w)
-                reasons.append(f"requests per min (RPM): Limit {self.cfg.rpm_limit}, Used {self.cfg.rpm_limit}")
+                reasons.append(f"requests per min (RPM): Limit {self.cfg.rpm_limit}, Used {self.cfg.rpm_limit}, "
+                               f"Requested 1")
         if self._tokens:
-            w = self._tokens.wait_for(prompt_tokens)
+            w = self._tokens.wait_for(tokens)
             if w == float("inf"):
                 raise RateLimited(
-                    f"Request too large for tokens per min (TPM): Limit {self.cfg.tpm_limit}, "
-                    f"Requested {prompt_tokens}. Send a shorter prompt (simulated limit).",
-                    self.headers(retry_after=60.0),
+                    f"Request too large for {model or 'this model'} on tokens per min (TPM): Limit "
+                    f"{self.cfg.tpm_limit}, Requested {tokens}. The input or output tokens must be reduced in order "
+                    f"to run successfully. (simulated limit)",
+                    self.headers(),
                 )
             if w > 0:
                 waits.append(w)
-                reasons.append(f"tokens per min (TPM): Limit {self.cfg.tpm_limit}, Requested {prompt_tokens}")
+                used = self.cfg.tpm_limit - max(0, int(self._tokens.level))
+                reasons.append(f"tokens per min (TPM): Limit {self.cfg.tpm_limit}, Used {used}, Requested {tokens}")
         if waits:
-            wait = max(0.05, max(waits))
+            wait = max(waits)
             raise RateLimited(
-                f"Rate limit reached for {'; '.join(reasons)}. Please try again in {_duration(wait)}. "
-                "(simulated limit)",
+                f"Rate limit reached for {model or 'this model'} on {'; '.join(reasons)}. Please try again in "
+                f"{_duration(wait)}. (simulated limit)",
                 self.headers(retry_after=wait),
             )
         if self._requests:
             self._requests.level -= 1
         if self._tokens:
-            self._tokens.level -= prompt_tokens
+            self._tokens.level -= tokens
+        return self.headers()
 
     def spend(self, completion_tokens: int) -> None:
+        """Completion tokens of a request admitted without an output allowance."""
         if self._tokens:
             self._tokens.refill()
             self._tokens.level -= completion_tokens  # may go negative: later calls wait longer
 
     def headers(self, retry_after: float | None = None) -> dict[str, str]:
-        """The x-ratelimit-* headers (empty when no limit is configured)."""
+        """The x-ratelimit-* headers (empty when no limit is configured), and on a 429 the
+        retry-after: whole seconds, at least 1, rounded up so that it is never too early."""
         h: dict[str, str] = {}
         if self._requests:
             self._requests.refill()
@@ -146,8 +161,7 @@ class Faults:
             h["x-ratelimit-remaining-tokens"] = str(max(0, int(self._tokens.level)))
             h["x-ratelimit-reset-tokens"] = _duration(self._tokens.reset_s())
         if retry_after is not None:
-            h["retry-after"] = f"{retry_after:.3f}"
-            h["retry-after-ms"] = str(max(1, round(retry_after * 1000)))
+            h["retry-after"] = str(max(1, math.ceil(retry_after)))
         return h
 
 
