@@ -34,8 +34,12 @@ class TaskConfig(_Strict):
     seed: int = 0
     # MATH only: difficulty levels kept (the paper uses 1-3).
     levels: list[int] = Field(default_factory=lambda: [1, 2, 3])
-    # A directory with the user's own prompt templates; files there override prompts/<task>/.
+    # A directory with the user's own prompt templates; files there override the prompt set's.
     prompts_dir: str | None = None
+    # "harness": prompts/<task>/ (numbered others, in order); "authors": the paper's authors' own
+    # prompts word for word, for arithmetic, gsm8k and math (anonymous others, shuffled, at most
+    # 5). See harness/prompts.py and prompts/authors/README.md.
+    prompt_set: Literal["harness", "authors"] = "harness"
 
 
 class SimulatorConfig(_Strict):
@@ -93,7 +97,9 @@ class ModelsConfig(_Strict):
 class SamplingConfig(_Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int = Field(1024, ge=1)
+    # New tokens per reply. 2048, as the authors' code allows; a reply cut off here does not vote
+    # (the results table shows the truncation rate). Presets for small models lower it.
+    max_tokens: int = Field(2048, ge=1)
     # Send a per-sample seed derived from run seed and sample identity (reproducible samples).
     seeded: bool = True
     # Server-specific sampling parameters (vLLM: top_k, min_p, ...); sent only to vLLM endpoints.

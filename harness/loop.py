@@ -61,7 +61,7 @@ class Run:
         self.urls = urls  # every server of the endpoint (adapters are loaded on each)
         self.provider = provider  # None: nothing to train and nothing to load
         self.task = get_task(cfg.task.name)
-        self.prompts = Prompts(cfg.task.name, cfg.task.prompts_dir)
+        self.prompts = Prompts(cfg.task.name, cfg.task.prompts_dir, cfg.task.prompt_set)
         self.simulated = cfg.endpoint.kind == "simulator"
         self.warnings: list[str] = []
         self.registry_path = run_dir / "registry.json"
@@ -95,7 +95,7 @@ class Run:
     async def debate(self, k: int, split: str, problems: list[Problem], society: Society) -> list[DebateRecord]:
         await self.load_models(society)
         settings = DebateSettings(rounds=self.cfg.debate.rounds, mode=self.cfg.debate.mode,
-                                  grading_timeout_s=self.cfg.grading.timeout_s)
+                                  grading_timeout_s=self.cfg.grading.timeout_s, seed=self.cfg.seed)
         debater = Debater(self.client, society, self.prompts, self.task.extract, settings, iteration=k, split=split)
         with Progress(TextColumn(f"iter {k} · debate {split}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(),
