@@ -204,19 +204,22 @@ class FinetuneConfig(_Strict):
 class AnalysisConfig(_Strict):
     """Diversity measures computed after each test debate (harness.diversity documents them)."""
 
-    # Embeddings model for the answers' dissimilarity; "auto": sim-embed on the simulator,
-    # text-embedding-3-small on OpenAI, none on vLLM (a chat server rarely serves embeddings);
-    # null: skip the measure.
+    # Embeddings model for the answers' dissimilarity: "local:NAME" runs a sentence-transformers
+    # model in-process (the `embed` extra); any other name is a model of the endpoint's
+    # /embeddings route. "auto": sim-embed on the simulator; local:all-MiniLM-L6-v2 on OpenAI and
+    # vLLM (offline, free, and the same model on both, so their numbers compare). null: skip.
     embedding_model: str | None = "auto"
-    # Likelihood-based diversity from vLLM prompt logprobs (vLLM endpoints only; costs N*N
-    # scoring requests per problem).
+    # Held-out-critic NLL and KL divergences from vLLM prompt logprobs (vLLM endpoints only; about
+    # 4 (N+1) N scoring requests per problem for N agents).
     likelihood: bool = True
     likelihood_max_problems: int | None = Field(100, ge=1)  # problems scored; None: all
+    # Scoring requests in flight at once (vLLM's CPU build with LoRA needs 1: see vllm-tiny).
+    logprob_concurrency: int = Field(16, ge=1)
 
     def resolve_embedding_model(self, endpoint_kind: str) -> str | None:
         if self.embedding_model != "auto":
             return self.embedding_model
-        return {"simulator": "sim-embed", "openai": "text-embedding-3-small"}.get(endpoint_kind)
+        return "sim-embed" if endpoint_kind == "simulator" else "local:all-MiniLM-L6-v2"
 
 
 class RunConfig(_Strict):

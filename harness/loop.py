@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.config import RunConfig, config_to_yaml, load_config
 from harness.debate import Debater, DebateSettings, Society, problems_in_flight, run_debates
-from harness.diversity import compute_diversity
+from harness.diversity import compute_diversity, sampling_note
 from harness.endpoints import open_endpoint
 from harness.errors import BudgetExceeded, ConfigError, HarnessError
 from harness.evaluate import print_results, split_metrics
@@ -128,13 +128,12 @@ class Run:
         if path.exists():
             return
         cfg = self.cfg
-        use_logprobs = cfg.endpoint.kind == "vllm" and cfg.analysis.likelihood
         div = await compute_diversity(
             records, iteration=k, split="test", client=self.client,
             embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
-            logprob_base_url=self.client.base_url if use_logprobs else None,
-            logprob_api_key=cfg.endpoint.api_key() if use_logprobs else None,
-            likelihood_max_problems=cfg.analysis.likelihood_max_problems)
+            logprobs=cfg.endpoint.kind == "vllm" and cfg.analysis.likelihood, base_model=cfg.models.base,
+            logprob_max_problems=cfg.analysis.likelihood_max_problems,
+            logprob_concurrency=cfg.analysis.logprob_concurrency, sampling_note=sampling_note(cfg.sampling))
         write_model(path, div)
 
     def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> RunSummary:
