@@ -8,7 +8,7 @@ notebook never re-implements it:
     frames.metrics      # one row per run x iteration x split: accuracy, stderr, n, agreement, ...
     frames.per_agent    # one row per run x iteration x split x agent x round: accuracy
     frames.usage        # one row per run x iteration: calls, tokens, cost (inference + training)
-    frames.diversity    # one row per run x iteration x split: agreement, embedding, likelihood
+    frames.diversity    # one row per run x iteration x split: consensus, agreement, embedding, NLL, KL
     frames.runs         # one row per run: method, final accuracy ± se, n, iterations, cost
 
 The method of a run is its config name (the comparison presets name themselves after the method).
@@ -140,10 +140,12 @@ def metrics_frame(runs: Sequence[RunData]) -> pd.DataFrame:
                              "stderr": m.stderr, "agents": len(m.per_agent), "rounds": len(m.per_round),
                              "first_round_accuracy": m.per_round[0] if m.per_round else math.nan,
                              "agreement": m.agreement, "pairwise_agreement": m.pairwise_agreement,
-                             "unparsed_rate": m.unparsed_rate})
+                             "consensus": m.consensus, "unparsed_rate": m.unparsed_rate,
+                             "truncated_rate": m.truncated_rate})
     return pd.DataFrame(rows, columns=["method", "run", "simulated", "iteration", "split", "n", "accuracy",
                                        "stderr", "agents", "rounds", "first_round_accuracy", "agreement",
-                                       "pairwise_agreement", "unparsed_rate"])
+                                       "pairwise_agreement", "consensus", "unparsed_rate", "truncated_rate"]
+                        ).astype({"consensus": float})
 
 
 def per_agent_frame(runs: Sequence[RunData]) -> pd.DataFrame:
@@ -221,23 +223,28 @@ def usage_frame(runs: Sequence[RunData]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+DIVERSITY_MEASURES = ("consensus", "agreement", "pairwise_agreement", "embedding_dissimilarity",
+                      "heldout_critic_nll", "kl_between_generators", "kl_between_critics", "kl_generators_vs_base",
+                      "kl_critics_vs_base")
+
+
 def diversity_frame(runs: Sequence[RunData], computed: Sequence[DiversityMetrics] | None = None,
                     computed_runs: Sequence[RunData] | None = None) -> pd.DataFrame:
     """Diversity per run x iteration x split from diversity.json files; `computed` adds measures
-    computed on demand (harness.report) for `computed_runs[i]` in the same order."""
+    computed on demand (harness.report) for `computed_runs[i]` in the same order. A measure a
+    file lacks (older runs) is NaN."""
     rows = []
     pairs = [(run, d) for run in runs for d in run.diversity]
     pairs += list(zip(computed_runs or [], computed or []))
     for run, d in pairs:
         rows.append({"method": run.method, "run": str(run.dir), "simulated": run.simulated,
-                     "iteration": d.iteration, "split": d.split, "n": d.n, "agreement": d.agreement,
-                     "pairwise_agreement": d.pairwise_agreement,
-                     "embedding_dissimilarity": d.embedding_dissimilarity, "embedding_model": d.embedding_model,
-                     "likelihood_diversity": d.likelihood_diversity, "notes": "; ".join(d.notes)})
-    cols = ["method", "run", "simulated", "iteration", "split", "n", "agreement", "pairwise_agreement",
-            "embedding_dissimilarity", "embedding_model", "likelihood_diversity", "notes"]
-    return pd.DataFrame(rows, columns=cols).astype({c: float for c in ("agreement", "pairwise_agreement",
-                                                                      "embedding_dissimilarity", "likelihood_diversity")})
+                     "iteration": d.iteration, "split": d.split, "n": d.n,
+                     **{col: getattr(d, col) for col in DIVERSITY_MEASURES},
+                     "embedding_model": d.embedding_model, "logprob_problems": d.logprob_problems,
+                     "notes": "; ".join(d.notes)})
+    cols = ["method", "run", "simulated", "iteration", "split", "n", *DIVERSITY_MEASURES, "embedding_model",
+            "logprob_problems", "notes"]
+    return pd.DataFrame(rows, columns=cols).astype({c: float for c in DIVERSITY_MEASURES})
 
 
 def runs_frame(runs: Sequence[RunData], usage: pd.DataFrame | None = None, split: str = "test") -> pd.DataFrame:
@@ -254,7 +261,7 @@ def runs_frame(runs: Sequence[RunData], usage: pd.DataFrame | None = None, split
         rows.append({
             "method": run.method, "run": str(run.dir), "simulated": run.simulated, "finished": run.finished,
             "accuracy": last.accuracy if last else math.nan, "stderr": last.stderr if last else math.nan,
-            "n": last.n if last else 0,
+            "n": last.n if last else 0, "truncated_rate": last.truncated_rate if last else math.nan,
             "iterations": max((it.iteration for it in run.iterations), default=0),
             # The society that answered the test split (`evaluation` overrides `debate`).
             "agents": (run.config.get("evaluation") or {}).get("agents") or (run.config.get("debate") or {}).get("agents"),
@@ -289,5 +296,5 @@ def load_runs(dirs: Iterable[str | Path]) -> Frames:
                   usage=usage, diversity=diversity_frame(runs), data=runs)
 
 
-__all__ = ["Frames", "RunData", "diversity_frame", "expand_run_dirs", "is_run_dir", "load_run", "load_runs",
+__all__ = ["DIVERSITY_MEASURES", "Frames", "RunData", "diversity_frame", "expand_run_dirs", "is_run_dir", "load_run", "load_runs",
            "metrics_frame", "per_agent_frame", "runs_frame", "usage_frame"]

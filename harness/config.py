@@ -65,10 +65,14 @@ class TaskConfig(_Strict):
     seed: int = 0
     # MATH only: difficulty levels kept (the paper uses 1-3).
     levels: list[int] = Field(default_factory=lambda: [1, 2, 3])
-    # A directory with the user's own prompt templates; files there override prompts/<task>/.
+    # A directory with the user's own prompt templates; files there override the prompt set's.
     prompts_dir: str | None = None
     # The arithmetic task's difficulty (number of terms, operand range, operators).
     arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
+    # "harness": prompts/<task>/ (numbered others, in order); "authors": the paper's authors' own
+    # prompts word for word, for arithmetic, gsm8k and math (anonymous others, shuffled, at most
+    # 5). See harness/prompts.py and prompts/authors/README.md.
+    prompt_set: Literal["harness", "authors"] = "harness"
 
 
 class SimulatorConfig(_Strict):
@@ -140,7 +144,9 @@ class ModelsConfig(_Strict):
 class SamplingConfig(_Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int = Field(1024, ge=1)
+    # New tokens per reply. 2048, as the authors' code allows; a reply cut off here does not vote
+    # (the results table shows the truncation rate). Presets for small models lower it.
+    max_tokens: int = Field(2048, ge=1)
     # Send a per-sample seed derived from run seed and sample identity (reproducible samples).
     seeded: bool = True
     # Server-specific sampling parameters (vLLM: top_k, min_p, ...); sent only to vLLM endpoints.
@@ -266,19 +272,22 @@ class EvaluationConfig(_Strict):
 class AnalysisConfig(_Strict):
     """Diversity measures computed after each test debate (harness.diversity documents them)."""
 
-    # Embeddings model for the answers' dissimilarity; "auto": sim-embed on the simulator,
-    # text-embedding-3-small on OpenAI, none on vLLM (a chat server rarely serves embeddings);
-    # null: skip the measure.
+    # Embeddings model for the answers' dissimilarity: "local:NAME" runs a sentence-transformers
+    # model in-process (the `embed` extra); any other name is a model of the endpoint's
+    # /embeddings route. "auto": sim-embed on the simulator; local:all-MiniLM-L6-v2 on OpenAI and
+    # vLLM (offline, free, and the same model on both, so their numbers compare). null: skip.
     embedding_model: str | None = "auto"
-    # Likelihood-based diversity from vLLM prompt logprobs (vLLM endpoints only; costs N*N
-    # scoring requests per problem).
+    # Held-out-critic NLL and KL divergences from vLLM prompt logprobs (vLLM endpoints only; about
+    # 4 (N+1) N scoring requests per problem for N agents).
     likelihood: bool = True
     likelihood_max_problems: int | None = Field(100, ge=1)  # problems scored; None: all
+    # Scoring requests in flight at once (vLLM's CPU build with LoRA needs 1: see vllm-tiny).
+    logprob_concurrency: int = Field(16, ge=1)
 
     def resolve_embedding_model(self, endpoint_kind: str) -> str | None:
         if self.embedding_model != "auto":
             return self.embedding_model
-        return {"simulator": "sim-embed", "openai": "text-embedding-3-small"}.get(endpoint_kind)
+        return "sim-embed" if endpoint_kind == "simulator" else "local:all-MiniLM-L6-v2"
 
 
 class RunConfig(_Strict):

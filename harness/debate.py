@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class DebateSettings:
     rounds: int = 2
     mode: str = "summarize"  # or "concatenate"
     grading_timeout_s: float = 5.0
+    seed: int = 0  # the run's seed: the order of the others' answers when the prompt set shuffles them
 
 
 class Debater:
@@ -73,11 +75,25 @@ class Debater:
         return SampleId(iteration=self.iteration, split=self.split, problem_id=problem.id,
                         role=role, agent=agent, round=rnd)
 
+    def others_shown(self, problem: Problem, agent: int, rnd: int, previous: list[str]) -> list[tuple[int, str]]:
+        """The other agents' previous answers this agent is shown, as (agent index, text). The
+        harness prompt set shows every other agent in order; the authors' set shuffles them and
+        keeps at most 5, as their code does. The order is drawn from (seed, problem, agent,
+        round) alone, so a resumed run rebuilds the same message (and finds it in the cache)."""
+        others = [(j, text) for j, text in enumerate(previous) if j != agent]
+        prompt_set = self.prompts.set
+        if prompt_set.shuffle_others:
+            # random.Random seeded with a str is stable across processes (not salted like hash()).
+            random.Random(f"{self.settings.seed}|{problem.id}|{agent}|{rnd}").shuffle(others)
+        if prompt_set.max_others is not None:
+            others = others[:prompt_set.max_others]
+        return others
+
     async def _other_answers_message(self, problem: Problem, agent: int, rnd: int,
                                      previous: list[str]) -> str:
-        others = [(j, text) for j, text in enumerate(previous) if j != agent]
+        others = self.others_shown(problem, agent, rnd, previous)
         if self.settings.mode == "concatenate":
-            return self.prompts.debate(others)
+            return self.prompts.debate(others, question=problem.question)
         request = [Message(role="user", content=self.prompts.summarize(problem.question, others))]
         try:
             result = await self.client.chat(self.society.summarizer, request,
@@ -87,8 +103,8 @@ class Debater:
                 raise
             log.warning("problem %s round %d: the answers are too long to summarize; agent %d gets them as they are",
                         problem.id, rnd, agent)
-            return self.prompts.debate(others)
-        return self.prompts.debate_summary(result.text)
+            return self.prompts.debate(others, question=problem.question)
+        return self.prompts.debate_summary(result.text, question=problem.question)
 
     async def _agent_turn(self, problem: Problem, agent: int, rnd: int, conversation: list[Message],
                           previous: list[str] | None) -> tuple[str, bool, str | None]:

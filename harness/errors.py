@@ -32,6 +32,11 @@ class LLMError(HarnessError):
                                        or "maximum context length" in str(self).lower())
 
 
+class LogprobsUnavailable(LLMError):
+    """The endpoint gives no prompt log-probabilities (vLLM does; OpenAI and the simulator do
+    not), or they cannot be lined up with the text scored. Never retried: asking again cannot help."""
+
+
 class BudgetExceeded(HarnessError):
     """The next call would pass the configured cost cap. The run stops cleanly and can resume."""
 

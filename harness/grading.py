@@ -118,9 +118,17 @@ _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _PERCENT_RE = re.compile(r"(?:\\*%|\\(?:text|mathrm)\{percent\}|percent)$")
 
 
+# TeX spacing and sizing commands that carry no meaning: \left, \right, \, \! \; \: and "\ ".
+# The row separator `\\` is matched first, as one token, and kept: otherwise its second
+# backslash and a following space would read as "\ " and be dropped, turning
+# `\begin{pmatrix} 1 \\ 2 \end{pmatrix}` into `...1\2...`, unequal to the same matrix written
+# without spaces.
+_TEX_NOISE_RE = re.compile(r"\\\\|\\left|\\right|\\[,!;:]|\\\s")
+
+
 def _normalize(s: str) -> str:
     s = _strip_answer(s)
-    s = re.sub(r"\\left|\\right|\\[,!;:]|\\\s", "", s)
+    s = _TEX_NOISE_RE.sub(lambda m: m.group(0) if m.group(0) == "\\\\" else "", s)
     s = re.sub(r"\s+", "", s.replace("\\$", "").replace("−", "-"))
     # math-verify reads "10\%" as 10 or 0.1 by direction, making "10" ~ "10\%" ~ "0.1" (votes then
     # depend on agent order); dropping the sign keeps equivalence transitive and on the fast path.

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.config import RunConfig, config_to_yaml, load_config
 from harness.debate import Debater, DebateSettings, Society, problems_in_flight, run_debates
-from harness.diversity import compute_diversity
+from harness.diversity import compute_diversity, sampling_note
 from harness.endpoints import open_endpoint
 from harness.errors import BudgetExceeded, ConfigError, HarnessError
 from harness.evaluate import print_results, split_metrics
@@ -64,7 +64,7 @@ class Run:
         self.urls = urls  # every server of the endpoint (adapters are loaded on each)
         self.provider = provider  # None: nothing to train and nothing to load
         self.task = get_task(cfg.task.name)
-        self.prompts = Prompts(cfg.task.name, cfg.task.prompts_dir)
+        self.prompts = Prompts(cfg.task.name, cfg.task.prompts_dir, cfg.task.prompt_set)
         self.simulated = cfg.endpoint.kind == "simulator"
         self.warnings: list[str] = []
         self.registry_path = run_dir / "registry.json"
@@ -109,7 +109,7 @@ class Run:
                      rounds: int) -> list[DebateRecord]:
         await self.load_models(k, society)
         settings = DebateSettings(rounds=rounds, mode=self.cfg.debate.mode,
-                                  grading_timeout_s=self.cfg.grading.timeout_s)
+                                  grading_timeout_s=self.cfg.grading.timeout_s, seed=self.cfg.seed)
         debater = Debater(self.client, society, self.prompts, self.task.extract, settings, iteration=k, split=split)
         with Progress(TextColumn(f"iter {k} · debate {split}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(),
@@ -155,14 +155,13 @@ class Run:
         if path.exists():
             return
         cfg = self.cfg
-        use_logprobs = cfg.endpoint.kind == "vllm" and cfg.analysis.likelihood
         with self.stage(k, "diversity", "test"):
             div = await compute_diversity(
                 records, iteration=k, split="test", client=self.client,
                 embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
-                logprob_base_url=self.client.base_url if use_logprobs else None,
-                logprob_api_key=cfg.endpoint.api_key() if use_logprobs else None,
-                likelihood_max_problems=cfg.analysis.likelihood_max_problems)
+                logprobs=cfg.endpoint.kind == "vllm" and cfg.analysis.likelihood, base_model=cfg.models.base,
+                logprob_max_problems=cfg.analysis.likelihood_max_problems,
+                logprob_concurrency=cfg.analysis.logprob_concurrency, sampling_note=sampling_note(cfg.sampling))
         write_model(path, div)
 
     def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> RunSummary:

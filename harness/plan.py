@@ -75,7 +75,7 @@ def _debate_estimate(cfg: RunConfig, prompts: Prompts, problems: Sequence[Proble
 
 
 def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Problem]) -> list[StageEstimate]:
-    prompts = Prompts(cfg.task.name, cfg.task.prompts_dir)
+    prompts = Prompts(cfg.task.name, cfg.task.prompts_dir, cfg.task.prompt_set)
     base = cfg.models.base
     # After iteration 0 the agents are finetuned models; price their calls as such where known.
     tuned = f"ft:{base}:org:plan:0" if cfg.finetune.provider == "openai" else base

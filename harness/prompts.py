@@ -1,15 +1,28 @@
 """Prompt templates: plain text files in `prompts/`, one per task and role, loaded by name.
 
-Lookup order for role R of task T: the user's `task.prompts_dir/R.txt`, then
-`prompts/T/R.txt`, then `prompts/default/R.txt`.
+Two prompt sets ship with the harness (`task.prompt_set`):
+- `harness` (default): `prompts/<task>/<role>.txt`, falling back to `prompts/default/<role>.txt`;
+  other agents are shown in order, numbered ("Agent 2 wrote: ...").
+- `authors`: the authors' own prompts, word for word (prompts/authors/README.md says where each
+  comes from): `prompts/authors/<task>/<role>.txt`, falling back to `prompts/authors/default/`
+  and then to the harness's `prompts/default/` for a role the authors never wrote. Other agents
+  are anonymous, shuffled and at most 5, as in the authors' code (harness.debate does that).
+A user's `task.prompts_dir/<role>.txt` overrides either set.
 
-Placeholders are `{name}` and nothing else is special, so templates can contain LaTeX such as
-`\\boxed{}` without escaping (which is why this is not `str.format`).
+A template is the file's exact text less its final line break (leading and trailing spaces
+count: the authors' strings have some). Placeholders are `{name}` with a lowercase name; each
+role accepts the ones in ROLES and must contain those in REQUIRED. Any other `{name}` is an
+error naming the file (a typo such as `{agnet}` is never sent to the model); write `{{name}}`
+for a literal `{name}` (as in `\\boxed{{answer}}`, which renders `\\boxed{answer}`). All other
+braces are literal, so LaTeX such as `\\boxed{}` or `\\frac{1}{2}` needs no escaping (which is
+why this is not `str.format`). Values are inserted once: a `{question}` inside a model's answer
+stays as the model wrote it.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,67 +30,145 @@ from harness.errors import ConfigError
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 
-# role -> the placeholders it must contain
+# role -> the placeholders it may use
 ROLES: dict[str, tuple[str, ...]] = {
     "question": ("question",),  # round 0: the task prompt
-    "debate": ("other_answers",),  # round m >= 1, concatenate mode
-    "other_answer": ("agent", "answer"),  # one other agent's answer inside {other_answers}
-    "summarize": ("question", "other_answers"),  # the summarizer's request
-    "debate_summary": ("summary",),  # round m >= 1, summarize mode
+    "debate": ("other_answers", "question"),  # round m >= 1, concatenate mode
+    "other_answer": ("answer", "agent"),  # one other agent's answer inside {other_answers}; agent numbered from 1
+    "summarize": ("other_answers", "question"),  # the summarizer's request
+    # one answer inside the summarizer's {other_answers}; a set without this file uses other_answer
+    "summarize_answer": ("answer", "agent"),
+    "debate_summary": ("summary", "question"),  # round m >= 1, summarize mode
     "star_hint": ("question", "answer"),  # STaR rationalization: the task prompt as sent, and the gold answer
 }
+# role -> the placeholders it must contain: without them the role cannot do its job
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "question": ("question",),
+    "debate": ("other_answers",),
+    "other_answer": ("answer",),
+    "summarize": ("other_answers",),
+    "summarize_answer": ("answer",),
+    "debate_summary": ("summary",),
+    "star_hint": ("question", "answer"),
+}
+# roles a set may leave out, and the role used instead
+OPTIONAL: dict[str, str] = {"summarize_answer": "other_answer"}
 
-_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+
+@dataclass(frozen=True)
+class PromptSet:
+    """A named set of templates and how it shows the other agents' answers."""
+
+    name: str
+    folders: tuple[str, ...]  # under prompts/, searched in order; "{task}" is the task's name
+    tasks: tuple[str, ...] | None  # the tasks it has prompts for; None: every task
+    joiner: str  # between two answers inside {other_answers}
+    strip: bool  # strip surrounding whitespace from answers and summaries before inserting them
+    shuffle_others: bool  # others in a seeded random order (per problem, agent and round)
+    max_others: int | None  # show at most this many others
+
+
+PROMPT_SETS: dict[str, PromptSet] = {
+    "harness": PromptSet("harness", ("{task}", "default"), None, "\n\n", True, False, None),
+    # The authors' code shuffles the other agents, shows at most 5 and inserts their responses as
+    # they are; each response template starts with its own "\n\n", hence no joiner.
+    "authors": PromptSet("authors", ("authors/{task}", "authors/default", "default"),
+                         ("arithmetic", "gsm8k", "math"), "", False, True, 5),
+}
+
+# `{{name}}` (a literal `{name}`) or `{name}` (a placeholder).
+_TOKEN = re.compile(r"\{\{([a-z_][a-z0-9_]*)\}\}|\{([a-z_][a-z0-9_]*)\}")
 
 
 class Prompts:
-    """The templates of one task, resolved once per run."""
+    """The templates of one task and prompt set, resolved once per run."""
 
-    def __init__(self, task: str, user_dir: str | Path | None = None):
+    def __init__(self, task: str, user_dir: str | Path | None = None, prompt_set: str = "harness"):
         self.task = task
         self.user_dir = Path(user_dir) if user_dir else None
+        if prompt_set not in PROMPT_SETS:
+            raise ConfigError(f"task.prompt_set: unknown prompt set {prompt_set!r}; known: {', '.join(PROMPT_SETS)}")
+        self.set = PROMPT_SETS[prompt_set]
+        if self.set.tasks is not None and task not in self.set.tasks:
+            raise ConfigError(f"task.prompt_set: the {prompt_set!r} prompts exist for {', '.join(self.set.tasks)} "
+                              f"only, not {task!r}; use task.prompt_set=harness (or task.prompts_dir) for {task}")
         if self.user_dir is not None and not self.user_dir.is_dir():
             raise ConfigError(f"task.prompts_dir: {self.user_dir} is not a directory")
-        self.templates = {role: self._load(role) for role in ROLES}
+        self.templates: dict[str, str] = {}
+        self.paths: dict[str, Path] = {}  # where each role's template came from
+        for role in ROLES:
+            found = self._find(role)
+            if found is None and role in OPTIONAL:
+                continue
+            if found is None:
+                raise ConfigError(f"no prompt template for role '{role}' (looked in "
+                                  f"{', '.join(map(str, self._candidates(role)))})")
+            self.paths[role], self.templates[role] = found, read_template(found, role)
+        for role, instead in OPTIONAL.items():
+            if role not in self.templates:
+                self.templates[role], self.paths[role] = self.templates[instead], self.paths[instead]
 
-    def _load(self, role: str) -> str:
-        candidates = []
-        if self.user_dir is not None:
-            candidates.append(self.user_dir / f"{role}.txt")
-        candidates += [PROMPTS_DIR / self.task / f"{role}.txt", PROMPTS_DIR / "default" / f"{role}.txt"]
-        for path in candidates:
-            if path.is_file():
-                return _read_checked(path, role)
-        raise ConfigError(f"no prompt template for role '{role}' (looked in {', '.join(map(str, candidates))})")
+    def _candidates(self, role: str) -> list[Path]:
+        out = [self.user_dir / f"{role}.txt"] if self.user_dir is not None else []
+        return out + [PROMPTS_DIR / folder.format(task=self.task) / f"{role}.txt" for folder in self.set.folders]
+
+    def _find(self, role: str) -> Path | None:
+        return next((p for p in self._candidates(role) if p.is_file()), None)
 
     def render(self, role: str, **values: object) -> str:
-        text = self.templates[role]
-        return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), text)
+        def sub(m: re.Match) -> str:
+            if m.group(1) is not None:
+                return "{" + m.group(1) + "}"
+            return str(values[m.group(2)])  # read_template allowed only this role's names
+
+        missing = sorted({m.group(2) for m in _TOKEN.finditer(self.templates[role])
+                          if m.group(2) is not None and m.group(2) not in values})
+        if missing:  # a caller bug, never a user's: the loader checked the names
+            raise ValueError(f"prompt role '{role}' needs values for {', '.join(missing)}")
+        return _TOKEN.sub(sub, self.templates[role])
+
+    def _text(self, s: str) -> str:
+        return s.strip() if self.set.strip else s
+
+    def _answers(self, role: str, answers: list[tuple[int, str]]) -> str:
+        """Other agents' answers, numbered from 1 as a reader would (for templates with {agent})."""
+        return self.set.joiner.join(self.render(role, agent=i + 1, answer=self._text(a)) for i, a in answers)
 
     def question(self, question: str) -> str:
         return self.render("question", question=question)
 
     def other_answers(self, answers: list[tuple[int, str]]) -> str:
-        """Other agents' answers, numbered from 1 as a reader would."""
-        return "\n\n".join(self.render("other_answer", agent=i + 1, answer=a.strip()) for i, a in answers)
+        return self._answers("other_answer", answers)
 
-    def debate(self, answers: list[tuple[int, str]]) -> str:
-        return self.render("debate", other_answers=self.other_answers(answers))
+    def debate(self, answers: list[tuple[int, str]], *, question: str) -> str:
+        return self.render("debate", other_answers=self.other_answers(answers), question=question)
 
     def summarize(self, question: str, answers: list[tuple[int, str]]) -> str:
-        return self.render("summarize", question=question, other_answers=self.other_answers(answers))
+        return self.render("summarize", question=question, other_answers=self._answers("summarize_answer", answers))
 
-    def debate_summary(self, summary: str) -> str:
-        return self.render("debate_summary", summary=summary.strip())
+    def debate_summary(self, summary: str, *, question: str) -> str:
+        return self.render("debate_summary", summary=self._text(summary), question=question)
 
 
-@lru_cache(maxsize=64)
+def read_template(path: Path, role: str) -> str:
+    """The template in `path` for `role`, checked (see the module docstring)."""
+    return _read_checked(Path(path), role)
+
+
+@lru_cache(maxsize=128)
 def _read_checked(path: Path, role: str) -> str:
-    text = path.read_text(encoding="utf-8").strip() + "\n"
-    missing = [name for name in ROLES[role] if "{" + name + "}" not in text]
-    if missing:
+    text = path.read_text(encoding="utf-8")
+    text = text[:-1] if text.endswith("\n") else text
+    text = text[:-1] if text.endswith("\r") else text
+    used = {m.group(2) for m in _TOKEN.finditer(text) if m.group(2) is not None}
+    unknown = sorted(used - set(ROLES[role]))
+    if unknown:
         raise ConfigError(
-            f"prompt template {path}: role '{role}' needs the placeholder(s) "
-            + ", ".join("{" + m + "}" for m in missing)
-        )
-    return text.rstrip("\n")
+            f"prompt template {path}: unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)} for role "
+            f"'{role}'; it may use {', '.join('{' + n + '}' for n in ROLES[role])}. A typo? For a literal "
+            f"brace-enclosed word write it doubled, e.g. {{{{{unknown[0]}}}}}")
+    missing = [n for n in REQUIRED.get(role, ()) if n not in used]
+    if missing:
+        raise ConfigError(f"prompt template {path}: role '{role}' needs the placeholder(s) "
+                          + ", ".join("{" + m + "}" for m in missing))
+    return text

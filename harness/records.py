@@ -141,8 +141,11 @@ class SplitMetrics(BaseModel):
     per_agent: list[float]  # each agent's final-round accuracy
     per_agent_round: list[list[float]]  # [agent][round] accuracy
     truncated_rate: float = 0.0  # share of agent replies (all rounds) cut off by max_tokens
-    agreement: float  # share of problems where every agent's final answer is equivalent
+    agreement: float  # "all agree": share of problems where every agent's final answer is equivalent
     pairwise_agreement: float  # mean over agent pairs of final-answer equivalence
+    # The authors' "consensus" (their eval_math.py): the share of all parsed final-round answers
+    # (pooled over problems) that equal their problem's majority answer; None: nothing parsed.
+    consensus: float | None = None
     unparsed_rate: float  # share of final-round agent answers that could not be parsed
     simulated: bool = False  # numbers from the built-in simulator are a test double's
 

@@ -18,13 +18,14 @@ PROBLEMS = [Problem(id=f"p{i}", task="arithmetic", question=f"What is the result
 
 
 async def _debate(tmp_path, sim_cfg, mode="concatenate", agents=3, rounds=2, problems=PROBLEMS,
-                  sampling=None, max_in_flight=32):
+                  sampling=None, max_in_flight=32, prompt_set="harness"):
     with SimServer(sim_cfg) as sim:
         async with LLMClient(base_url=sim.base_url, api_key="x", run_dir=tmp_path, endpoint=EndpointConfig(),
                              sampling=sampling or SamplingConfig(), seed=0) as client:
             society = Society(generators=["sim-base"] * agents, critics=["sim-base"] * agents, summarizer="sim-base")
-            debater = Debater(client, society, Prompts("arithmetic"), get_task("arithmetic").extract,
-                              DebateSettings(rounds=rounds, mode=mode), iteration=0, split="test")
+            debater = Debater(client, society, Prompts("arithmetic", prompt_set=prompt_set),
+                              get_task("arithmetic").extract, DebateSettings(rounds=rounds, mode=mode),
+                              iteration=0, split="test")
             return await run_debates(debater, problems, tmp_path / "debate-test.jsonl", max_in_flight=max_in_flight)
 
 
@@ -154,3 +155,41 @@ async def test_other_bad_requests_still_stop_the_run(tmp_path):
                               DebateSettings(rounds=2, mode="concatenate"), iteration=0, split="test")
             with pytest.raises(LLMError, match="Unsupported parameter"):
                 await run_debates(debater, PROBLEMS[:2], tmp_path / "debate-test.jsonl")
+
+
+def test_the_authors_set_shows_at_most_five_others_shuffled_reproducibly():
+    society = Society(generators=["m"] * 8, critics=["m"] * 8, summarizer="m")
+
+    def shown(agent, rnd, seed=0, problem=PROBLEMS[0]):
+        debater = Debater(None, society, Prompts("math", prompt_set="authors"), str, DebateSettings(seed=seed),
+                          iteration=0, split="test")
+        return [j for j, _ in debater.others_shown(problem, agent, rnd, [f"answer {j}" for j in range(8)])]
+
+    orders = {tuple(shown(a, r)) for a in range(8) for r in (1, 2)}
+    for order in orders:
+        assert len(order) == 5 and len(set(order)) == 5
+    assert all(a not in shown(a, 1) for a in range(8))
+    assert shown(3, 1) == shown(3, 1)  # a resumed run rebuilds the same message
+    assert len(orders) > 8  # shuffled per agent and round, not one fixed order
+    assert shown(3, 1, seed=1) != shown(3, 1) or shown(3, 1, problem=PROBLEMS[1]) != shown(3, 1)
+    # The harness set shows every other agent, in order.
+    harness = Debater(None, society, Prompts("math"), str, DebateSettings(), iteration=0, split="test")
+    assert [j for j, _ in harness.others_shown(PROBLEMS[0], 3, 1, ["x"] * 8)] == [0, 1, 2, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("mode", ["concatenate", "summarize"])
+async def test_a_debate_with_the_authors_prompts(tmp_path, mode):
+    records = await _debate(tmp_path, SimulatorConfig(skill=0.6, seed=2), mode=mode, problems=PROBLEMS[:4],
+                            prompt_set="authors")
+    for r in records:
+        for t in r.agents:
+            assert t.messages[0].content == f"{r.problem.question} Make sure to state your answer at the end of the response."
+            later = t.messages[2].content
+            assert "Agent " not in later and "wrote:" not in later
+            if mode == "concatenate":
+                assert later.startswith("These are the recent/updated opinions from other agents: \n\n One agent response: ```")
+                assert later.count("One agent response") == 2
+            else:
+                assert later.startswith("Here is a summary of solutions from several other agents: ")
+                assert f"can solve {r.problem.question} and give your updated answer?" in later
+    assert all(len(t.answers) == 2 for r in records for t in r.agents)

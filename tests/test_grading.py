@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +196,39 @@ def test_majority_with_percents_does_not_depend_on_agent_order():
 
 def test_a_unicode_minus_keeps_its_sign_in_the_plain_number_fallback():
     assert extract_answer("so the total is \u22125", allow_plain_number=True) == "-5"
+
+
+# ----------------------------------------------------------------------------- MATH-500 gold answers
+
+MATH500 = json.loads((Path(__file__).parent / "fixtures" / "math500_answers.json").read_text(encoding="utf-8"))
+
+
+def surface_forms(a: str) -> dict[str, str]:
+    """Ways a model writes the same answer: spacing, \\left/\\right, \\dfrac, math delimiters."""
+    tight = re.sub(r"\s+", "", a)
+    spaced = re.sub(r"\s*(&|\\\\|,)\s*", lambda m: f" {m.group(1)} ", a)
+    def left_right(s: str) -> str:
+        s = re.sub(r"(?<!\\left)(?<!\\)([(\[])", r"\\left\1", s)
+        return re.sub(r"(?<!\\right)(?<!\\)([)\]])", r"\\right\1", s)
+    return {"as given": a, "no spaces": tight, "spaced": spaced, "\\left-\\right": left_right(a),
+            "\\dfrac": a.replace("\\frac", "\\dfrac"), "$...$": f"${a}$",
+            "no spaces, \\left-\\right": left_right(tight), "spaced, \\dfrac": spaced.replace("\\frac", "\\dfrac")}
+
+
+@pytest.mark.parametrize("item", MATH500["answers"], ids=lambda item: item["id"])
+def test_math500_gold_answers_equal_themselves_in_every_surface_form(item):
+    forms = surface_forms(item["gold"])
+    for (name_a, a), (name_b, b) in itertools.combinations_with_replacement(forms.items(), 2):
+        assert equivalent(a, b), f"{name_a} {a!r} vs {name_b} {b!r}"
+    for name, form in forms.items():
+        assert not equivalent(form, item["different"]), f"{name} {form!r} vs the different {item['different']!r}"
+
+
+def test_a_pmatrix_with_and_without_spaces_around_its_separators():
+    spaced = r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}"
+    assert equivalent(spaced, r"\begin{pmatrix}-1&0\\0&-1\end{pmatrix}")
+    assert equivalent(r"\begin{pmatrix} 1/5 \\ -18/5 \end{pmatrix}", r"\begin{pmatrix}\frac{1}{5}\\-\frac{18}{5}\end{pmatrix}")
+    assert not equivalent(spaced, r"\begin{pmatrix}-1&0\\0&1\end{pmatrix}")
+    # Two rows are not one row of two: the separator is kept, not dropped.
+    assert not equivalent(r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix} 12 \end{pmatrix}")
+    assert majority_vote([spaced, r"\begin{pmatrix}-1&0\\0&-1\end{pmatrix}", "7"]).count == 2

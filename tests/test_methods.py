@@ -82,7 +82,7 @@ def test_only_wrong_round0_answers_are_retried_with_a_hint_holding_gold():
     wanted = [(r.problem.id, r.agents[i].agent) for r, i in needs_rationalization(recs)]
     assert wanted == [("a", 1), ("a", 2)]  # 0.5 equals 1/2: no retry
     msgs = hinted_messages(Prompts("arithmetic"), recs[0].agents[1], "7")
-    assert len(msgs) == 1 and msgs[0].content.startswith("problem a") and "\\boxed{7}" in msgs[0].content
+    assert len(msgs) == 1 and msgs[0].content.startswith("problem a") and "\\boxed{ 7 }" in msgs[0].content
 
 
 EXPR = [(3, 4, 5, 6, 7, 2), (12, 3, 9, 0, 5, 5), (29, 28, 27, 1, 2, 3), (7, 11, 13, 17, 19, 23), (1, 2, 3, 4, 5, 6),
@@ -123,7 +123,7 @@ async def test_rationalization_stage_over_the_simulator_and_its_resume(tmp_path)
     by_id = {p.id: p for p in PROBLEMS}
     for r in made:
         request = r.messages[0].content
-        assert by_id[r.problem_id].question in request and f"\\boxed{{{by_id[r.problem_id].gold}}}" in request
+        assert by_id[r.problem_id].question in request and f"\\boxed{{ {by_id[r.problem_id].gold} }}" in request
         assert r.correct == (r.answer == by_id[r.problem_id].gold)
     assert 0 < sum(r.correct for r in made) < len(made)
     stats = build_star_ftdata(records, made, n_agents=1, cfg=FinetuneConfig(selection="star"), out_dir=tmp_path / "ft",

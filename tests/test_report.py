@@ -94,7 +94,7 @@ def test_report_prefers_the_loops_diversity_json(sim_run, tmp_path):
     for k in (0, 1):
         write_model(run / f"iter-{k}" / "diversity.json",
                     DiversityMetrics(iteration=k, split="test", n=20, agreement=0.5, pairwise_agreement=0.6,
-                                     embedding_dissimilarity=0.25, likelihood_diversity=0.125 * (k + 1)))
+                                     embedding_dissimilarity=0.25, heldout_critic_nll=0.125 * (k + 1)))
     build_report([run], tmp_path / "rep", compute_missing=True)
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "0.125" in md and "0.250" in md

@@ -276,6 +276,7 @@ def test_command_line_carries_scaling_settings():
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # LoRA training on CPU, then the local embedder and one-at-a-time scoring
 async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_path):
     """debate -> data -> LoRA jobs -> adapters loaded -> debate with the adapters, through the
     loop, against the real server. The loop attaches to the running server (serve.manage false)
@@ -313,27 +314,54 @@ async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_pat
     # Noise answers: some do not parse; they are counted (as wrong), never dropped.
     metrics = summary.iterations[1].splits["test"]
     assert metrics.n == 6 and 0.0 <= metrics.unparsed_rate <= 1.0
+    # Diversity on the vLLM path, by default: embeddings from the local model, and the
+    # log-probability measures (zero KL at iteration 0, where every agent is the base model).
+    from harness.diversity import DiversityMetrics
+
+    div = [DiversityMetrics.model_validate_json((run_dir / f"iter-{k}" / "diversity.json").read_text())
+           for k in (0, 1)]
+    assert all(d.embedding_model == "local:all-MiniLM-L6-v2" and d.embedding_dissimilarity is not None for d in div)
+    assert div[0].kl_between_generators == 0.0 and div[0].kl_generators_vs_base == 0.0, div[0].notes
+    assert div[1].heldout_critic_nll is not None and div[1].kl_generators_vs_base is not None, div[1].notes
     await unload_adapters(server.base_url, sorted(trained))
 
 
 @pytest.mark.vllm
-async def test_likelihood_diversity_scores_real_adapters(server, adapters):
-    """The logprob-based diversity against the real server: zero when every agent shares one
-    model, finite and non-zero once the agents are different adapters."""
-    from harness.diversity import likelihood_diversity
+async def test_logprob_diversity_measures_score_real_adapters(server, adapters, tmp_path):
+    """The held-out-critic NLL and the KL estimates against the real server, through the
+    LLMClient: exactly zero KL when every agent is the base model, finite and non-zero once the
+    agents are different adapters; every scoring request is in usage.jsonl."""
+    from harness.config import EndpointConfig, SamplingConfig
+    from harness.diversity import compute_diversity
+    from harness.llm import LLMClient
     from records_factory import make_record
 
     names = sorted(adapters)
     await load_adapters(server.base_url, adapters, stale_prefix="vt-")
     records = [make_record(f"p{i}", "3", [["3", "3"], ["2", "2"]]) for i in range(2)]
-    for r in records:
-        for t in r.agents:
-            t.models = ["base", "base"]
-    # One scoring request at a time: vLLM 0.32's CPU LoRA kernel fails on batched prompt_logprobs.
-    same, n = await likelihood_diversity(records, server.base_url, concurrency=1)
-    assert n == 2 and same == pytest.approx(0.0, abs=1e-6)
-    for r in records:
-        for t, name in zip(r.agents, names):
-            t.models = [name, name]
-    apart, n = await likelihood_diversity(records, server.base_url, concurrency=1)
-    assert n == 2 and apart == apart and abs(apart) > 1e-6  # a real number, and not zero
+
+    async def measure(models: list[str], run_dir: Path):
+        for r in records:
+            for t, model in zip(r.agents, models):
+                t.models = [model, model]
+        async with LLMClient(base_url=server.base_url, api_key="EMPTY", run_dir=run_dir, sampling=SamplingConfig(),
+                             endpoint=EndpointConfig(kind="vllm", api_key_env=None, max_retries=0)) as client:
+            # One scoring request at a time: vLLM 0.32's CPU LoRA kernel fails on batched prompt_logprobs.
+            return await compute_diversity(records, iteration=1, split="test", client=client, logprobs=True,
+                                           base_model="base", logprob_concurrency=1)
+
+    same = await measure(["base", "base"], tmp_path / "same")
+    assert same.logprob_problems == 2, same.notes
+    assert same.kl_between_generators == 0.0 and same.kl_between_critics == 0.0
+    assert same.kl_generators_vs_base == 0.0 and same.kl_critics_vs_base == 0.0
+    assert 0 < same.heldout_critic_nll < 50  # nats per token of random text under a random model
+
+    apart = await measure(names, tmp_path / "apart")
+    values = [apart.kl_between_generators, apart.kl_between_critics, apart.kl_generators_vs_base,
+              apart.heldout_critic_nll]
+    assert all(v is not None and v == v and abs(v) > 1e-6 for v in values), (values, apart.notes)
+    assert len(apart.kl_generators_vs_base_per_agent) == 2
+    usage = [json.loads(line) for line in (tmp_path / "apart" / "usage.jsonl").read_text().splitlines()]
+    scored = [u for u in usage if u["purpose"] == "score"]
+    assert scored and all(u["prompt_tokens"] for u in scored if not u["cached"])
+    server.check_alive()

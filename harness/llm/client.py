@@ -27,7 +27,7 @@ import openai
 from pydantic import BaseModel
 
 from harness.config import EndpointConfig, SamplingConfig
-from harness.errors import BudgetExceeded, ConfigError, HarnessError
+from harness.errors import BudgetExceeded, ConfigError, HarnessError, LogprobsUnavailable
 from harness.llm.cache import CACHE_NAME, ResponseCache, cache_key
 from harness.llm.journal import JOURNAL_NAME, CallJournal, JournalEntry
 from harness.llm.pacing import Pacer
@@ -49,6 +49,14 @@ class ChatResult(BaseModel):
     cached: bool  # answered from the run's cache: no call was made, nothing was paid
     usage: UsageRecord  # the line written to usage.jsonl for this call
     finish_reason: str | None = None  # "length" means max_tokens cut the answer
+
+
+class PromptLogprobs(BaseModel):
+    """Each token of a chat-rendered prompt and its log-probability under a model (None for the
+    first token, which nothing precedes)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
 
 
 def sample_seed(client_seed: int, sample: SampleId) -> int:
@@ -224,6 +232,27 @@ class LLMClient:
                         "sampling there, so %s is not sent and it samples at its default", model, " and ".join(dropped))
         return known
 
+    async def prompt_logprobs(self, model: str, messages: list[Message] | list[dict], *, add_generation_prompt: bool,
+                              sample: SampleId | None = None, purpose: str = "score") -> PromptLogprobs:
+        """vLLM only: the tokens of `messages` as `model`'s chat template renders them (with the
+        assistant header appended when `add_generation_prompt`) and the log-probability `model`
+        gives each one. One /chat/completions call with vLLM's `prompt_logprobs` extension; the
+        single generated token is thrown away. Cached, retried, budgeted and written to
+        usage.jsonl like every call (`sample` only attributes that line to an iteration).
+        Raises LogprobsUnavailable when the server sends no prompt log-probabilities."""
+        msgs = _dump_messages(messages)
+        key = cache_key({"op": "prompt_logprobs", "model": model, "messages": msgs,
+                         "add_generation_prompt": add_generation_prompt})
+        prompt_chars = sum(len(m["content"]) for m in msgs)
+
+        async def call() -> tuple[dict, int, float, str]:
+            return await self._network(key, model, purpose, 0, prompt_chars, len(msgs), 1,
+                                       lambda client: self._prompt_logprobs_once(client, model, msgs,
+                                                                                add_generation_prompt))
+
+        value, _ = await self._cached(key, "prompt_logprobs", model, sample, purpose, call)
+        return PromptLogprobs(token_ids=value["token_ids"], logprobs=value["logprobs"])
+
     def totals(self) -> UsageTotals:
         """This run so far, earlier sessions included (read from usage.jsonl and the journal of
         requests in flight at start)."""
@@ -387,6 +416,37 @@ class LLMClient:
         self._add_usage(value, model, resp.get("usage"))
         return value, raw.headers
 
+    async def _prompt_logprobs_once(self, client: openai.AsyncOpenAI, model: str, msgs: list[dict],
+                                    add_generation_prompt: bool) -> tuple[dict, Any]:
+        body = {"model": model, "messages": msgs, "max_completion_tokens": 1, "temperature": 0, "prompt_logprobs": 0,
+                "add_generation_prompt": add_generation_prompt}
+        raw = await client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+        try:
+            resp = raw.json()
+        except ValueError:
+            raise MalformedResponse(f"the answer of {model} is not JSON") from None
+        entries = resp.get("prompt_logprobs") if isinstance(resp, dict) else None
+        if not isinstance(entries, list) or not entries:
+            raise LogprobsUnavailable(f"{self.base_url} sent no prompt_logprobs for {model}: only vLLM servers "
+                                      f"score a given text (OpenAI and the simulator do not)")
+        ids: list[int] = []
+        logprobs: list[float | None] = []
+        for i, entry in enumerate(entries):
+            if entry is None and i == 0:  # nothing precedes the first token
+                continue
+            # prompt_logprobs=0: exactly the prompt's own token, keyed by its id
+            if not isinstance(entry, dict) or len(entry) != 1:
+                raise LogprobsUnavailable(f"prompt_logprobs entry {i} from {model} is not one token: {entry!r:.200}")
+            (tok, info), = entry.items()
+            ids.append(int(tok))
+            logprobs.append(float(info["logprob"]))
+        if entries[0] is None:  # the first token's id is not sent: mark it so positions line up
+            ids.insert(0, -1)
+            logprobs.insert(0, None)
+        value: dict[str, Any] = {"token_ids": ids, "logprobs": logprobs}
+        self._add_usage(value, model, resp.get("usage"))
+        return value, raw.headers
+
     async def _embed_once(self, client: openai.AsyncOpenAI, model: str, chunk: list[str]) -> tuple[dict, Any]:
         raw = await client.embeddings.with_raw_response.create(model=model, input=chunk)
         resp = raw.parse()
@@ -438,4 +498,4 @@ class LLMClient:
                      cost_usd=cost_usd(model, prompt, cached, completion, self.prices))
 
 
-__all__ = ["ChatResult", "LLMClient", "sample_seed"]
+__all__ = ["ChatResult", "LLMClient", "PromptLogprobs", "sample_seed"]

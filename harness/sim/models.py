@@ -24,11 +24,12 @@ Rules (every number a simulated run reports follows from these):
   is still found, since the hint prompt holds the whole task prompt; a reply that adopts the
   hint is graded like any other, so a hint holding a wrong answer teaches a wrong answer.
 * **Later rounds** (the conversation has assistant turns): the other agents' answers are every
-  ``\\boxed{}`` in the last user message. With probability ``persuadability`` the model adopts
-  their majority (ties: a seeded draw) if it differs from its own previous answer; then, if the
-  answer is still wrong and the correct answer is among the others', it switches to it with
-  probability ``correction``; otherwise it keeps its previous answer (a fresh round-0 draw if
-  its previous answer was unparseable).
+  ``\\boxed{}`` in the last user message but ``\\boxed{answer}`` (the authors' prompts' format
+  example). With probability ``persuadability`` the model adopts their majority (ties: a seeded
+  draw) if it differs from its own previous answer; then, if the answer is still wrong and the
+  correct answer is among the others', it switches to it with probability ``correction``;
+  otherwise it keeps its previous answer (a fresh round-0 draw if its previous answer was
+  unparseable).
 * **Summarizer**: a request with no assistant turn whose last user message contains "summar"
   (any case) and either a ``\\boxed{}`` answer or the word "agent" is answered with one line
   per ``\\boxed{}`` answer found in it ("One agent answered \\boxed{12}, ...").
@@ -127,7 +128,8 @@ def respond(
         return _malformed(rng) if malformed else _reasoning(fact, answer, rng) + f"\n\\boxed{{{answer}}}"
 
     previous = final_answer(assistant_turns[-1])
-    others = boxed_all(last_user)
+    # "\\boxed{answer}" in the instructions (the authors' prompts) shows the format, not an answer.
+    others = [o for o in boxed_all(last_user) if o != "answer"]
     answer, how = _later_answer(model, params, fact, previous, others, rng)
     if malformed:
         return _malformed(rng)
@@ -142,7 +144,7 @@ def hinted_answer(text: str) -> str | None:
     for line in _HINT_LINE.findall(text):
         boxes = boxed_all(line)
         if boxes:
-            return boxes[-1]
+            return boxes[-1].strip() or None
     return None
 
 
