@@ -222,6 +222,8 @@ def load_problems(
         chosen = test if split == "test" else pool[n_test : n_test + cfg.n_train]
         if n_want and not chosen:
             raise _too_few(name, split, n_want, f"{cfg.source} holds {len(pool)} usable problem(s)"
+                           + (f", fewer than task.n_train + task.n_test = {total}, split in proportion"
+                              if total > len(pool) else "")
                            + (f", {len(test)} of them kept for test" if split == "train" else ""), "task.source")
         return chosen
 
