@@ -132,8 +132,9 @@ def finished_work(run_dir: Path) -> list[str]:
     run_dir = Path(run_dir)
     found = []
     for path in sorted(run_dir.glob("iter-*/debate-*.jsonl")):
-        if path.stat().st_size and b"\n" in path.read_bytes()[:1 << 20]:
-            found.append(f"debate records in {path.relative_to(run_dir)}")
+        with open(path, "rb") as f:  # one whole line is a finished record
+            if b"\n" in f.read(1 << 20):
+                found.append(f"debate records in {path.relative_to(run_dir)}")
     found += [f"training data in {p.relative_to(run_dir)}" for p in sorted(run_dir.glob("iter-*/ftdata")) if any(p.iterdir())]
     for folder, what in (("local-jobs", "*/spec.json"), ("simulator/jobs", "*.json")):
         if any((run_dir / folder).glob(what)):
