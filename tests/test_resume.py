@@ -204,6 +204,15 @@ def test_an_empty_config_file_is_an_error_not_the_defaults(cli, tmp_path):
     assert "mine.yaml: the file is empty" in out(result)
     assert not (tmp_path / "runs").exists()
 
+    # A run's own config.yaml emptied (a save cut short): refused, and restored from run.json.
+    assert cli("--run-dir", "r", *SMALL).returncode == 0
+    (tmp_path / "r" / "config.yaml").write_text("")
+    result = cli("--resume", "r")
+    assert result.returncode == 2 and "python -m harness.repair r" in out(result)
+    result = cli("r", module="harness.repair")
+    assert result.returncode == 0 and "config.yaml was empty: restored from run.json" in out(result)
+    assert cli("--resume", "r").returncode == 0
+
 
 def test_a_corrupt_line_is_named_and_repair_keeps_every_whole_record(cli, tmp_path):
     run_dir = tmp_path / "r"
