@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STAGES = ("debate-test", "debate-train", "ftdata", "submit", "wait", "debate-test-1", "summary")
-N_TEST, N_TRAIN, JOB_S = 10, 20, 1.0
+# Jobs last long enough that a kill can land while they run, even right after a resume.
+N_TEST, N_TRAIN, JOB_S = 10, 20, 3.0
 BASE = ["--set", f"task.n_test={N_TEST}", "--set", f"task.n_train={N_TRAIN}", "--set", "finetune.iterations=1",
         "--set", f"endpoint.simulator.job_seconds={JOB_S}", "--set", "finetune.poll_interval_s=0.1",
         "--set", "endpoint.simulator.latency_ms=10", "--set", "endpoint.simulator.latency_jitter_ms=5",
@@ -68,6 +69,7 @@ class Trial:
     missed: list[str] = field(default_factory=list)  # stages the run passed before the kill came
     errors: int = 0  # sessions that stopped with an error (resumed all the same)
     sessions: int = 0
+    session_starts: list[float] = field(default_factory=list)  # wall clock of each process start
     checks: dict[str, str] = field(default_factory=dict)  # name -> "ok" or what went wrong
     calls: int = 0  # paid calls in usage.jsonl
     wall_s: float = 0.0
@@ -127,9 +129,11 @@ def loop_cmd(*args: str) -> list[str]:
 
 
 def session(cmd: list[str], cwd: Path, log: Path, kill_at: str | None, rng: random.Random, run_dir: Path,
-            timeout_s: float = 300) -> str:
+            timeout_s: float = 300, starts: list[float] | None = None) -> str:
     """One process of the loop: 'killed', 'missed' (it finished before the kill came), 'done' or 'error'."""
     threshold = rng.randint(1, (N_TRAIN if kill_at == "debate-train" else N_TEST) - 1)
+    if starts is not None:
+        starts.append(time.time())
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
@@ -165,7 +169,7 @@ def run_trial(trial: Trial, work: Path, kills: int, rng: random.Random) -> Path:
     cmd = loop_cmd("--run-dir", str(run_dir), *args)
     for stage in plan:
         trial.sessions += 1
-        outcome = session(cmd, work, log, stage, rng, run_dir)
+        outcome = session(cmd, work, log, stage, rng, run_dir, starts=trial.session_starts)
         if outcome == "killed":
             trial.kills.append(stage)
         elif outcome == "missed":
@@ -173,7 +177,7 @@ def run_trial(trial: Trial, work: Path, kills: int, rng: random.Random) -> Path:
         cmd = loop_cmd("--resume", str(run_dir))
     for _ in range(6):  # finish it; a session stopped by an error (e.g. retries used up) is resumed
         trial.sessions += 1
-        outcome = session(cmd, work, log, None, rng, run_dir)
+        outcome = session(cmd, work, log, None, rng, run_dir, starts=trial.session_starts)
         if outcome == "done":
             break
         trial.errors += 1
@@ -195,15 +199,39 @@ def sim_jobs(run_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run_dir / "simulator" / "jobs").glob("*.json"))]
 
 
-def paid_keys(run_dir: Path) -> list[str]:
-    keys = []
-    for line in (run_dir / "usage.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+def paid_calls(run_dir: Path) -> list[tuple[str, float, bool]]:
+    """(identity, time, last line of usage.jsonl before a later line's session) of each paid call."""
+    recs = [json.loads(line) for line in (run_dir / "usage.jsonl").read_text().splitlines() if line.strip()]
+    out = []
+    for i, rec in enumerate(recs):
         if not rec.get("cached") and rec.get("sample"):
             s = rec["sample"]
-            keys.append(f"{rec['model']}|{rec.get('purpose')}|it{s['iteration']}/{s['split']}/{s['problem_id']}/"
-                        f"{s.get('role')}{s['agent']}/r{s['round']}/s{s.get('sample', 0)}")
-    return keys
+            key = (f"{rec['model']}|{rec.get('purpose')}|it{s['iteration']}/{s['split']}/{s['problem_id']}/"
+                   f"{s.get('role')}{s['agent']}/r{s['round']}/s{s.get('sample', 0)}")
+            out.append((key, rec["ts"], i + 1 < len(recs) and recs[i + 1]["ts"]))
+    return out
+
+
+def paid_keys(run_dir: Path) -> list[str]:
+    return [k for k, _, _ in paid_calls(run_dir)]
+
+
+def paid_twice(run_dir: Path, session_starts: list[float]) -> list[str]:
+    """Calls recorded as paid more than once, each with a diagnosis: when the first record is the
+    last line a killed session wrote, the kill fell between the call's usage line and its cache
+    entry (the window issue 10 point 6 closes), and the resumed session asked again."""
+    calls = paid_calls(run_dir)
+    first: dict[str, tuple[float, float | bool]] = {}
+    out = []
+    for key, ts, next_ts in calls:
+        if key not in first:
+            first[key] = (ts, next_ts)
+            continue
+        ts0, next0 = first[key]
+        restart = next((s for s in session_starts if s > ts0), None)
+        last_line = restart is not None and (next0 is False or next0 >= restart)
+        out.append(f"{key} ({'the last line before a kill: usage written, cache entry not' if last_line else 'not at a kill'})")
+    return out
 
 
 def results(run_dir: Path) -> tuple[list, list, list]:
@@ -228,10 +256,9 @@ def check(trial: Trial, run_dir: Path, ref: Path) -> None:
     twice = {k: n for k, n in per_model.items() if n > 1}
     c["jobs"] = "ok" if not twice and len(jobs) == len(ref_jobs) else \
         f"{len(jobs)} jobs (reference {len(ref_jobs)}); created twice: {twice}"
-    keys = paid_keys(run_dir)
-    trial.calls = len(keys)
-    repeated = [k for k, n in Counter(keys).items() if n > 1]
-    c["paid"] = "ok" if not repeated else f"{len(repeated)} calls paid twice, e.g. {repeated[0]}"
+    trial.calls = len(paid_keys(run_dir))
+    repeated = paid_twice(run_dir, trial.session_starts)
+    c["paid"] = "ok" if not repeated else f"{len(repeated)} call(s) paid twice: {'; '.join(repeated)}"
     got, want = results(run_dir), results(ref)
     c["metrics"] = "ok" if got == want else "metrics or society differ from the reference"
 
@@ -250,7 +277,7 @@ def report(trials: list[Trial], ref_calls: int, ref_wall: float, args: argparse.
         f"crash safety, not model quality.",
         "",
         f"Each trial: {N_TEST} test / {N_TRAIN} train problems, 3 agents, 2 rounds, 1 finetuning iteration "
-        f"(6 jobs of {JOB_S:.0f}s), malformed answers 5%; fault storms ({args.storm}): 5% HTTP 500, "
+        f"(6 simulated jobs of {JOB_S:.0f}s), malformed answers 5%; fault storms ({args.storm}): 5% HTTP 500, "
         f"1% hangs past the 2s client timeout, 429s under a 6000 RPM limit. Reference: one uninterrupted "
         f"run, {ref_calls} paid calls, {ref_wall:.0f}s.",
         "",
