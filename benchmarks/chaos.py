@@ -88,12 +88,11 @@ def lines(path: Path) -> int:
         return 0
 
 
-def registry_jobs(run_dir: Path) -> list[dict]:
+def registry_entries(run_dir: Path) -> list[dict]:
     try:
-        reg = json.loads((run_dir / "registry.json").read_text())
+        return json.loads((run_dir / "registry.json").read_text()).get("entries", [])
     except (OSError, ValueError):
         return []
-    return [e for e in reg.get("entries", []) if e.get("job_id")]
 
 
 def stage_reached(stage: str, run_dir: Path, threshold: int) -> bool:
@@ -105,10 +104,11 @@ def stage_reached(stage: str, run_dir: Path, threshold: int) -> bool:
     if stage == "ftdata":
         return lines(it0 / "debate-train.jsonl") >= N_TRAIN
     if stage == "submit":
-        return any((run_dir / "simulator" / "files").glob("*.json")) or bool(registry_jobs(run_dir))
-    if stage == "wait":
-        jobs = registry_jobs(run_dir)
-        return len(jobs) == 6 and any(e["status"] not in ("succeeded", "failed", "cancelled") for e in jobs)
+        return any((run_dir / "simulator" / "files").glob("*.json")) or any(e.get("job_id") for e in registry_entries(run_dir))
+    if stage == "wait":  # every model registered (an agent with too little data keeps its model), a job running
+        entries = registry_entries(run_dir)
+        return len(entries) == 6 and any(e.get("job_id") and e["status"] not in ("succeeded", "failed", "cancelled")
+                                         for e in entries)
     if stage == "debate-test-1":
         return lines(it1 / "debate-test.jsonl") >= threshold
     if stage == "summary":
