@@ -42,8 +42,11 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 # What a resumed run may change: where and how fast to call, how much to spend, how far to go.
+# (The endpoint's pacing fields come with the rate-limit pacing change; a prefix that matches no
+# field changes nothing.)
 RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "endpoint.max_retries",
-                    "endpoint.base_url", "endpoint.api_key_env", "serve.", "finetune.iterations",
+                    "endpoint.base_url", "endpoint.api_key_env", "endpoint.rpm_limit", "endpoint.tpm_limit",
+                    "endpoint.rate_limit_wait_s", "endpoint.max_tokens_param", "serve.", "finetune.iterations",
                     "finetune.poll_interval_s", "finetune.paused_timeout_s")
 _HEADER_RE = re.compile(r"^# harness run id: (\S+)")
 
