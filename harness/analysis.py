@@ -17,6 +17,7 @@ The method of a run is its config name (the comparison presets name themselves a
 from __future__ import annotations
 
 import glob
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from harness.fileio import read_jsonl
 from harness.llm.pricing import training_price_for
 from harness.records import DebateRecord, IterationMetrics, RunSummary, UsageRecord
 from harness.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,7 +113,10 @@ def load_run(run_dir: str | Path) -> RunData:
         if (d / "metrics.json").is_file():
             run.iterations.append(_read_model(d / "metrics.json", IterationMetrics))
         if (d / "diversity.json").is_file():
-            run.diversity.extend(_diversity_file(d / "diversity.json"))
+            try:
+                run.diversity.extend(_diversity_file(d / "diversity.json"))
+            except DataError as e:  # damaged: the report goes on without it; the loop rebuilds it
+                log.warning("%s; left out (python -m harness.loop --resume %s computes it again)", e, run_dir)
     if not run.iterations and summary is not None:  # metrics files lost, summary still there
         run.iterations = list(summary.iterations)
     return run
@@ -120,7 +126,12 @@ def _diversity_file(path: Path) -> list[DiversityMetrics]:
     """diversity.json holds one DiversityMetrics or a list of them (one per split)."""
     import json
 
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: damaged, not valid JSON ({e})") from e
+    if not isinstance(data, (dict, list)):
+        raise DataError(f"{path}: damaged, not a diversity record")
     items = data if isinstance(data, list) else list(data.values()) if "iteration" not in data else [data]
     try:
         return [DiversityMetrics.model_validate(x) for x in items]

@@ -93,6 +93,9 @@ class SimulatorConfig(_Strict):
     context_tokens: int | None = Field(None, ge=1)
     job_seconds: float = Field(1.0, ge=0)  # simulated duration of a fine-tuning job
     job_failure_rate: float = Field(0.0, ge=0, le=1)
+    # Share of jobs their (simulated) owner pauses as they start running; they stay paused until
+    # resumed through POST /v1/fine_tuning/jobs/{id}/resume.
+    job_pause_rate: float = Field(0.0, ge=0, le=1)
 
 
 class EndpointConfig(_Strict):
@@ -167,6 +170,32 @@ class BudgetConfig(_Strict):
     max_cost_usd: float | None = Field(None, gt=0)  # stop cleanly (resumable) before passing this
 
 
+# The OpenAI fine-tuning API's ranges, from its official OpenAPI spec v2.3.0 (openai/openai-openapi,
+# openapi.yaml: FineTuneSupervisedHyperparameters and CreateFineTuningJobRequest.seed). A run with
+# the openai provider is checked against them at load time, before any call or upload.
+OPENAI_FT_RANGES: dict[str, tuple[float, float | None]] = {
+    "finetune.hyperparameters.n_epochs": (1, 50),
+    "finetune.hyperparameters.batch_size": (1, 256),
+    "finetune.hyperparameters.learning_rate_multiplier": (0, None),  # exclusive minimum 0, no maximum
+    "seed": (0, 2**31 - 1),  # sent as the job's seed
+}
+
+
+def openai_ft_range_error(hp: "Hyperparameters", seed: int | None) -> str | None:
+    """What in these hyperparameters or this seed the OpenAI fine-tuning API would refuse, or None."""
+    values = {"finetune.hyperparameters.n_epochs": hp.n_epochs, "finetune.hyperparameters.batch_size": hp.batch_size,
+              "finetune.hyperparameters.learning_rate_multiplier": hp.learning_rate_multiplier, "seed": seed}
+    for name, (lo, hi) in OPENAI_FT_RANGES.items():
+        v = values[name]
+        if v is None:
+            continue
+        exclusive = name.endswith("learning_rate_multiplier")
+        if v < lo or (exclusive and v == lo) or (hi is not None and v > hi):
+            allowed = f"between {lo} and {hi}" if hi is not None else f"greater than {lo}"
+            return f"{name} = {v}: OpenAI's fine-tuning API accepts values {allowed}"
+    return None
+
+
 class Hyperparameters(_Strict):
     # The paper's defaults.
     n_epochs: int = Field(2, ge=1)
@@ -237,6 +266,9 @@ class FinetuneConfig(_Strict):
     max_example_tokens: int = Field(65536, ge=1)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     poll_interval_s: float = Field(5.0, gt=0)
+    # A job paused at the provider (by its owner) is followed this long, then reported as paused
+    # and the agent keeps its model; --resume picks the same job up again.
+    paused_timeout_s: float = Field(1800.0, gt=0)
     suffix: str | None = None  # OpenAI model-name suffix; None: derived from run name
     # A tied final vote (e.g. three different answers) is broken by agent order, which would hand
     # the lowest-index agent training data nobody else supports. Such debates give no data
@@ -314,6 +346,15 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _check_openai_ranges(self) -> "RunConfig":
+        if self.finetune.provider != "openai" or self.finetune.iterations == 0:
+            return self
+        problem = openai_ft_range_error(self.finetune.hyperparameters, self.seed)
+        if problem:
+            raise ValueError(f"{problem}; the jobs would be refused after the debates were paid for")
+        return self
+
+    @model_validator(mode="after")
     def _check_local(self) -> "RunConfig":
         local = self.finetune.local
         if self.finetune.provider == "local" and local.full_finetune and self.endpoint.kind == "vllm":
@@ -371,7 +412,11 @@ def read_yaml_source(source: str, *, folder: str = "", what: str = "preset") -> 
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"{what} file {path} does not exist (built-in {what}s: {names})")
-        label, text = str(path), path.read_text(encoding="utf-8")
+        label = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{what} file {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     else:
         res = resources.files("harness.presets")
         res = (res / folder if folder else res) / f"{source}.yaml"
@@ -379,9 +424,13 @@ def read_yaml_source(source: str, *, folder: str = "", what: str = "preset") -> 
             raise ConfigError(f"{source!r} is neither a file nor a built-in {what}; built-in {what}s: {names}")
         label, text = f"{what} '{source}'", res.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{label}: not valid YAML: {e}") from e
+    if data is None:
+        # An empty file is a mistake (a save cut short, the wrong file), not a request for defaults.
+        raise ConfigError(f"{label}: the file is empty (no settings at all); write the fields that differ from the "
+                          f"defaults (e.g. `task: {{n_test: 50}}`), or name a built-in {what} ({names})")
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: the top level must be a mapping of fields, got {type(data).__name__}")
     return data, label

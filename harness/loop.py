@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import secrets
 import sys
 import time
 from datetime import datetime
@@ -24,15 +23,17 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from harness.config import RunConfig, config_to_yaml, load_config
+from harness.config import RunConfig, load_config
 from harness.debate import Debater, DebateSettings, Society, problems_in_flight, run_debates
-from harness.diversity import compute_diversity, sampling_note
+from harness.diversity import DiversityMetrics, compute_diversity, sampling_note
 from harness.endpoints import open_endpoint
-from harness.errors import BudgetExceeded, ConfigError, HarnessError
+from harness.errors import BudgetExceeded, ConfigError, DataError, HarnessError
 from harness.evaluate import print_results, split_metrics
-from harness.fileio import JsonlAppender, write_atomic, write_model
+from harness.fileio import CorruptRecordError, DirLock, JsonlAppender, remove_stale_temps, write_model
 from harness.finetune import FinetuneStage
 from harness.ftdata import FtDataStats, build_ftdata, build_star_ftdata
+from harness.identity import (RESUMABLE_FIELDS, establish, finished_work, flat, frozen_changes, header_run_id,
+                              load_identity, write_config)
 from harness.llm import LLMClient
 from harness.plan import estimate_plan, plan_table
 from harness.prompts import Prompts
@@ -45,18 +46,14 @@ from harness.tasks import get_task, load_split
 log = logging.getLogger("harness")
 
 EXIT_BUDGET = 3
-# What a resumed run may change: where and how fast to call, how much to spend, how far to go.
-RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "endpoint.max_retries",
-                    "endpoint.base_url", "endpoint.api_key_env", "endpoint.rpm_limit", "endpoint.tpm_limit",
-                    "endpoint.rate_limit_wait_s", "endpoint.max_tokens_param", "serve.", "finetune.iterations",
-                    "finetune.poll_interval_s")
+__all__ = ["RESUMABLE_FIELDS", "main", "run_loop"]  # RESUMABLE_FIELDS: see harness.identity
 
 
 class Run:
     """One run directory and everything the stages share."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, console: Console, client: LLMClient, urls: list[str],
-                 provider: FinetuneProvider | None):
+                 provider: FinetuneProvider | None, registry: Registry):
         self.cfg = cfg
         self.dir = run_dir
         self.console = console
@@ -68,14 +65,9 @@ class Run:
         self.simulated = cfg.endpoint.kind == "simulator"
         self.warnings: list[str] = []
         self.registry_path = run_dir / "registry.json"
-        # The registry's run id tags every finetuning job; it is unique per run directory so
-        # two runs that share a name never pick up each other's jobs. It is kept to characters
-        # and a length that adapter names can carry whole (the loop unloads stale adapters by it).
-        safe_name = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.name).strip("-.")[:40] or "run"
-        self.registry = Registry.load_or_create(self.registry_path, run=f"{safe_name}-{secrets.token_hex(4)}",
-                                                base_model=cfg.models.base)
-        if not self.registry_path.exists():
-            self.registry.save(self.registry_path)
+        # Its run id tags every finetuning job; harness.identity recovers it (and the registry)
+        # before anything is created, so a resumed run never starts a job twice.
+        self.registry = registry
 
     def iter_dir(self, k: int) -> Path:
         return self.dir / f"iter-{k}"
@@ -153,7 +145,11 @@ class Run:
         a measure that cannot be computed becomes a note, never a failed run."""
         path = self.iter_dir(k) / "diversity.json"
         if path.exists():
-            return
+            try:
+                DiversityMetrics.model_validate_json(path.read_bytes())
+                return
+            except ValueError as e:  # damaged (a disk error, an edit): computed again, as if missing
+                log.warning("%s is damaged (%s); computing it again", path, str(e).splitlines()[0])
         cfg = self.cfg
         with self.stage(k, "diversity", "test"):
             div = await compute_diversity(
@@ -167,8 +163,18 @@ class Run:
     def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> RunSummary:
         summary = RunSummary(run=self.cfg.name, simulated=self.simulated, iterations=iterations,
                              usage=self.client.totals().model_dump(), warnings=self.warnings, finished=finished)
-        write_model(self.dir / "summary.json", summary)
+        if finished or not self._holds_more(iterations):
+            write_model(self.dir / "summary.json", summary)
         return summary
+
+    def _holds_more(self, iterations: list[IterationMetrics]) -> bool:
+        """Whether summary.json is a finished summary with at least these iterations: a resumed
+        session's partial summary never replaces it (it stays until this session finishes)."""
+        try:
+            old = RunSummary.model_validate_json((self.dir / "summary.json").read_bytes())
+        except (OSError, ValueError):
+            return False
+        return old.finished and len(old.iterations) >= len(iterations)
 
 
 def make_provider(cfg: RunConfig, base_url: str, run_dir: Path) -> FinetuneProvider:
@@ -179,12 +185,23 @@ def make_provider(cfg: RunConfig, base_url: str, run_dir: Path) -> FinetuneProvi
     from harness.providers.openai_ft import OpenAIFinetuneProvider
 
     return OpenAIFinetuneProvider(base_url, cfg.endpoint.api_key(), max_retries=cfg.endpoint.max_retries,
-                                  poll_interval_s=cfg.finetune.poll_interval_s)
+                                  poll_interval_s=cfg.finetune.poll_interval_s,
+                                  paused_timeout_s=cfg.finetune.paused_timeout_s)
+
+
+def _check_splits(cfg: RunConfig, train: list[Problem], test: list[Problem]) -> None:
+    if not test:
+        raise ConfigError("task.n_test is 0: there is nothing to evaluate; set task.n_test to the number of test "
+                          "problems, e.g. --set task.n_test=100")
+    if cfg.finetune.iterations > 0 and not train:
+        raise ConfigError(f"task.n_train is 0 but finetune.iterations is {cfg.finetune.iterations}: there is nothing "
+                          f"to finetune on; set task.n_train (e.g. --set task.n_train=100) or finetune.iterations=0")
 
 
 async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummary:
     train = load_split(cfg.task, "train") if cfg.finetune.iterations > 0 else []
     test = load_split(cfg.task, "test")
+    _check_splits(cfg, train, test)
     iterations: list[IterationMetrics] = []
     async with open_endpoint(cfg, run_dir, [*train, *test]) as urls:
         async with LLMClient(base_url=urls, api_key=cfg.endpoint.api_key(), run_dir=run_dir,
@@ -194,9 +211,14 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummar
             # that a resumed run's society must load.
             needs_provider = cfg.finetune.iterations > 0 or cfg.finetune.provider == "local"
             provider = make_provider(cfg, urls[0], run_dir) if needs_provider else None
-            run = Run(cfg, run_dir, console, client, urls, provider)
-            run.warnings.extend(client.notes)  # e.g. calls an earlier session left in flight at a crash
             try:
+                # Before anything is created: the run's id (which tags its jobs) and its registry,
+                # recovered from wherever they survive, the provider's own job list included.
+                _, registry, notes = await establish(cfg, run_dir, provider)
+                run = Run(cfg, run_dir, console, client, urls, provider, registry)
+                run.warnings.extend(client.notes)  # e.g. calls an earlier session left in flight at a crash
+                for note in notes:
+                    console.print(f"[bold yellow]note:[/] {note}")
                 for k in range(cfg.finetune.iterations + 1):
                     iterations.append(await run_iteration(run, k, train, test))
                     run.write_summary(iterations, finished=False)
@@ -268,42 +290,86 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flat(data: dict, prefix: str = "") -> dict[str, object]:
-    """{"debate.agents": 3, ...}: a nested config dump as dotted leaf fields."""
-    out: dict[str, object] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def _show(value: object) -> str:
+    return "(not set)" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The resumed run's config: config.yaml with the `--set` overrides, refused where it would
+    contradict finished work. The saved values come from run.json (the settings the run started
+    with), so a hand edit of config.yaml is caught as surely as a --set; while the run has
+    finished nothing, every setting may change (the fix of a bad path or model name)."""
+    saved = run_dir / "config.yaml"
+    identity = load_identity(run_dir)
+    restore = f"; restore the settings the run started with: python -m harness.repair {run_dir}" if identity else ""
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such directory")
+    if not saved.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there{restore or '; is this a run directory?'}")
+    try:
+        before = flat(load_config(str(saved)).model_dump(mode="json"))
+    except ConfigError as e:
+        raise ConfigError(f"--resume {run_dir}: {e}{restore}") from None
+    cfg = load_config(str(saved), overrides)
+    done = finished_work(run_dir)
+    if not done:
+        return cfg
+    after = flat(cfg.model_dump(mode="json"))
+    # Compared by value: restating a saved value (as `harness.compare` does) is fine.
+    by_set = {k for k in before.keys() | after.keys()
+              if before.get(k) != after.get(k) and not k.startswith(RESUMABLE_FIELDS)}
+    changes = {k: (before.get(k), after.get(k)) for k in by_set}
+    if identity is not None:  # the values the run started with are the reference
+        changes = {k: v for k, v in changes.items() if k not in identity.frozen}
+        changes.update({k: (old, new) for k, old, new in frozen_changes(identity.frozen, cfg)})
+    if not changes:
+        return cfg
+    lines = [f"  {k}: {_show(old)} when the run started, {_show(new)} now "
+             f"({'--set' if k in by_set else 'config.yaml was edited'})" for k, (old, new) in sorted(changes.items())]
+    raise ConfigError(
+        f"--resume {run_dir}: {', '.join(sorted(changes))} cannot change in a run that has started "
+        f"({done[0]}{' and more' if len(done) > 1 else ''} were made with the saved value):\n" + "\n".join(lines) + "\n"
+        f"Put the saved value back (drop the --set, or undo the edit of {saved}), or start a new run with the new "
+        f"settings: python -m harness.loop --config {saved} --run-dir <new folder>. "
+        f"On resume --set may change: {', '.join(RESUMABLE_FIELDS)}")
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     if args.resume is not None:
-        run_dir = args.resume
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume {run_dir}: no config.yaml there; is this a run directory?")
         if args.config:
             raise ConfigError("--resume uses the run's saved config.yaml; drop --config (use --set to change a field)")
-        before = _flat(load_config(str(saved)).model_dump(mode="json"))
-        cfg = load_config(str(saved), args.overrides)
-        after = _flat(cfg.model_dump(mode="json"))
-        # Compared by value: restating a saved value (as `harness.compare` does) is fine.
-        frozen = sorted(k for k in before.keys() | after.keys()
-                        if before.get(k) != after.get(k) and not k.startswith(RESUMABLE_FIELDS))
-        if frozen:
-            raise ConfigError(
-                f"--resume {run_dir}: {', '.join(frozen)} cannot change in a run that has started (finished "
-                f"debates, data and jobs were made with the saved value); start a new run instead. On resume "
-                f"--set may change: {', '.join(RESUMABLE_FIELDS)}")
-        return cfg, run_dir
+        return _resume_config(args.resume, args.overrides), args.resume
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if (run_dir / "config.yaml").exists():
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick another --run-dir")
+        done = finished_work(run_dir)
+        if done:
+            raise ConfigError(f"{run_dir} already holds a run ({done[0]}); continue it with --resume {run_dir}, "
+                              f"or pick another --run-dir")
+        log.info("%s holds a run that finished nothing: reusing the folder", run_dir)
     return cfg, run_dir
+
+
+_FIELD_RE = re.compile(r"\b[a-z_]+(?:\.[a-z_]+)+\b")
+
+
+def _after_error(run_dir: Path | None, error: HarnessError) -> str | None:
+    """What to type after an error, from what the run directory holds: the repair command for a
+    damaged record; --resume when work is finished; when nothing is, --resume with the field to
+    fix (every setting may still change)."""
+    if run_dir is None or not (run_dir / "config.yaml").exists():
+        return None
+    if isinstance(error, CorruptRecordError):
+        return (f"keep every whole record and set the damaged line aside: python -m harness.repair {run_dir}\n"
+                f"then continue: python -m harness.loop --resume {run_dir}")
+    if finished_work(run_dir):
+        return f"finished work is saved; after fixing the cause: python -m harness.loop --resume {run_dir}"
+    known = flat(RunConfig().model_dump(mode="json"))
+    fields = list(dict.fromkeys(f for f in _FIELD_RE.findall(str(error)) if f in known))
+    fix = f" --set {fields[0]}=<fixed value>" if fields else " --set <field>=<fixed value>"
+    others = f" (or {', '.join(fields[1:])})" if len(fields) > 1 else ""
+    return (f"nothing was finished in {run_dir}, so any setting may still change; fix it and run: "
+            f"python -m harness.loop --resume {run_dir}{fix}{others}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,13 +378,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     run_dir: Path | None = None
+    lock: DirLock | None = None
     try:
         cfg, run_dir = resolve_run(args)
         if args.dry_run:
             dry_run(cfg, console)
             return 0
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
+        lock = DirLock(run_dir)
+        try:
+            lock.acquire()  # one process per run directory: two could each create the same job
+        except DataError as e:
+            lock, run_dir = None, None  # the other process's folder: no advice about it
+            raise ConfigError(str(e)) from None
+        remove_stale_temps(run_dir, skip=("local-jobs",))  # left by writes a kill interrupted
+        identity = load_identity(run_dir)
+        write_config(run_dir, cfg, header_run_id(run_dir / "config.yaml") or (identity.run if identity else None))
         console.print(f"[bold]run[/] {cfg.name} → {run_dir}"
                       + ("  [yellow](simulated models: a test double)[/]" if cfg.endpoint.kind == "simulator" else ""))
         started = time.monotonic()
@@ -334,12 +409,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BUDGET
     except ConfigError as e:
         console.print(f"[bold red]config error:[/] {e}")
+        advice = _after_error(run_dir, e) if lock is not None else None
+        if advice:
+            console.print(advice)
         return 2
     except HarnessError as e:
         console.print(f"[bold red]error:[/] {e}")
-        if run_dir is not None and (run_dir / "config.yaml").exists():
-            console.print(f"finished work is saved; after fixing the cause: python -m harness.loop --resume {run_dir}")
+        advice = _after_error(run_dir, e) if lock is not None else None
+        if advice:
+            console.print(advice)
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
     print_results([m for it in summary.iterations for m in it.splits.values()], console)
     usage = summary.usage
     cost = usage.get("cost_usd")

@@ -23,7 +23,7 @@ from harness.errors import DataError, HarnessError
 from harness.fileio import write_model
 
 RoleName = Literal["generator", "critic"]
-EntryStatus = Literal["pending", "validating_files", "queued", "running", "succeeded", "failed",
+EntryStatus = Literal["pending", "validating_files", "queued", "running", "paused", "succeeded", "failed",
                       "cancelled", "unknown", "kept"]
 USABLE = ("succeeded", "kept")  # statuses whose model_id the debate may use
 
@@ -102,9 +102,8 @@ class Registry(BaseModel):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not valid JSON ({e}); restore it from a backup. Do not delete it: "
-                            f"it holds the run id that tags this run's jobs, and a new id would start "
-                            f"every finetuning job again") from e
+            raise DataError(f"{path}: not valid JSON ({e}); `python -m harness.loop --resume {path.parent}` "
+                            f"rebuilds it from the provider's jobs (the run id is also kept in run.json)") from e
         try:
             reg = cls.model_validate(data)
         except ValidationError as e:

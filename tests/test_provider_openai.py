@@ -55,7 +55,7 @@ def sim(sim_factory):
 
 async def raw_jobs(base_url: str, metadata: dict[str, str]) -> list:
     async with AsyncOpenAI(base_url=base_url, api_key="sim-key", max_retries=0) as client:
-        return [j async for j in client.fine_tuning.jobs.list(metadata=metadata)]
+        return [j async for j in client.fine_tuning.jobs.list(**({"metadata": metadata} if metadata else {}))]
 
 
 async def raw_files(base_url: str) -> list:
@@ -187,3 +187,40 @@ def test_job_state_normalization():
     assert state.error == "You have hit your fine-tuning quota." and state.latest_event == "latest"
     job.status, job.error = "succeeded", None
     assert OpenAIFinetuneProvider._state(job).status is JobStatus.SUCCEEDED
+
+
+# ----------------------------------------------------------------------------- the API's ranges, paused jobs
+
+@pytest.mark.parametrize("change, field", [
+    ({"hyperparameters": Hyperparameters(n_epochs=51)}, "n_epochs = 51"),
+    ({"hyperparameters": Hyperparameters(batch_size=257)}, "batch_size = 257"),
+    ({"seed": 2**31}, "seed = 2147483648"),
+    ({"seed": -1}, "seed = -1"),
+])
+async def test_out_of_range_hyperparameters_and_seed_are_refused_before_any_upload(sim, tmp_path, change, field):
+    req = request(training_file(tmp_path / "g.jsonl")).model_copy(update=change)
+    async with provider(sim.base_url) as p:
+        with pytest.raises(FinetuneError, match=field) as err:
+            await p.submit(req)
+    assert "nothing was uploaded" in str(err.value)
+    assert await raw_files(sim.base_url) == [] and await raw_jobs(sim.base_url, {}) == []
+
+
+async def test_a_paused_job_is_not_followed_forever_and_a_resume_picks_it_up(tmp_path):
+    from harness.sim import SimServer
+
+    path = training_file(tmp_path / "generator-0.jsonl")
+    with SimServer(SimulatorConfig(job_seconds=0.5, job_pause_rate=1.0), state_dir=tmp_path / "sim") as sim:
+        async with provider(sim.base_url) as p:
+            p.paused_timeout_s = 0.5
+            state = await p.submit(request(path))
+            final = await p.wait(state.job_id)
+            assert final.status is JobStatus.PAUSED and final.raw_status == "paused"
+            assert "finetune.paused_timeout_s" in final.error and "--resume" in final.error
+            # Its owner resumes it at the provider; the next submit finds the same job, no second one.
+            async with AsyncOpenAI(base_url=sim.base_url, api_key="sim-key", max_retries=0) as client:
+                await client.fine_tuning.jobs.resume(state.job_id)
+            again = await p.submit(request(path))
+            assert again.job_id == state.job_id
+            assert (await p.wait(again.job_id)).status is JobStatus.SUCCEEDED
+        assert len(await raw_jobs(sim.base_url, {})) == 1

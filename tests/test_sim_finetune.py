@@ -223,3 +223,68 @@ async def test_state_survives_a_restart(sim, tmp_path):
     assert done.status == "succeeded"
     r = await client.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": q(1)}])
     assert r.system_fingerprint == "simulated"
+
+
+async def test_lists_files_and_jobs_are_shaped_as_the_spec_says(sim):
+    """OpenAI's OpenAPI spec v2.3.0: ListPaginatedFineTuningJobsResponse and the events list hold
+    object/data/has_more only; ListFilesResponse adds first_id/last_id (strings, so an empty page
+    leaves them out); OpenAIFile has no null expires_at; estimated_finish is null unless running."""
+    import httpx2
+
+    server, client = sim(job_seconds=1.0)
+    empty = {"object": "list", "data": [], "has_more": False}
+    async with httpx2.AsyncClient(base_url=server.base_url, headers={"Authorization": "Bearer x"}) as http:
+        assert (await http.get("/files")).json() == empty
+        assert (await http.get("/fine_tuning/jobs")).json() == empty
+        assert (await http.get("/fine_tuning/jobs", params={"metadata[run]": "none"})).json() == empty
+        f = await upload(client, jsonl(example(i) for i in range(12)))
+        obj = (await http.get(f"/files/{f.id}")).json()
+        assert set(obj) == {"id", "object", "bytes", "created_at", "filename", "purpose", "status"}
+        assert obj["object"] == "file" and obj["purpose"] == "fine-tune"
+        files = (await http.get("/files")).json()
+        assert files["first_id"] == files["last_id"] == f.id and files["has_more"] is False
+        job = await client.fine_tuning.jobs.create(model="sim-base", training_file=f.id)
+        listed = (await http.get("/fine_tuning/jobs")).json()
+        assert set(listed) == {"object", "data", "has_more"}
+        assert set((await http.get(f"/fine_tuning/jobs/{job.id}/events")).json()) == {"object", "data", "has_more"}
+    seen = {}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        j = await client.fine_tuning.jobs.retrieve(job.id)
+        seen.setdefault(j.status, j.estimated_finish)
+        if j.status == "succeeded":
+            break
+        await asyncio.sleep(0.02)
+    assert seen["validating_files"] is None and seen["succeeded"] is None
+    assert isinstance(seen["running"], int)
+
+
+async def test_pause_and_resume_follow_the_spec(sim):
+    _, client = sim(job_seconds=0.6)
+    f = await upload(client, jsonl(example(i) for i in range(12)))
+    job = await client.fine_tuning.jobs.create(model="sim-base", training_file=f.id)
+    paused = await client.fine_tuning.jobs.pause(job.id)
+    assert paused.status == "paused" and paused.estimated_finish is None
+    await asyncio.sleep(0.8)  # longer than the whole job: a paused job does not move on
+    assert (await client.fine_tuning.jobs.retrieve(job.id)).status == "paused"
+    with pytest.raises(openai.BadRequestError):
+        await client.fine_tuning.jobs.pause(job.id)
+    await client.fine_tuning.jobs.resume(job.id)
+    assert (await wait(client, job.id)).status == "succeeded"
+    events = [e.message async for e in client.fine_tuning.jobs.list_events(job.id)]
+    assert "Fine-tuning job paused" in events and "Fine-tuning job resumed" in events
+    with pytest.raises(openai.BadRequestError):
+        await client.fine_tuning.jobs.resume(job.id)
+
+
+async def test_seed_and_learning_rate_outside_the_spec_are_refused(sim):
+    _, client = sim()
+    f = await upload(client, jsonl(example(i) for i in range(12)))
+    with pytest.raises(openai.BadRequestError):
+        await client.fine_tuning.jobs.create(model="sim-base", training_file=f.id, seed=2**31)
+    with pytest.raises(openai.BadRequestError):
+        await client.fine_tuning.jobs.create(model="sim-base", training_file=f.id, method={
+            "type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 0}}})
+    big = await client.fine_tuning.jobs.create(model="sim-base", training_file=f.id, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 500}}})
+    assert big.hyperparameters.learning_rate_multiplier == 500  # the spec sets no maximum

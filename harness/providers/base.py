@@ -22,6 +22,9 @@ class JobStatus(str, Enum):
     VALIDATING = "validating_files"
     QUEUED = "queued"
     RUNNING = "running"
+    # Paused by its owner at the provider (OpenAI: POST /fine_tuning/jobs/{id}/pause); it goes on
+    # only when someone resumes it there, so `wait` gives up on it after a deadline.
+    PAUSED = "paused"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -61,6 +64,7 @@ class JobState(BaseModel):
     status: JobStatus
     raw_status: str
     model_id: str | None = None  # the resulting model (or adapter name) once succeeded
+    base_model: str | None = None  # the model the job trains from, where the provider reports it
     artifact_path: str | None = None  # local providers: where the adapter/model was written
     file_id: str | None = None
     trained_tokens: int | None = None
@@ -86,6 +90,11 @@ class FinetuneProvider(abc.ABC):
         """The most recent job whose metadata matches all of `metadata`, if any."""
 
     @abc.abstractmethod
+    async def jobs(self, metadata: dict[str, str]) -> list[JobState]:
+        """Every job whose metadata matches all of `metadata`, newest first (a run's jobs, when
+        its registry must be rebuilt)."""
+
+    @abc.abstractmethod
     async def refresh(self, job_id: str) -> JobState: ...
 
     @abc.abstractmethod
@@ -103,14 +112,31 @@ class FinetuneProvider(abc.ABC):
     async def close(self) -> None:
         return None
 
+    # How long `wait` follows a paused job before it gives up (the loop sets it from
+    # finetune.paused_timeout_s).
+    paused_timeout_s: float = 1800.0
+
     async def wait(self, job_id: str, *, poll_interval_s: float = 5.0, max_interval_s: float = 60.0,
                    on_update: OnUpdate | None = None) -> JobState:
         """Poll until the job ends, backing off from `poll_interval_s` up to `max_interval_s`
-        while nothing changes. `on_update` sees every state (for a live status display)."""
+        while nothing changes. `on_update` sees every state (for a live status display).
+
+        A job paused for longer than `paused_timeout_s` is returned still paused, with an error
+        saying so: nothing in this run can resume it, and polling it forever would hang the run.
+        A resumed run picks the same job up again (it is neither failed nor cancelled)."""
         interval = poll_interval_s
         last: tuple | None = None
+        paused_since: float | None = None
         while True:
             state = await self.refresh(job_id)
+            if state.status is JobStatus.PAUSED:
+                paused_since = paused_since or time.monotonic()
+                if time.monotonic() - paused_since >= self.paused_timeout_s:
+                    state.error = (f"job {job_id} has been paused at the {self.name} provider for "
+                                   f"{self.paused_timeout_s:.0f}s (finetune.paused_timeout_s); resume it there, then "
+                                   f"continue this run with --resume (it picks the same job up)")
+            else:
+                paused_since = None
             if on_update is not None:
                 result = on_update(state)
                 if asyncio.iscoroutine(result):
@@ -119,7 +145,11 @@ class FinetuneProvider(abc.ABC):
                 if state.finished_at is None:
                     state.finished_at = time.time()
                 return state
+            if paused_since is not None and state.error:
+                return state
             seen = (state.raw_status, state.latest_event)
             interval = poll_interval_s if seen != last else min(interval * 1.5, max_interval_s)
             last = seen
+            if paused_since is not None:  # wake up in time for the deadline
+                interval = min(interval, max(0.0, paused_since + self.paused_timeout_s - time.monotonic()) + 0.01)
             await asyncio.sleep(interval)

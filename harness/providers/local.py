@@ -181,6 +181,11 @@ class LocalProvider(FinetuneProvider):
         newest = max(matches, key=lambda s: s.created_at)
         return await self.refresh(newest.job_id)
 
+    async def jobs(self, metadata: dict[str, str]) -> list[JobState]:
+        """Every job under local-jobs/ whose spec.json metadata matches, newest first."""
+        matches = [s for s in self._specs() if all(s.metadata.get(k) == v for k, v in metadata.items())]
+        return [await self.refresh(s.job_id) for s in sorted(matches, key=lambda s: (s.created_at, s.job_id), reverse=True)]
+
     async def refresh(self, job_id: str) -> JobState:
         await self._pump()
         state = self._state(job_id)

@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import openai
 from openai import AsyncOpenAI
 
+from harness.config import openai_ft_range_error
 from harness.errors import FinetuneError
 from harness.llm.retry import is_terminal, short_error, terminal_message, with_retries
 from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus, OnUpdate
@@ -47,10 +48,11 @@ class OpenAIFinetuneProvider(FinetuneProvider):
 
     def __init__(self, base_url: str | None, api_key: str, *, max_retries: int = 6,
                  poll_interval_s: float = 5.0, timeout_s: float = 120.0,
-                 backoff_base_s: float = 0.5, http_client: Any | None = None):
+                 backoff_base_s: float = 0.5, http_client: Any | None = None, paused_timeout_s: float = 1800.0):
         self.base_url = base_url or "https://api.openai.com/v1"
         self.max_retries = max_retries
         self.poll_interval_s = poll_interval_s
+        self.paused_timeout_s = paused_timeout_s
         self._backoff_base_s = backoff_base_s
         self._client = AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0,
                                    timeout=timeout_s, http_client=http_client)
@@ -88,6 +90,7 @@ class OpenAIFinetuneProvider(FinetuneProvider):
         return JobState(
             job_id=job.id, provider="openai", status=JobStatus.normalize(raw), raw_status=str(raw),
             model_id=getattr(job, "fine_tuned_model", None), file_id=getattr(job, "training_file", None),
+            base_model=getattr(job, "model", None),
             trained_tokens=getattr(job, "trained_tokens", None), error=error, latest_event=latest_event,
             created_at=getattr(job, "created_at", None), finished_at=getattr(job, "finished_at", None),
             metadata={str(k): str(v) for k, v in (getattr(job, "metadata", None) or {}).items()})
@@ -106,6 +109,9 @@ class OpenAIFinetuneProvider(FinetuneProvider):
                                     f"and values {_MAX_METADATA_VALUE}")
         if req.suffix is not None and len(req.suffix) > _MAX_SUFFIX:
             raise FinetuneError(f"finetune.suffix {req.suffix!r} is longer than {_MAX_SUFFIX} characters")
+        problem = openai_ft_range_error(req.hyperparameters, req.seed)
+        if problem:
+            raise FinetuneError(f"{problem}; nothing was uploaded")
 
     # ------------------------------------------------------------------ lookup
 
@@ -123,6 +129,10 @@ class OpenAIFinetuneProvider(FinetuneProvider):
     async def find(self, metadata: dict[str, str]) -> JobState | None:
         jobs = await self._call("looking up fine-tuning jobs", lambda: self._matching(metadata))
         return self._state(jobs[0]) if jobs else None
+
+    async def jobs(self, metadata: dict[str, str]) -> list[JobState]:
+        jobs = await self._call("listing fine-tuning jobs", lambda: self._matching(metadata))
+        return [self._state(j) for j in jobs]
 
     async def _upload(self, path: Path) -> str:
         data = path.read_bytes()

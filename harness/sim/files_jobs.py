@@ -1,4 +1,9 @@
-"""/v1/files and /v1/fine_tuning/jobs with OpenAI's semantics (simulated training)."""
+"""/v1/files and /v1/fine_tuning/jobs with OpenAI's semantics (simulated training).
+
+Shapes and ranges follow OpenAI's official OpenAPI spec v2.3.0 (openai/openai-openapi): OpenAIFile,
+ListFilesResponse (with first_id/last_id), ListPaginatedFineTuningJobsResponse and
+ListFineTuningJobEventsResponse (object, data, has_more only), FineTuneSupervisedHyperparameters,
+CreateFineTuningJobRequest.seed, and the pause/resume routes."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from harness.sim.knowledge import rng_for
 from harness.sim.protocol import ApiError, not_found, parse_body, parse_multipart
-from harness.sim.store import ORG, FileRecord, JobRecord
+from harness.sim.store import ORG, STARTED_SHARE, FileRecord, JobRecord
 from harness.sim.training import TrainingFileError, derive_params, parse_training_file
 
 PURPOSES = {"assistants", "batch", "fine-tune", "vision", "user_data", "evals"}
@@ -27,8 +32,8 @@ class JobCreate(BaseModel):
     model: str
     training_file: str
     validation_file: str | None = None
-    suffix: str | None = Field(None, max_length=64)
-    seed: int | None = None
+    suffix: str | None = Field(None, min_length=1, max_length=64)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
     method: dict[str, Any] | None = None
     hyperparameters: dict[str, Any] | None = None
@@ -44,7 +49,8 @@ def _hyperparameters(body: JobCreate) -> dict[str, Any]:
     elif body.hyperparameters:
         given = body.hyperparameters
     out = dict(AUTO_HYPER)
-    limits = {"n_epochs": (int, 1, 50), "batch_size": (int, 1, 256), "learning_rate_multiplier": (float, 1e-6, 100.0)}
+    # The spec's ranges; learning_rate_multiplier has an exclusive minimum of 0 and no maximum.
+    limits = {"n_epochs": (int, 1, 50), "batch_size": (int, 1, 256), "learning_rate_multiplier": (float, 0.0, None)}
     for key, value in given.items():
         if key not in limits:
             raise ApiError(400, f"Unknown hyperparameter {key!r}.", param=f"hyperparameters.{key}")
@@ -53,7 +59,9 @@ def _hyperparameters(body: JobCreate) -> dict[str, Any]:
         kind, lo, hi = limits[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
             raise ApiError(400, f"Hyperparameter {key} must be a number or 'auto', got {value!r}.", param=f"hyperparameters.{key}")
-        if not lo <= value <= hi:
+        if hi is None and not value > lo:
+            raise ApiError(400, f"Hyperparameter {key} must be greater than {lo}, got {value!r}.", param=f"hyperparameters.{key}")
+        if hi is not None and not lo <= value <= hi:
             raise ApiError(400, f"Hyperparameter {key} must be between {lo} and {hi}, got {value!r}.", param=f"hyperparameters.{key}")
         out[key] = kind(value)
     return out
@@ -69,18 +77,17 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
             raise ApiError(400, f"metadata[{k[:64]}]: keys are at most 64 characters, values 512.", param="metadata")
 
 
-def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+def _page(items: list[dict[str, Any]], after: str | None, limit: int, *, ids: bool = False) -> dict[str, Any]:
+    """A cursor page. Only the files list carries first_id/last_id (ListFilesResponse); they are
+    strings, never null, so an empty page is {"object": "list", "data": [], "has_more": false}."""
     if after is not None:
-        ids = [it["id"] for it in items]
-        items = items[ids.index(after) + 1 :] if after in ids else []
+        known = [it["id"] for it in items]
+        items = items[known.index(after) + 1 :] if after in known else []
     page = items[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "has_more": len(items) > limit,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-    }
+    out: dict[str, Any] = {"object": "list", "data": page, "has_more": len(items) > limit}
+    if ids and page:
+        out["first_id"], out["last_id"] = page[0]["id"], page[-1]["id"]
+    return out
 
 
 def _limit(request: Request, default: int, most: int) -> int:
@@ -127,7 +134,7 @@ def make_router(sim) -> APIRouter:
         order = request.query_params.get("order", "desc")
         recs = [r for r in store.files.values() if purpose is None or r.purpose == purpose]
         recs.sort(key=lambda r: (r.created_at, r.id), reverse=order != "asc")
-        return _page([r.api() for r in recs], request.query_params.get("after"), _limit(request, 10000, 10000))
+        return _page([r.api() for r in recs], request.query_params.get("after"), _limit(request, 10000, 10000), ids=True)
 
     def _file(file_id: str) -> FileRecord:
         rec = store.files.get(file_id)
@@ -191,9 +198,10 @@ def make_router(sim) -> APIRouter:
             n = len(data.examples)
             tokens = data.tokens * hyper["n_epochs"]
             params = derive_params(body.model, parent, data, sim.knowledge)
+        now = time.time()
         job = JobRecord(
             id=job_id,
-            created_at=time.time(),
+            created_at=now,
             duration_s=sim.cfg.job_seconds,
             model=body.model,
             training_file=rec.id,
@@ -205,6 +213,8 @@ def make_router(sim) -> APIRouter:
             fine_tuned_model=name,
             validation_error=error,
             fails=rng_for("job-fail", sim.cfg.seed, job_id).random() < sim.cfg.job_failure_rate,
+            pauses=[[now + STARTED_SHARE * sim.cfg.job_seconds, None]]
+            if error is None and rng_for("job-pause", sim.cfg.seed, job_id).random() < sim.cfg.job_pause_rate else [],
             trained_tokens=tokens,
             n_examples=n,
             params=params,
@@ -252,6 +262,27 @@ def make_router(sim) -> APIRouter:
         if status in ("succeeded", "failed", "cancelled"):
             raise ApiError(400, f"Job {job_id} has already {status}; only a job still in progress can be cancelled.", param="id")
         job = job.model_copy(update={"cancelled_at": now})
+        store.save_job(job)
+        return job.api(now)
+
+    @router.post("/fine_tuning/jobs/{job_id}/pause")
+    async def pause_job(job_id: str):
+        job = _job(job_id)
+        now = time.time()
+        status, _ = job.status_at(now)
+        if status not in ("validating_files", "queued", "running"):
+            raise ApiError(400, f"Job {job_id} is {status}; only a job in progress can be paused.", param="id")
+        job = job.model_copy(update={"pauses": [*job.pauses, [now, None]]})
+        store.save_job(job)
+        return job.api(now)
+
+    @router.post("/fine_tuning/jobs/{job_id}/resume")
+    async def resume_job(job_id: str):
+        job = _job(job_id)
+        now = time.time()
+        if job.status_at(now)[0] != "paused":
+            raise ApiError(400, f"Job {job_id} is not paused.", param="id")
+        job = job.model_copy(update={"pauses": [*job.pauses[:-1], [job.pauses[-1][0], now]]})
         store.save_job(job)
         return job.api(now)
 

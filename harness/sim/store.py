@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 ORG = "sim-org"
 # Phase boundaries as shares of a job's duration: validating, queued, running, done.
 _VALIDATED, _STARTED = 0.1, 0.2
+STARTED_SHARE = _STARTED
 
 
 class FileRecord(BaseModel):
@@ -34,6 +35,8 @@ class FileRecord(BaseModel):
     purpose: str
 
     def api(self) -> dict[str, Any]:
+        # OpenAIFile in the spec (v2.3.0): `expires_at` and `status_details` are optional and not
+        # nullable, so a file that never expires and has no details leaves them out.
         return {
             "id": self.id,
             "object": "file",
@@ -42,8 +45,6 @@ class FileRecord(BaseModel):
             "filename": self.filename,
             "purpose": self.purpose,
             "status": "processed",
-            "status_details": None,
-            "expires_at": None,
         }
 
 
@@ -65,14 +66,28 @@ class JobRecord(BaseModel):
     n_examples: int = 0
     params: ModelParams | None = None
     cancelled_at: float | None = None
+    # [paused at, resumed at (None while paused)], oldest first: a pause stops the job's clock,
+    # so every later step of its timeline moves back by the time it spent paused.
+    pauses: list[list[float | None]] = []
+
+    def _shifted(self, t: float) -> float:
+        """When a step planned for `t` (without pauses) happens; inf while a pause holds it."""
+        for start, end in self.pauses:
+            if start is not None and start < t:
+                t = float("inf") if end is None else t + (end - start)
+        return t
 
     def timeline(self) -> list[tuple[float, str]]:
-        """(time, status) steps from creation to the job's natural end."""
+        """(time, status) steps from creation to the job's end, pauses included."""
         t0, d = self.created_at, self.duration_s
         if self.validation_error:
             return [(t0, "validating_files"), (t0 + _VALIDATED * d, "failed")]
         end = "failed" if self.fails else "succeeded"
-        return [(t0, "validating_files"), (t0 + _VALIDATED * d, "queued"), (t0 + _STARTED * d, "running"), (t0 + d, end)]
+        steps = [(t0, "validating_files"), (t0 + _VALIDATED * d, "queued"), (t0 + _STARTED * d, "running"), (t0 + d, end)]
+        return [(self._shifted(at), step) for at, step in steps]
+
+    def paused_at(self, now: float) -> bool:
+        return any(start is not None and start <= now and (end is None or now < end) for start, end in self.pauses)
 
     def status_at(self, now: float) -> tuple[str, float | None]:
         """(status, finished_at) at wall-clock time `now`."""
@@ -85,6 +100,8 @@ class JobRecord(BaseModel):
                 finished = at if step in ("succeeded", "failed") else None
         if self.cancelled_at is not None and finished is None:
             return "cancelled", self.cancelled_at
+        if finished is None and self.paused_at(now):
+            return "paused", None
         return status, finished
 
     def api(self, now: float) -> dict[str, Any]:
@@ -116,7 +133,8 @@ class JobRecord(BaseModel):
             "integrations": [],
             "metadata": self.metadata,
             "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
-            "estimated_finish": int(self.created_at + self.duration_s) if finished is None and status != "cancelled" else None,
+            # The spec: "null if the fine-tuning job is not running".
+            "estimated_finish": int(self.timeline()[-1][0]) if status == "running" else None,
             "user_provided_suffix": self.suffix,
         }
 
@@ -136,6 +154,11 @@ class JobRecord(BaseModel):
                 break
             level = "error" if step == "failed" else "info"
             out.append(_event(self.id, i, at, level, messages[step]))
+        for j, (start, end) in enumerate(self.pauses):
+            for k, (at, what) in enumerate(((start, "paused"), (end, "resumed"))):
+                if at is not None and at <= now:
+                    out.append(_event(self.id, 10 + 2 * j + k, at, "info", f"Fine-tuning job {what}"))
+        out.sort(key=lambda e: e["created_at"])
         if status == "cancelled":
             out.append(_event(self.id, 9, self.cancelled_at or now, "info", "Fine-tuning job cancelled"))
         return out[::-1]

@@ -77,7 +77,14 @@ def read_local(path: Path) -> list[Located]:
         except Exception as e:  # noqa: BLE001 - any reader error is a bad file for the user
             raise DataError(f"{path}: not a readable Parquet file ({e})") from e
         return [(f"{path} row {i} (0-based)", r) for i, r in enumerate(rows)]
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte {e.start} of the file is {data[e.start]:#04x}); "
+                        f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.jsonl) and "
+                        f"point task.source / task.test_source at it") from None
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -212,7 +219,13 @@ def load_problems(
             log.warning("%s: %s holds %d usable problems, fewer than n_train + n_test = %d; using %d for test and %d for train",
                         name, cfg.source, len(pool), total, n_test, min(cfg.n_train, len(pool) - n_test))
         test = pool[:n_test]
-        return test if split == "test" else pool[n_test : n_test + cfg.n_train]
+        chosen = test if split == "test" else pool[n_test : n_test + cfg.n_train]
+        if n_want and not chosen:
+            raise _too_few(name, split, n_want, f"{cfg.source} holds {len(pool)} usable problem(s)"
+                           + (f", fewer than task.n_train + task.n_test = {total}, split in proportion"
+                              if total > len(pool) else "")
+                           + (f", {len(test)} of them kept for test" if split == "train" else ""), "task.source")
+        return chosen
 
     def source_pool(source: str | None, which: Split) -> list[Problem]:
         if source is None or source == default.repo:  # the default hub id: all its configs
@@ -233,10 +246,21 @@ def load_problems(
         if before != len(pool):
             log.warning("%s: dropped %d training problems that also appear in the test data", name, before - len(pool))
     pool = _shuffled(pool, cfg.seed, f"{name}:{split}")
+    if n_want and not pool:
+        source = (cfg.test_source or cfg.source) if split == "test" else cfg.source
+        field = ("task.test_source" if cfg.test_source else "task.source") if split == "test" else "task.source"
+        raise _too_few(name, split, n_want, f"{source or default.repo} holds no usable {split} problems", field)
     if n_want > len(pool):
         log.warning("%s: only %d %s problems available, fewer than the %d asked for; using all of them",
                     name, len(pool), split, n_want)
     return pool[:n_want]
+
+
+def _too_few(name: str, split: Split, n_want: int, what: str, field: str) -> DataError:
+    """An empty split is refused: evaluating (or training on) 0 problems reports nothing."""
+    return DataError(f"{name}: no {split} problems to {'evaluate' if split == 'test' else 'train on'} "
+                     f"(task.n_{split} = {n_want}): {what}. Point {field} at a file with problems "
+                     f"(one JSON object per line; see data/README.md)")
 
 
 def data_dir() -> Path:
