@@ -98,7 +98,6 @@ class LocalProvider(FinetuneProvider):
         self.seed = seed
         self.python = self.cfg.python or sys.executable
         self.runner = runner or make_runner(self.cfg, self.python)
-        self.name = f"local ({self.runner.name})" if self.runner.name != "subprocess" else "local"
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -194,6 +193,22 @@ class LocalProvider(FinetuneProvider):
         to `harness.serve.load_adapters` before a debate with finetuned agents."""
         wanted = set(model_ids)
         return {name: status.artifact_path for name, (_, status) in self._succeeded().items() if name in wanted}
+
+    async def jobs(self) -> list[tuple[JobState, str | None]]:
+        """Every job of this run, oldest first, with where it runs (None: never started);
+        starts nothing."""
+        out = []
+        for spec in sorted(self._specs(), key=lambda s: s.created_at):
+            launch = read_launch(self.jobs_dir / spec.job_id)
+            out.append((await self._state(spec.job_id), self.runner.where(launch) if launch else None))
+        return out
+
+    async def stop_all(self) -> list[JobState]:
+        """Cancel every job of this run that has not ended: those never started first, so that
+        stopping a running one frees no slot for them. For a run that is abandoned."""
+        states = [state for state, _ in await self.jobs() if not state.status.terminal]
+        states.sort(key=lambda st: read_launch(self.jobs_dir / st.job_id) is not None)
+        return [await self.cancel(st.job_id) for st in states]
 
     async def close(self) -> None:
         # Jobs keep running on purpose (a resumed loop adopts them); nothing to stop here.
@@ -300,7 +315,7 @@ class LocalProvider(FinetuneProvider):
             elif probe.state is Liveness.PENDING:
                 waiting = probe.detail
             elif probe.state is Liveness.ENDED or (probe.state is Liveness.MISSING and status.status == "running"):
-                await self.runner.collect_logs(job_dir, launch)
+                await self.runner.collect_logs(job_dir, launch, final=True)
                 status = read_status(job_dir)  # it may have finished between the two reads
                 if status.status in ("queued", "running"):
                     before = ", before it wrote any status" if status.status == "queued" else ""
@@ -311,7 +326,7 @@ class LocalProvider(FinetuneProvider):
                                    f"{job_dir / 'train.log'}:\n{_log_tail(job_dir / 'train.log')}"
                     write_status(job_dir, status)
         if launch is not None:
-            await self.runner.collect_logs(job_dir, launch)
+            await self.runner.collect_logs(job_dir, launch, final=status.status in ("succeeded", "failed", "cancelled"))
         if status.status == "failed" and status.error and "train.log" not in status.error:
             status.error += f"\nlast lines of {job_dir / 'train.log'}:\n{_log_tail(job_dir / 'train.log')}"
         if status.status == "succeeded" and not spec.full_finetune and self.max_lora_rank is not None:

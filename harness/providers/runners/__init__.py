@@ -113,8 +113,9 @@ class JobRunner(abc.ABC):
     async def stop(self, job_dir: Path, launch: Launch) -> None:
         """Stop the job's process and return once it is gone (or a bounded wait passed)."""
 
-    async def collect_logs(self, job_dir: Path, launch: Launch) -> None:
-        """Bring the job's log into DIR/train.log where the runner keeps it elsewhere."""
+    async def collect_logs(self, job_dir: Path, launch: Launch, *, final: bool = False) -> None:
+        """Bring the job's log into DIR/train.log where the runner keeps it elsewhere; `final`:
+        the job has written its last status, so its log is (about to be) complete."""
 
     def where(self, launch: Launch) -> str:
         """How a user finds the job outside the harness (for messages)."""

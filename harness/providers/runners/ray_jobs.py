@@ -89,8 +89,8 @@ class RayRunner(JobRunner):
             return Probe(Liveness.MISSING, f"the Ray cluster at {self.cluster.where} has no job "
                                            f"{launch.submission_id} (was it restarted?)")
         if job.status == PENDING:
-            return Probe(Liveness.PENDING, f"pending on Ray: waiting for {self.ray.num_gpus_per_job:g} GPU, "
-                                           f"{self.ray.num_cpus_per_job:g} CPU")
+            need = [f"{n:g} {what}" for n, what in ((self.ray.num_gpus_per_job, "GPU"), (self.ray.num_cpus_per_job, "CPU")) if n]
+            return Probe(Liveness.PENDING, "pending on Ray" + (f": waiting for {' and '.join(need)}" if need else ""))
         if job.status == RUNNING:
             return Probe(Liveness.RUNNING, f"on Ray node {job.node_ip}" if job.node_ip else None)
         return Probe(Liveness.ENDED, f"Ray job {job.submission_id} {job.status}" + (f": {job.message}" if job.message else ""))
@@ -100,10 +100,19 @@ class RayRunner(JobRunner):
         await asyncio.to_thread(self.cluster.stop, sid)
         self._cache.pop(sid, None)
 
-    async def collect_logs(self, job_dir: Path, launch: Launch) -> None:
+    async def collect_logs(self, job_dir: Path, launch: Launch, *, final: bool = False) -> None:
         if launch.logs_final or not launch.submission_id:
             return
         job = await self._job(launch.submission_id)
+        if final and job is not None and not job.terminal:
+            # The job wrote its last status and is exiting: wait (briefly) for Ray to see it end,
+            # so the copy holds the log's last lines.
+            for _ in range(20):
+                await asyncio.sleep(0.5)
+                self._cache.pop(launch.submission_id, None)
+                job = await self._job(launch.submission_id)
+                if job is None or job.terminal:
+                    break
         text = await asyncio.to_thread(self.cluster.logs, launch.submission_id)
         if text:
             write_atomic(job_dir / "train.log", text)
