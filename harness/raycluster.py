@@ -94,10 +94,10 @@ class RayCluster:
         if any(all(res.get(k, 0) >= v for k, v in need.items()) for _, res in nodes):
             return
         lacking = [k for k, v in need.items() if not any(res.get(k, 0) >= v for _, res in nodes)]
-        have = "; ".join(f"{ip}: " + ", ".join(f"{res.get(k, 0):g} {k}" for k in need) for ip, res in nodes) or "no alive node"
+        have = "; ".join(f"{ip}: " + ", ".join(f"{res.get(k, 0):g} {k}" for k in need) for ip, res in nodes) or "none: no node is alive (yet)"
         raise self.error(
             f"the Ray cluster at {self.where} has no node with {_amounts(need)} for {what} (short of "
-            f"{', '.join(lacking)}); its nodes have {have}. Lower {fields}, or add nodes that have them")
+            f"{', '.join(lacking)}); its nodes have: {have}. Lower {fields}, or add nodes that have them")
 
     # ------------------------------------------------------------------ jobs
 

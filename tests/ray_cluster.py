@@ -75,7 +75,9 @@ class NamespacedRay:
                 self.pid = int(children.read_text().split()[0])
             else:
                 time.sleep(0.1)
-        probe = "import urllib.request; urllib.request.urlopen('%s/api/version', timeout=2)" % ADDRESS
+        # Up once the Job API answers and the head node is listed alive (a moment after the dashboard).
+        probe = ("import sys; from ray.util.state import list_nodes; "
+                 f"sys.exit(not list_nodes(address='{ADDRESS}', filters=[('state', '=', 'ALIVE')], timeout=5))")
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
@@ -95,6 +97,19 @@ class NamespacedRay:
     def run(self, args: list[str], timeout: float = 120, cwd: Path | str | None = None, **kw) -> subprocess.CompletedProcess:
         kw.setdefault("capture_output", True)
         return subprocess.run(self.cmd(args, cwd), timeout=timeout, text=True, **kw)
+
+    @staticmethod
+    def inner_pid(entered: subprocess.Popen, timeout: float = 30) -> int:
+        """The pid of the command an `nsenter` (started with cmd()) runs: signal that one, since
+        nsenter itself dies of SIGINT at once, leaving the command to run on unobserved."""
+        children = Path(f"/proc/{entered.pid}/task/{entered.pid}/children")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = children.read_text().split() if children.exists() else []
+            if found:
+                return int(found[0])
+            time.sleep(0.05)
+        raise RuntimeError(f"nsenter (pid {entered.pid}) started nothing within {timeout} s")
 
     def jobs(self) -> list[dict]:
         """Every job the cluster knows, from its Job API: submission id, status, entrypoint."""
