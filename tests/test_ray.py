@@ -1,8 +1,7 @@
 """The `ray` job runner and Ray-managed vLLM servers against a real Ray cluster: a one-node head
-(CPU only) started by these tests in namespaces of its own (tests/ray_cluster.py), reached over
-its Job Submission API on the namespace's 127.0.0.1, and ended with every process in it.
-
-What runs inside the cluster's namespace (the loop, `python -m harness.jobs`, small driver
+(CPU only) that these tests start in namespaces of its own (harness/testing/ray_cluster.py),
+reached over its Job Submission API on the namespace's 127.0.0.1, and ended with every process
+in it. What runs inside the cluster's namespace (the loop, `python -m harness.jobs`, small driver
 scripts) runs there as a user on the head node would run it; the assertions read what the
 cluster says (its job list) and what the run directory holds.
 
@@ -27,10 +26,19 @@ import pytest
 from harness.config import LocalFinetuneConfig, ServeConfig
 from harness.errors import FinetuneError, ServeError
 from harness.providers.base import FinetuneRequest
-from ray_cluster import ADDRESS, NamespacedRay, require_ray
+from harness.testing.ray_cluster import ADDRESS, NamespacedRay, missing
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+
+
+def require_ray() -> None:
+    """Skip when Ray or the namespace tools are missing -- a failure under HARNESS_REQUIRE_RAY=1 (CI)."""
+    why = missing()
+    if why is not None:
+        if os.environ.get("HARNESS_REQUIRE_RAY") == "1":
+            pytest.fail(why + " (HARNESS_REQUIRE_RAY=1)")
+        pytest.skip(why)
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""A real one-node Ray cluster for tests (CPU only), walled off in namespaces of its own.
+"""A real one-node Ray cluster (CPU only) for tests and benchmarks, walled off in namespaces of its own.
 
 Ray's servers listen on every interface and Ray swaps 127.0.0.1 for the machine's routable
 address, so `ray start --node-ip-address=127.0.0.1` alone would still expose it. Here the head
@@ -8,8 +8,8 @@ starts) is ended when the namespace's first process is killed -- by its pid, not
 Commands reach the cluster by entering the namespaces (`nsenter`), as a user on the head node
 would run them.
 
-Needs root (or user namespaces) and util-linux's unshare/nsenter; the tests skip without them,
-unless HARNESS_REQUIRE_RAY=1 (CI), which turns a skip into a failure.
+Needs root (or user namespaces), util-linux's unshare/nsenter and Ray (`pip install -e '.[ray]'`):
+`missing()` says which is lacking. Used by tests/test_ray.py and benchmarks/ray_overhead.py.
 """
 
 from __future__ import annotations
@@ -24,29 +24,23 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
 RAY = Path(sys.executable).parent / "ray"
 DASHBOARD_PORT = 8265  # inside the namespace nothing else listens
 ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 
-def require_ray() -> None:
-    """Skip (or fail under HARNESS_REQUIRE_RAY=1) when Ray or the namespace tools are missing."""
-    why = None
+def missing() -> str | None:
+    """Why a namespaced cluster cannot run here, or None."""
     try:
         import ray  # noqa: F401
         from ray.job_submission import JobSubmissionClient  # noqa: F401
     except ImportError as e:
-        why = f"Ray is not installed ({e}); pip install -e '.[ray]'"
-    if why is None and not (shutil.which("unshare") and shutil.which("nsenter")):
-        why = "unshare/nsenter (util-linux) are missing"
-    if why is None and subprocess.run(["unshare", "--net", "--pid", "--fork", "true"], capture_output=True).returncode:
-        why = "cannot create network/pid namespaces here (needs root or user namespaces)"
-    if why is not None:
-        if os.environ.get("HARNESS_REQUIRE_RAY") == "1":
-            pytest.fail(why + " (HARNESS_REQUIRE_RAY=1)")
-        pytest.skip(why)
+        return f"Ray is not installed ({e}); pip install -e '.[ray]'"
+    if not (shutil.which("unshare") and shutil.which("nsenter") and shutil.which("ip")):
+        return "unshare/nsenter (util-linux) or ip (iproute2) are missing"
+    if subprocess.run(["unshare", "--net", "--pid", "--fork", "true"], capture_output=True).returncode:
+        return "cannot create network/pid namespaces here (needs root or user namespaces)"
+    return None
 
 
 class NamespacedRay:
@@ -63,7 +57,7 @@ class NamespacedRay:
                 f"--num-cpus={self.num_cpus}", "--num-gpus=0",
                 f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
                 f"--temp-dir={self.temp / 'ray'}", "--disable-usage-stats"]
-        script = "ip link set lo up 2>/dev/null; exec " + " ".join(head)
+        script = "ip link set lo up && exec " + " ".join(head)  # a new namespace's loopback starts down
         self.log = open(self.temp / "head.log", "wb")
         self.proc = subprocess.Popen(
             ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc", "sh", "-c", script],
