@@ -1,12 +1,14 @@
 """Serve the base model with vLLM and load each agent's LoRA adapter at run time.
 
     python -m harness.serve --model PATH [--port 8000] [--adapters name=path ...]
-    python -m harness.serve --config vllm --set serve.model=ORG/MODEL
+    python -m harness.serve --config vllm --set serve.model=ORG/MODEL [--set serve.replicas=8]
 
-starts vLLM's OpenAI-compatible server with LoRA enabled, waits for /health, loads the adapters
-and blocks until Ctrl-C, then stops the server and its workers. The loop uses the same pieces:
-`serving()` starts a managed server (serve.manage) or checks the one(s) the user runs, and
-`load_adapters()` registers each agent's adapter under its name and unloads stale ones.
+starts vLLM's OpenAI-compatible server(s) with LoRA enabled (serve.replicas of them, on
+consecutive ports and their own GPUs; or as Ray jobs with serve.runner: ray, see serve_ray.py),
+waits for /health, loads the adapters and blocks until Ctrl-C, then stops the servers and their
+workers. The loop uses the same pieces: `serving()` starts the managed servers (serve.manage) or
+checks the one(s) the user runs, and `load_adapters()` registers each agent's adapter under its
+name and unloads stale ones.
 """
 
 from __future__ import annotations

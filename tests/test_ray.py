@@ -117,6 +117,7 @@ def test_resources_abandoned_runs_and_ray_managed_servers(cluster, tmp_path):
         from harness.errors import FinetuneError, ServeError
         from harness.providers.base import FinetuneRequest
         from harness.providers.local import LocalProvider
+        from harness.providers.runners import Launch, write_launch
         from harness.serve_ray import RayServers
 
         run = Path({str(run)!r})
@@ -153,6 +154,14 @@ def test_resources_abandoned_runs_and_ray_managed_servers(cluster, tmp_path):
             provider = LocalProvider.from_config(cfg, run)
             states = [await provider.submit(request(a)) for a in range(3)]
             print("JOBS", json.dumps([s.status.value for s in states]))
+            # A loop killed after recording the third job's launch, before Ray had it: the next
+            # provider submits it under the recorded id (and only once).
+            third = provider.jobs_dir / states[2].job_id
+            write_launch(third, Launch(runner="ray", submission_id="harness-cut-short", address="{ADDRESS}"))
+            data["finetune"]["local"]["max_parallel_jobs"] = 3
+            again = LocalProvider.from_config(RunConfig.model_validate(data), run)
+            print("RELAUNCHED", json.dumps((await again.refresh(states[2].job_id)).status.value))
+            assert (await again.submit(request(2))).job_id == states[2].job_id
             servers = RayServers(cfg.serve, agents=2, log_path=run / "serve" / "vllm.log")
             servers.start()
             await servers.wait_healthy()
@@ -166,7 +175,7 @@ def test_resources_abandoned_runs_and_ray_managed_servers(cluster, tmp_path):
     out = cluster.run([sys.executable, str(driver)], timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines()
-             if line.split(" ", 1)[0] in ("JOB-REFUSED", "SERVER-REFUSED", "JOBS", "SERVERS")}
+             if line.split(" ", 1)[0] in ("JOB-REFUSED", "SERVER-REFUSED", "JOBS", "RELAUNCHED", "SERVERS")}
     assert "has no node with 1 GPU and 1 CPU for one finetuning job (short of GPU)" in lines["JOB-REFUSED"]
     assert "its nodes have: 127.0.0.1: 0 GPU, 3 CPU" in lines["JOB-REFUSED"]
     assert "finetune.local.ray.num_gpus_per_job" in lines["JOB-REFUSED"]
@@ -180,13 +189,14 @@ def test_resources_abandoned_runs_and_ray_managed_servers(cluster, tmp_path):
     jobs = {j["submission_id"]: j for j in cluster.jobs()}
     training = [j for j in jobs.values() if "local_train" in j["entrypoint"]]
     serving = [j for j in jobs.values() if "vllm.entrypoints" in j["entrypoint"]]
-    assert len(training) == 2 and len(serving) == 2
+    assert len(training) == 3 and len(serving) == 2
+    assert lines["RELAUNCHED"] in ("queued", "running") and "harness-cut-short" in jobs  # submitted once, under its id
     assert all(j["status"] in ("PENDING", "RUNNING") for j in training + serving)
 
     listed = cluster.run([sys.executable, "-m", "harness.jobs", str(run)], cwd=REPO, env={**os.environ, "COLUMNS": "300"})
     assert listed.returncode == 0, listed.stdout + listed.stderr
     assert "Ray job harness-t-it1-critic0" in listed.stdout and f"at {ADDRESS}" in listed.stdout
-    assert "3 job(s) not ended" in listed.stdout
+    assert "3 job(s) not ended" in listed.stdout and "Ray job harness-cut-short" in listed.stdout
 
     stopped = cluster.run([sys.executable, "-m", "harness.jobs", str(run), "--stop"], cwd=REPO, timeout=180)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr

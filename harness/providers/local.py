@@ -40,6 +40,8 @@ from harness.providers.runners import JobRunner, Launch, LaunchFailed, Liveness,
 from harness.serve import validate_adapter
 
 MAX_NAME = 64
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
 
@@ -160,7 +162,7 @@ class LocalProvider(FinetuneProvider):
         job_dir = self._job_dir(job_id)
         async with self._lock:
             status = read_status(job_dir)
-            launch = read_launch(job_dir)
+            launch = self._launch_of(job_dir)
             if status.status in ("queued", "running"):
                 if launch is not None:  # started, maybe not yet running
                     await self.runner.stop(job_dir, launch)
@@ -221,6 +223,13 @@ class LocalProvider(FinetuneProvider):
         if not (job_dir / "spec.json").exists():
             raise FinetuneError(f"no local finetuning job {job_id!r} under {self.jobs_dir}")
         return job_dir
+
+    def _launch_of(self, job_dir: Path) -> Launch | None:
+        launch = read_launch(job_dir)
+        if launch is not None and launch.runner != self.runner.name:
+            raise FinetuneError(f"job {job_dir.name} was started by the {launch.runner} runner, but finetune.local.runner "
+                                f"is {self.runner.name}; a run keeps the runner it started with")
+        return launch
 
     def _link_jobs_dir(self) -> None:
         """<run dir>/local-jobs -> the jobs folder on shared storage, so every job's files (its
@@ -283,7 +292,7 @@ class LocalProvider(FinetuneProvider):
                 status = read_status(job_dir)
                 if status.status not in ("queued", "running"):
                     continue
-                launch = read_launch(job_dir)
+                launch = self._launch_of(job_dir)
                 if launch is None:
                     if status.status == "queued":
                         waiting.append((job_dir, None))
@@ -305,7 +314,7 @@ class LocalProvider(FinetuneProvider):
         job_dir = self._job_dir(job_id)
         spec = JobSpec.model_validate_json((job_dir / "spec.json").read_text(encoding="utf-8"))
         status = read_status(job_dir)
-        launch = read_launch(job_dir)
+        launch = self._launch_of(job_dir)
         waiting = None  # why a launched job has not started: the runner's words
         if launch is not None and status.status in ("queued", "running"):
             probe = await self.runner.probe(job_dir, launch)
