@@ -434,3 +434,12 @@ def test_device_lists_are_checked():
         LocalFinetuneConfig(devices=[0, 0])
     with pytest.raises(ValueError, match="empty list"):
         LocalFinetuneConfig(devices=[])
+
+
+async def test_a_run_keeps_the_runner_it_started_with(tmp_path, tiny_model):
+    jobs = tmp_path / "run" / "local-jobs"
+    job_dir = fake_job(jobs, "t-it1-critic0-aaaa-1", "t-it1-critic0", created_at=1000.0)
+    (job_dir / "launch.json").write_text(json.dumps({"runner": "ray", "submission_id": "harness-t-it1-critic0-aaaa-1"}))
+    p = provider(tmp_path / "run", tiny_model)  # the subprocess runner
+    with pytest.raises(FinetuneError, match="started by the ray runner, but finetune.local.runner is subprocess"):
+        await p.refresh("t-it1-critic0-aaaa-1")
