@@ -186,7 +186,7 @@ def test_resources_abandoned_runs_and_ray_managed_servers(cluster, tmp_path):
     assert [s["port"] for s in servers["seen"]] == [8431, 8432]
     assert all(s["lora_updating"] == "True" for s in servers["seen"])
 
-    jobs = {j["submission_id"]: j for j in cluster.jobs()}
+    jobs = {j["submission_id"]: j for j in cluster.jobs() if str(tmp_path) in j["entrypoint"]}  # this test's
     training = [j for j in jobs.values() if "local_train" in j["entrypoint"]]
     serving = [j for j in jobs.values() if "vllm.entrypoints" in j["entrypoint"]]
     assert len(training) == 3 and len(serving) == 2
@@ -231,6 +231,10 @@ def test_full_iteration_on_ray_survives_ctrl_c_and_a_killed_job(cluster, tmp_pat
     from harness.testing.tiny_model import build_tiny_model
 
     model = build_tiny_model(tmp_path / "tiny-model")
+
+    def mine() -> list[dict]:  # this test's jobs (the cluster is shared by the module's tests)
+        return [j for j in cluster.jobs() if str(tmp_path) in j["entrypoint"]]
+
     run = tmp_path / "run"
     settings = [f"serve.model={model}", f"serve.python={VLLM_PYTHON}", "serve.runner=ray",
                 f"serve.ray.address={ADDRESS}", "serve.ray.bind_host=127.0.0.1", "serve.ray.num_gpus_per_server=0",
@@ -248,7 +252,7 @@ def test_full_iteration_on_ray_survives_ctrl_c_and_a_killed_job(cluster, tmp_pat
             assert loop.poll() is None, (tmp_path / "loop-1.log").read_text()
             assert time.monotonic() < deadline, "no finetuning job started on Ray"
             time.sleep(2)
-            running = [j for j in cluster.jobs() if "local_train" in j["entrypoint"] and j["status"] == "RUNNING"]
+            running = [j for j in mine() if "local_train" in j["entrypoint"] and j["status"] == "RUNNING"]
         os.kill(cluster.inner_pid(loop), signal.SIGINT)  # Ctrl-C
         victim = running[0]["submission_id"]
         stop = cluster.run([str(Path(sys.executable).parent / "ray"), "job", "stop", "--address", ADDRESS, victim])
@@ -261,7 +265,7 @@ def test_full_iteration_on_ray_survives_ctrl_c_and_a_killed_job(cluster, tmp_pat
         log.close()
     first = (tmp_path / "loop-1.log").read_text()
     assert "interrupted" in first and f"--resume {run}" in first
-    jobs = cluster.jobs()
+    jobs = mine()
     assert [j["status"] for j in jobs if "vllm.entrypoints" in j["entrypoint"]] == ["STOPPED"], \
         "Ctrl-C stops the Ray-managed server"
     assert next(j for j in jobs if j["submission_id"] == victim)["status"] == "STOPPED"
@@ -278,7 +282,7 @@ def test_full_iteration_on_ray_survives_ctrl_c_and_a_killed_job(cluster, tmp_pat
     from harness.records import DebateRecord
     from harness.registry import Registry
 
-    jobs = cluster.jobs()
+    jobs = mine()
     training = [j for j in jobs if "local_train" in j["entrypoint"]]
     per_model = Counter(j["submission_id"].rsplit("-", 2)[0] for j in training)
     victim_model = victim.rsplit("-", 2)[0]
