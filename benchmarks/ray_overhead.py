@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,14 +64,17 @@ async def measure(repeats: int) -> list[dict]:
     from harness.testing.tiny_model import build_tiny_model, write_chat_jsonl
 
     work = Path(tempfile.mkdtemp(prefix="ray-bench-"))
-    model = build_tiny_model(work / "tiny-model")
-    data = write_chat_jsonl(work / "data.jsonl", n=16)
-    rows = []
-    for i in range(repeats):
-        for runner in ("subprocess", "ray"):
-            rows.append(await one_job(runner, work, model, data, i))
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
+    try:
+        model = build_tiny_model(work / "tiny-model")
+        data = write_chat_jsonl(work / "data.jsonl", n=16)
+        rows = []
+        for i in range(repeats):
+            for runner in ("subprocess", "ray"):
+                rows.append(await one_job(runner, work, model, data, i))
+                print(json.dumps(rows[-1]), flush=True)
+        return rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def summarize(rows: list[dict]) -> dict:
