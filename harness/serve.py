@@ -1,12 +1,14 @@
 """Serve the base model with vLLM and load each agent's LoRA adapter at run time.
 
     python -m harness.serve --model PATH [--port 8000] [--adapters name=path ...]
-    python -m harness.serve --config vllm --set serve.model=ORG/MODEL
+    python -m harness.serve --config vllm --set serve.model=ORG/MODEL [--set serve.replicas=8]
 
-starts vLLM's OpenAI-compatible server with LoRA enabled, waits for /health, loads the adapters
-and blocks until Ctrl-C, then stops the server and its workers. The loop uses the same pieces:
-`serving()` starts a managed server (serve.manage) or checks the one(s) the user runs, and
-`load_adapters()` registers each agent's adapter under its name and unloads stale ones.
+starts vLLM's OpenAI-compatible server(s) with LoRA enabled (serve.replicas of them, on
+consecutive ports and their own GPUs; or as Ray jobs with serve.runner: ray, see serve_ray.py),
+waits for /health, loads the adapters and blocks until Ctrl-C, then stops the servers and their
+workers. The loop uses the same pieces: `serving()` starts the managed servers (serve.manage) or
+checks the one(s) the user runs, and `load_adapters()` registers each agent's adapter under its
+name and unloads stale ones.
 """
 
 from __future__ import annotations
@@ -293,18 +295,81 @@ class VLLMServer:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def replica_configs(serve: ServeConfig) -> list[ServeConfig]:
+    """One config per managed replica: port + i, and (when serve.devices is set) GPUs
+    devices[i*g:(i+1)*g] of its own, g = tensor x data parallel size, via CUDA_VISIBLE_DEVICES."""
+    per = serve.tensor_parallel_size * serve.data_parallel_size
+    out = []
+    for i in range(serve.replicas):
+        env = dict(serve.env)
+        if serve.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in serve.devices[i * per:(i + 1) * per])
+        out.append(serve.model_copy(update={"port": serve.port + i, "env": env}))
+    return out
+
+
+class ProcessServers:
+    """serve.replicas vLLM processes on this machine (serve.runner: subprocess)."""
+
+    def __init__(self, serve: ServeConfig, *, agents: int, log_path: Path | None):
+        def log(i: int) -> Path | None:  # vllm.log, or vllm-0.log, vllm-1.log, ... for several
+            if log_path is None or serve.replicas == 1:
+                return log_path
+            return log_path.with_name(f"{log_path.stem}-{i}{log_path.suffix}")
+
+        self.servers = [VLLMServer(c, agents=agents, log_path=log(i)) for i, c in enumerate(replica_configs(serve))]
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.base_url for s in self.servers]
+
+    def commands(self) -> list[list[str]]:
+        return [s.command() for s in self.servers]
+
+    def start(self) -> None:
+        try:
+            for server in self.servers:
+                server.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    async def wait_healthy(self) -> None:
+        await asyncio.gather(*(s.wait_healthy() for s in self.servers))
+
+    def check_alive(self) -> None:
+        for server in self.servers:
+            server.check_alive()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def managed_servers(cfg: RunConfig, log_path: Path | None):
+    """The servers the loop (or `python -m harness.serve`) starts: processes here, or Ray jobs
+    (whose submission ids and logs are kept next to `log_path`)."""
+    if cfg.serve.runner == "ray":
+        from harness.serve_ray import RayServers
+
+        return RayServers(cfg.serve, agents=cfg.debate.agents, log_path=log_path)
+    return ProcessServers(cfg.serve, agents=cfg.debate.agents, log_path=log_path)
+
+
 @contextlib.asynccontextmanager
 async def serving(cfg: RunConfig, run_dir: Path) -> AsyncIterator[list[str]]:
-    """The vLLM base URLs for a run: a server we start and stop (serve.manage) or the ones the
-    user runs (serve.base_urls, else endpoint.base_url), checked to answer /health."""
+    """The vLLM base URLs for a run: the server(s) we start and stop (serve.manage: serve.replicas
+    of them, here or on a Ray cluster) or the ones the user runs (serve.base_urls, else
+    endpoint.base_url), checked to answer /health."""
     if cfg.serve.manage:
-        server = VLLMServer(cfg.serve, agents=cfg.debate.agents, log_path=Path(run_dir) / "serve" / "vllm.log")
-        server.start()
+        servers = managed_servers(cfg, Path(run_dir) / "serve" / "vllm.log")
         try:
-            await server.wait_healthy()
-            yield [server.base_url]
+            # Inside the try: a Ctrl-C while the servers start still stops the ones started.
+            servers.start()
+            await servers.wait_healthy()
+            yield servers.urls
         finally:
-            server.stop()
+            servers.stop()
         return
     urls = list(cfg.serve.base_urls) or ([cfg.endpoint.base_url] if cfg.endpoint.base_url else [])
     if not urls:
@@ -333,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-loras", type=int)
     p.add_argument("--python", help="interpreter with vLLM installed")
     p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=PATH")
-    p.add_argument("--log", type=Path, help="server log file (default: the terminal)")
+    p.add_argument("--log", type=Path, help="server log file; with serve.replicas > 1, one per server (LOG-0, LOG-1, ...)")
     args, extra = p.parse_known_args(argv)
     from harness.config import load_config
 
@@ -343,18 +408,20 @@ def main(argv: list[str] | None = None) -> int:
         "max_loras": args.max_loras, "python": args.python,
         "extra_args": [*cfg.serve.extra_args, *[a for a in extra if a != "--"]]}.items() if v is not None})
     adapters = dict(a.split("=", 1) for a in args.adapters)
-    server = VLLMServer(serve, agents=cfg.debate.agents, log_path=args.log)
+    servers = managed_servers(cfg.model_copy(update={"serve": serve}), args.log)
 
     async def run() -> None:
-        server.start()
-        print(f"starting vLLM: {' '.join(server.command())}", flush=True)
-        await server.wait_healthy()
-        if adapters:
-            await load_adapters(server.base_url, adapters)
-        print(f"serving {serve.model} as '{serve.served_name}' at {server.base_url}"
+        servers.start()
+        for command in servers.commands():
+            print(f"starting vLLM: {' '.join(command)}", flush=True)
+        await servers.wait_healthy()
+        for url in servers.urls:
+            if adapters:
+                await load_adapters(url, adapters)
+        print(f"serving {serve.model} as '{serve.served_name}' at {', '.join(servers.urls)}"
               f"{' with ' + ', '.join(adapters) if adapters else ''}; Ctrl-C stops it", flush=True)
         while True:
-            server.check_alive()
+            servers.check_alive()
             await asyncio.sleep(1.0)
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the server as cleanly as Ctrl-C
@@ -366,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        server.stop()
+        servers.stop()
     return 0
 
 

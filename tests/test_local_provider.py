@@ -16,7 +16,8 @@ pytest.importorskip("trl", reason="the `local` extra (torch, transformers, peft,
 from harness.config import Hyperparameters, LocalFinetuneConfig, RunConfig  # noqa: E402
 from harness.errors import FinetuneError, ServeError  # noqa: E402
 from harness.providers.base import FinetuneRequest, JobStatus  # noqa: E402
-from harness.providers.local import LocalProvider, _alive, adapter_name  # noqa: E402
+from harness.providers.local import LocalProvider, adapter_name  # noqa: E402
+from harness.providers.runners.subprocesses import alive as _alive  # noqa: E402
 from harness.providers.local_train import IGNORE, JobFile, JobSpec, tokenize_weighted  # noqa: E402
 from harness.serve import validate_adapter  # noqa: E402
 from harness.testing.tiny_model import build_tiny_model, write_chat_jsonl  # noqa: E402
@@ -369,3 +370,77 @@ async def test_launch_never_overwrites_the_status_the_job_wrote(tmp_path, tiny_m
     done = await wait(p, state.job_id)
     assert done.status == JobStatus.SUCCEEDED, done.error
     assert done.model_id == "t-it1-critic0"
+
+
+# ----------------------------------------------------------------------------- one GPU per job
+
+def running_at_once(records: list[dict]) -> int:
+    """The most jobs whose [started_at, finished_at] overlap at one instant."""
+    events = sorted([(r["started_at"], 1) for r in records] + [(r["finished_at"], -1) for r in records],
+                    key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.slow
+async def test_each_job_gets_a_gpu_of_its_own(tmp_path, tiny_model):
+    """finetune.local.devices: two devices, three jobs: two train at once, each with a device no
+    other running job holds -- as the job's own process saw CUDA_VISIBLE_DEVICES -- and the third
+    starts when one of them ends, on a device that freed up."""
+    data = write_chat_jsonl(tmp_path / "d.jsonl", n=4)
+    p = provider(tmp_path / "run", tiny_model, devices=[7, "9"], max_parallel_jobs=3)
+    states = [await p.submit(FinetuneRequest(training_file=data, base_model="base", metadata=meta(a),
+                                             hyperparameters=FAST)) for a in range(3)]
+    assert [s.status for s in states] == [JobStatus.RUNNING, JobStatus.RUNNING, JobStatus.QUEUED]
+    done = [await wait(p, s.job_id) for s in states]
+    assert all(d.status == JobStatus.SUCCEEDED for d in done), [d.error for d in done]
+    records = [json.loads((tmp_path / "run" / "local-jobs" / s.job_id / "status.json").read_text()) for s in states]
+    seen = [r["cuda_visible_devices"] for r in records]
+    assert sorted(seen[:2]) == ["7", "9"] and seen[2] in ("7", "9")
+    assert running_at_once(records) == 2
+    # The third started once a device was free, on a device no job still running held.
+    assert records[2]["started_at"] >= min(r["finished_at"] for r in records[:2])
+    assert all(r["cuda_visible_devices"] != seen[2] for r in records[:2] if r["finished_at"] > records[2]["started_at"])
+    log = (tmp_path / "run" / "local-jobs" / states[2].job_id / "train.log").read_text()
+    assert f"CUDA_VISIBLE_DEVICES={seen[2]}" in log
+
+
+async def test_shared_devices_let_more_jobs_than_gpus_run(tmp_path, tiny_model):
+    """share_devices: three jobs on two devices all run at once, spread over both."""
+    child = tmp_path / "python"  # a job that records the device it sees and trains for a moment
+    child.write_text('#!/bin/sh\ndir="$4"\nnow=$(date +%s.%N)\nsleep 1.5\nmkdir -p "$dir/adapter"\n'
+                     'echo \'{"peft_type": "LORA", "r": 8}\' > "$dir/adapter/adapter_config.json"\n'
+                     'echo "{\\"status\\": \\"succeeded\\", \\"artifact_path\\": \\"$dir/adapter\\", '
+                     '\\"started_at\\": $now, \\"finished_at\\": $(date +%s.%N), '
+                     '\\"cuda_visible_devices\\": \\"$CUDA_VISIBLE_DEVICES\\"}" > "$dir/status.json.tmp"\n'
+                     'mv "$dir/status.json.tmp" "$dir/status.json"\n')
+    child.chmod(0o755)
+    p = provider(tmp_path / "run", tiny_model, python=str(child), devices=[0, 1], share_devices=True,
+                 max_parallel_jobs=3)
+    states = [await p.submit(FinetuneRequest(training_file=tmp_path / "x.jsonl", base_model="base",
+                                             metadata=meta(a))) for a in range(3)]
+    assert all(s.status == JobStatus.RUNNING for s in states)
+    done = [await wait(p, s.job_id) for s in states]
+    assert all(d.status == JobStatus.SUCCEEDED for d in done), [d.error for d in done]
+    records = [json.loads((tmp_path / "run" / "local-jobs" / s.job_id / "status.json").read_text()) for s in states]
+    assert sorted(r["cuda_visible_devices"] for r in records) == ["0", "0", "1"]
+    assert running_at_once(records) == 3
+
+
+def test_device_lists_are_checked():
+    with pytest.raises(ValueError, match="lists a GPU twice"):
+        LocalFinetuneConfig(devices=[0, 0])
+    with pytest.raises(ValueError, match="empty list"):
+        LocalFinetuneConfig(devices=[])
+
+
+async def test_a_run_keeps_the_runner_it_started_with(tmp_path, tiny_model):
+    jobs = tmp_path / "run" / "local-jobs"
+    job_dir = fake_job(jobs, "t-it1-critic0-aaaa-1", "t-it1-critic0", created_at=1000.0)
+    (job_dir / "launch.json").write_text(json.dumps({"runner": "ray", "submission_id": "harness-t-it1-critic0-aaaa-1"}))
+    p = provider(tmp_path / "run", tiny_model)  # the subprocess runner
+    with pytest.raises(FinetuneError, match="started by the ray runner, but finetune.local.runner is subprocess"):
+        await p.refresh("t-it1-critic0-aaaa-1")

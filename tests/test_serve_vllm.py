@@ -365,3 +365,41 @@ async def test_logprob_diversity_measures_score_real_adapters(server, adapters, 
     scored = [u for u in usage if u["purpose"] == "score"]
     assert scored and all(u["prompt_tokens"] for u in scored if not u["cached"])
     server.check_alive()
+
+
+def fake_vllm_python(path: Path) -> Path:
+    """An interpreter whose `-m vllm...` runs tests/fake_vllm.py: a server answering /health with
+    the port and CUDA_VISIBLE_DEVICES its process sees."""
+    return fake_python(path, f'exec {sys.executable} {Path(__file__).parent / "fake_vllm.py"} "$@"')
+
+
+async def test_replicas_get_consecutive_ports_and_gpus_of_their_own(tmp_path):
+    """serve.replicas: 2 with tensor_parallel_size 2 and four devices: two managed servers on
+    port and port+1, GPUs 4,5 and 6,7, both registered as the run's URLs, both stopped after."""
+    import httpx2
+
+    from harness.config import RunConfig
+    from harness.serve import serving
+
+    base = free_port()
+    while True:  # two free ports in a row
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", base + 1)) != 0:
+                break
+        base = free_port()
+    python = fake_vllm_python(tmp_path / "python")
+    cfg = RunConfig.model_validate({
+        "endpoint": {"kind": "vllm"}, "models": {"base": "base"},
+        "serve": {"model": "x", "manage": True, "port": base, "replicas": 2, "tensor_parallel_size": 2,
+                  "devices": [4, 5, 6, 7], "python": str(python), "startup_timeout_s": 60}})
+    async with serving(cfg, tmp_path / "run") as urls:
+        assert urls == [f"http://127.0.0.1:{base}/v1", f"http://127.0.0.1:{base + 1}/v1"]
+        async with httpx2.AsyncClient() as client:
+            seen = [(await client.get(url.replace("/v1", "/health"))).json() for url in urls]
+    assert [(s["port"], s["cuda_visible_devices"]) for s in seen] == [(base, "4,5"), (base + 1, "6,7")]
+    assert all(s["lora_updating"] == "True" for s in seen)
+    for s in seen:  # stopped with the run
+        assert not Path(f"/proc/{s['pid']}").exists() or "Z" in Path(f"/proc/{s['pid']}/stat").read_text().split()[2]
+    logs = sorted(p.name for p in (tmp_path / "run" / "serve").iterdir())
+    assert logs == ["vllm-0.log", "vllm-1.log"]
+    assert f"listening on 127.0.0.1:{base + 1}" in (tmp_path / "run" / "serve" / "vllm-1.log").read_text()

@@ -1,12 +1,15 @@
-"""The `local` finetuning provider: TRL SFT with a PEFT LoRA adapter, one subprocess per job.
+"""The `local` finetuning provider: TRL SFT with a PEFT LoRA adapter, one process per job.
 
-Each job lives in run_dir/local-jobs/<job_id>/: spec.json (what to train, with the job's
-metadata), status.json (the job's own once started), launch.json (the pid the provider started),
-train.log, progress.jsonl and the adapter. All state is on disk, so a
-new provider on the same run directory (a resumed loop) finds jobs by their metadata and never
-starts a second one; a job whose process died without finishing reads as failed, with the last
-lines of its log as the error. Jobs run in their own session: killing the loop does not kill a
-job (like a hosted job, it keeps going and a resumed loop adopts it); `cancel` stops it.
+Each job lives in <jobs dir>/<job_id>/ (default <run dir>/local-jobs/): spec.json (what to
+train, with the job's metadata), status.json (the job's own once started), launch.json (how the
+runner started it: a pid, or a Ray submission id), train.log, progress.jsonl and the adapter.
+A runner (harness/providers/runners/) starts the job's process: a subprocess on this machine
+(one GPU per job from `finetune.local.devices`) or a Ray job on a cluster. All state is on disk,
+so a new provider on the same run directory (a resumed loop) finds jobs by their metadata and
+never starts a second one; a job whose process died without finishing reads as failed, with the
+last lines of its log as the error. Jobs outlive the loop on purpose (like a hosted job, a job
+keeps going and a resumed loop adopts it); `cancel` stops one, and `python -m harness.jobs
+RUN_DIR --stop` stops every job of an abandoned run.
 
 A job's model id is its adapter name, f"{run}-it{iteration}-{role}{agent}", which is the name the
 adapter is served under by vLLM. `FinetuneRequest.base_model` may be the base model (its served
@@ -21,26 +24,22 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import re
-import signal
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Iterable
 
-import harness
 from harness.config import LocalFinetuneConfig, RunConfig
 from harness.errors import FinetuneError, ServeError
+from harness.fileio import write_model
 from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus
 from harness.providers.local_train import JobFile, JobSpec, LoraSpec, read_status, write_status
+from harness.providers.runners import JobRunner, Launch, LaunchFailed, Liveness, make_runner, read_launch
 from harness.serve import validate_adapter
-from harness.fileio import write_json, write_model
 
 MAX_NAME = 64
-# Written by the provider only, when it starts a job's process: status.json belongs to the job
-# from then on, so a launch never overwrites a status the job already wrote.
-LAUNCH = "launch.json"
 
 
 def _safe(text: str) -> str:
@@ -76,44 +75,6 @@ def _log_tail(path: Path, lines: int = 12) -> str:
     return "\n".join(text[-lines:]) or "(empty log)"
 
 
-def _names_job(args: list[str], job_dir: Path) -> bool:
-    """Whether a command line carries exactly `--job-dir <job_dir>`. A substring test is not
-    enough: job "...-1" is a prefix of job "...-10", whose process would pass for it."""
-    want = str(job_dir)
-    return f"--job-dir={want}" in args or any(a == "--job-dir" and b == want for a, b in zip(args, args[1:]))
-
-
-def _launched_pid(job_dir: Path) -> int | None:
-    """The pid the provider started for a job (launch.json), or None if it was never started."""
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return int(json.loads((job_dir / LAUNCH).read_text(encoding="utf-8"))["pid"])
-    return None
-
-
-def _alive(pid: int | None, job_dir: Path) -> bool:
-    """True while the job's own process runs. Checks /proc where there is one, so a zombie
-    (exited, not yet reaped) or a recycled pid of another program does not count as alive."""
-    if not pid:
-        return False
-    proc = Path(f"/proc/{pid}")
-    if proc.exists():
-        try:
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except (OSError, IndexError):
-            return False
-        return state != "Z" and _names_job(args, job_dir)
-    if Path("/proc/self").exists():
-        return False
-    try:  # no /proc (macOS): signal 0 only tells whether the pid exists
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _dropped(n: int) -> str:
     return f"{n} example{'s' * (n != 1)} dropped: longer than finetune.local.max_length"
 
@@ -122,16 +83,24 @@ class LocalProvider(FinetuneProvider):
     name = "local"
 
     def __init__(self, run_dir: Path, cfg: LocalFinetuneConfig | None = None, *, base_model_path: str,
-                 max_lora_rank: int | None = 8, base_names: Iterable[str] = (), seed: int = 0):
+                 max_lora_rank: int | None = 8, base_names: Iterable[str] = (), seed: int = 0,
+                 runner: JobRunner | None = None):
         self.cfg = cfg or LocalFinetuneConfig()
-        self.jobs_dir = Path(run_dir).resolve() / "local-jobs"
+        self.run_dir = Path(run_dir).resolve()
+        self.link = self.run_dir / "local-jobs"
+        if self.cfg.jobs_dir:
+            # Shared storage: one folder per run directory, which <run dir>/local-jobs links to.
+            digest = hashlib.sha256(str(self.run_dir).encode()).hexdigest()[:8]
+            self.jobs_dir = Path(self.cfg.jobs_dir).expanduser().resolve() / f"{self.run_dir.name}-{digest}"
+        else:
+            self.jobs_dir = self.link
         self.base_model_path = base_model_path
         self.max_lora_rank = max_lora_rank
         self.base_names = {base_model_path, *base_names}
         self.seed = seed
         self.python = self.cfg.python or sys.executable
+        self.runner = runner or make_runner(self.cfg, self.python)
         self._lock = asyncio.Lock()
-        self._procs: dict[str, asyncio.subprocess.Process] = {}  # jobs launched by this instance
 
     @classmethod
     def from_config(cls, cfg: RunConfig, run_dir: Path) -> "LocalProvider":
@@ -151,15 +120,24 @@ class LocalProvider(FinetuneProvider):
         existing = await self.find(request.metadata)
         if existing is not None and existing.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             return existing
+        await self.runner.check()  # an unreachable or too small cluster fails here, before any file is written
         base_path, init_adapter = self._resolve_start(request.base_model)
         name = adapter_name(request.metadata)
         key = hashlib.sha256(json.dumps(request.metadata, sort_keys=True).encode()).hexdigest()[:8]
         attempt = 1 + sum(1 for _ in self.jobs_dir.glob(f"{name}-{key}-*"))
         job_id = f"{name}-{key}-{attempt}"
+        job_dir = self.jobs_dir / job_id
+        job_dir.mkdir(parents=True, exist_ok=False)
+        self._link_jobs_dir()
+        training_file = Path(request.training_file).resolve()
+        if self.cfg.jobs_dir and training_file.exists():
+            # The run directory may be local to this machine: the job reads its own copy.
+            shutil.copyfile(training_file, job_dir / "training.jsonl")
+            training_file = job_dir / "training.jsonl"
         hp = request.hyperparameters
         spec = JobSpec(
             job_id=job_id, adapter_name=name, metadata=request.metadata,
-            training_file=str(Path(request.training_file).resolve()), base_model_path=base_path,
+            training_file=str(training_file), base_model_path=base_path,
             init_adapter=init_adapter, full_finetune=self.cfg.full_finetune,
             lora=LoraSpec(r=self.cfg.r, alpha=self.cfg.alpha, dropout=self.cfg.dropout,
                           target_modules=self.cfg.target_modules),
@@ -167,8 +145,6 @@ class LocalProvider(FinetuneProvider):
             batch_size=hp.batch_size, max_length=self.cfg.max_length,
             seed=request.seed if request.seed is not None else self.seed, device=self.cfg.device,
             max_lora_rank=self.max_lora_rank)
-        job_dir = self.jobs_dir / job_id
-        job_dir.mkdir(parents=True, exist_ok=False)
         write_status(job_dir, JobFile(status="queued"))
         # spec.json last: a directory without it is an interrupted submit and is ignored.
         write_model(job_dir / "spec.json", spec)
@@ -188,28 +164,16 @@ class LocalProvider(FinetuneProvider):
 
     async def refresh(self, job_id: str) -> JobState:
         await self._pump()
-        state = self._state(job_id)
-        proc = self._procs.get(job_id)
-        if state.status.terminal and proc is not None:
-            # Reap our own finished child now, while this event loop still runs.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(proc.wait(), 5)
-            self._procs.pop(job_id, None)
-        return state
+        return await self._state(job_id)
 
     async def cancel(self, job_id: str) -> JobState:
         job_dir = self._job_dir(job_id)
         async with self._lock:
             status = read_status(job_dir)
+            launch = self._launch_of(job_dir)
             if status.status in ("queued", "running"):
-                pid = status.pid or _launched_pid(job_dir)  # started, maybe not yet running
-                if _alive(pid, job_dir):
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(pid, signal.SIGTERM)
-                    proc = self._procs.get(job_id)
-                    if proc is not None:
-                        with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(proc.wait(), 30)
+                if launch is not None:  # started, maybe not yet running
+                    await self.runner.stop(job_dir, launch)
                 # Read again: the job may have finished on its own while it was being stopped.
                 status = read_status(job_dir)
                 if status.status in ("queued", "running"):
@@ -240,9 +204,25 @@ class LocalProvider(FinetuneProvider):
         wanted = set(model_ids)
         return {name: status.artifact_path for name, (_, status) in self._succeeded().items() if name in wanted}
 
+    async def jobs(self) -> list[tuple[JobState, str | None]]:
+        """Every job of this run, oldest first, with where it runs (None: never started);
+        starts nothing."""
+        out = []
+        for spec in sorted(self._specs(), key=lambda s: s.created_at):
+            launch = read_launch(self.jobs_dir / spec.job_id)
+            out.append((await self._state(spec.job_id), self.runner.where(launch) if launch else None))
+        return out
+
+    async def stop_all(self) -> list[JobState]:
+        """Cancel every job of this run that has not ended: those never started first, so that
+        stopping a running one frees no slot for them. For a run that is abandoned."""
+        states = [state for state, _ in await self.jobs() if not state.status.terminal]
+        states.sort(key=lambda st: read_launch(self.jobs_dir / st.job_id) is not None)
+        return [await self.cancel(st.job_id) for st in states]
+
     async def close(self) -> None:
-        # Jobs keep running on purpose (a resumed loop adopts them); only drop the handles.
-        self._procs.clear()
+        # Jobs keep running on purpose (a resumed loop adopts them); nothing to stop here.
+        return None
 
     # ------------------------------------------------------------------ internals
 
@@ -251,6 +231,24 @@ class LocalProvider(FinetuneProvider):
         if not (job_dir / "spec.json").exists():
             raise FinetuneError(f"no local finetuning job {job_id!r} under {self.jobs_dir}")
         return job_dir
+
+    def _launch_of(self, job_dir: Path) -> Launch | None:
+        launch = read_launch(job_dir)
+        if launch is not None and launch.runner != self.runner.name:
+            raise FinetuneError(f"job {job_dir.name} was started by the {launch.runner} runner, but finetune.local.runner "
+                                f"is {self.runner.name}; a run keeps the runner it started with")
+        return launch
+
+    def _link_jobs_dir(self) -> None:
+        """<run dir>/local-jobs -> the jobs folder on shared storage, so every job's files (its
+        train.log too) are reachable from the run directory."""
+        if self.jobs_dir == self.link or self.link.is_symlink():
+            return
+        if self.link.exists():
+            raise FinetuneError(f"{self.link} is a folder of its own, so finetune.local.jobs_dir ({self.cfg.jobs_dir}) "
+                                f"cannot be linked there; this run started without jobs_dir: resume it without it")
+        self.link.parent.mkdir(parents=True, exist_ok=True)
+        self.link.symlink_to(self.jobs_dir, target_is_directory=True)
 
     def _specs(self) -> list[JobSpec]:
         if not self.jobs_dir.exists():
@@ -292,65 +290,61 @@ class LocalProvider(FinetuneProvider):
             f"adapter this run trained (none succeeded under that name in {self.jobs_dir}) nor an adapter directory")
 
     async def _pump(self) -> None:
-        """Start queued jobs, oldest first, while fewer than max_parallel_jobs run."""
+        """Start queued jobs, oldest first, while the runner has room (max_parallel_jobs, one
+        job per listed GPU); complete launches a killed loop cut short."""
         async with self._lock:
-            specs = sorted(self._specs(), key=lambda s: s.created_at)
-            statuses = {s.job_id: read_status(self.jobs_dir / s.job_id) for s in specs}
-            launched = {s.job_id: _launched_pid(self.jobs_dir / s.job_id) for s in specs}
-            # A launched job still reads "queued" until its process writes its first status.
-            running = sum(1 for s in specs if statuses[s.job_id].status in ("queued", "running")
-                          and _alive(statuses[s.job_id].pid or launched[s.job_id], self.jobs_dir / s.job_id))
-            for spec in specs:
-                if running >= self.cfg.max_parallel_jobs:
+            active: list[Launch] = []
+            waiting: list[tuple[Path, Launch | None]] = []
+            for spec in sorted(self._specs(), key=lambda s: s.created_at):
+                job_dir = self.jobs_dir / spec.job_id
+                status = read_status(job_dir)
+                if status.status not in ("queued", "running"):
+                    continue
+                launch = self._launch_of(job_dir)
+                if launch is None:
+                    if status.status == "queued":
+                        waiting.append((job_dir, None))
+                    continue
+                probe = await self.runner.probe(job_dir, launch)
+                if probe.state in (Liveness.PENDING, Liveness.RUNNING):
+                    active.append(launch)
+                elif probe.state is Liveness.MISSING and status.status == "queued":
+                    waiting.append((job_dir, launch))  # recorded, never reached the runner
+            for job_dir, previous in waiting:
+                if self.runner.slots(active) <= 0:
                     break
-                if statuses[spec.job_id].status == "queued" and launched[spec.job_id] is None:
-                    await self._launch(spec)
-                    running += 1
+                try:
+                    active.append(await self.runner.launch(job_dir, active, previous))
+                except LaunchFailed as e:
+                    write_status(job_dir, JobFile(status="failed", finished_at=time.time(), error=str(e)))
 
-    async def _launch(self, spec: JobSpec) -> None:
-        job_dir = self.jobs_dir / spec.job_id
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        # The job must import this harness even when the interpreter is another environment's.
-        root = str(Path(harness.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        with open(job_dir / "train.log", "ab") as log:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    self.python, "-m", "harness.providers.local_train", "--job-dir", str(job_dir),
-                    stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
-            except OSError as e:
-                write_status(job_dir, JobFile(status="failed", finished_at=time.time(),
-                                              error=f"could not start {self.python}: {e}"))
-                return
-        self._procs[spec.job_id] = proc
-        # Not status.json: the job writes that from its first instant, and a read-then-write
-        # here could overwrite its "running" or even its final status with a stale "running".
-        write_json(job_dir / LAUNCH, {"pid": proc.pid, "launched_at": time.time()})
-
-    def _state(self, job_id: str) -> JobState:
+    async def _state(self, job_id: str) -> JobState:
         job_dir = self._job_dir(job_id)
         spec = JobSpec.model_validate_json((job_dir / "spec.json").read_text(encoding="utf-8"))
         status = read_status(job_dir)
-        launched = _launched_pid(job_dir) if status.status == "queued" else None
-        if launched is not None and _alive(launched, job_dir):
-            # Started, and its process has not written yet: shown as running, not written.
-            status.status, status.pid = "running", launched
-        elif launched is not None:
-            status = read_status(job_dir)  # it may have written between the two reads
-            if status.status == "queued":
-                status.status, status.pid, status.finished_at = "failed", launched, time.time()
-                status.error = f"the training process (pid {launched}) ended without finishing, before it " \
-                               f"wrote any status; last lines of {job_dir / 'train.log'}:\n" \
-                               f"{_log_tail(job_dir / 'train.log')}"
-                write_status(job_dir, status)
-        if status.status == "running" and not _alive(status.pid, job_dir):
-            status = read_status(job_dir)  # it may have finished between the two reads
-            if status.status == "running":
-                status.status, status.finished_at = "failed", time.time()
-                status.error = f"the training process (pid {status.pid}) ended without finishing; " \
-                               f"last lines of {job_dir / 'train.log'}:\n{_log_tail(job_dir / 'train.log')}"
-                write_status(job_dir, status)
-        elif status.status == "failed" and status.error and "train.log" not in status.error:
+        launch = self._launch_of(job_dir)
+        waiting = None  # why a launched job has not started: the runner's words
+        if launch is not None and status.status in ("queued", "running"):
+            probe = await self.runner.probe(job_dir, launch)
+            if probe.state is Liveness.RUNNING and status.status == "queued":
+                # Started, and its process has not written yet: shown as running, not written.
+                status.status, status.pid = "running", launch.pid
+            elif probe.state is Liveness.PENDING:
+                waiting = probe.detail
+            elif probe.state is Liveness.ENDED or (probe.state is Liveness.MISSING and status.status == "running"):
+                await self.runner.collect_logs(job_dir, launch, final=True)
+                status = read_status(job_dir)  # it may have finished between the two reads
+                if status.status in ("queued", "running"):
+                    before = ", before it wrote any status" if status.status == "queued" else ""
+                    status.status, status.pid = "failed", status.pid or launch.pid
+                    status.finished_at = time.time()
+                    status.error = f"the training process ({self.runner.where(launch)}) ended without finishing" \
+                                   f"{before}{f' ({probe.detail})' if probe.detail else ''}; last lines of " \
+                                   f"{job_dir / 'train.log'}:\n{_log_tail(job_dir / 'train.log')}"
+                    write_status(job_dir, status)
+        if launch is not None:
+            await self.runner.collect_logs(job_dir, launch, final=status.status in ("succeeded", "failed", "cancelled"))
+        if status.status == "failed" and status.error and "train.log" not in status.error:
             status.error += f"\nlast lines of {job_dir / 'train.log'}:\n{_log_tail(job_dir / 'train.log')}"
         if status.status == "succeeded" and not spec.full_finetune and self.max_lora_rank is not None:
             try:  # every adapter is checked against what the server can load before it is registered
@@ -358,7 +352,7 @@ class LocalProvider(FinetuneProvider):
             except ServeError as e:
                 status.status, status.error = "failed", f"the adapter cannot be served: {e}"
                 write_status(job_dir, status)
-        latest = None
+        latest = waiting
         if status.status == "running":
             latest = f"step {status.step}/{status.total_steps or '?'}" + \
                 (f", loss {status.loss:.4f}" if status.loss is not None else "") + \

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -69,6 +70,9 @@ class JobFile(BaseModel):
     dropped_examples: int = 0  # examples left out because max_length would cut a weighted turn
     artifact_path: str | None = None
     error: str | None = None
+    # Where the job ran: its machine and the GPUs it was given (set by the runner: one per job).
+    host: str | None = None
+    cuda_visible_devices: str | None = None
     updated_at: float = Field(default_factory=time.time)
 
 
@@ -297,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     # From here on status.json is this process's: the provider records its launch elsewhere
     # (launch.json), so neither overwrites what the other wrote.
     status.status, status.pid, status.started_at = "running", os.getpid(), status.started_at or time.time()
+    status.host, status.cuda_visible_devices = socket.gethostname(), os.environ.get("CUDA_VISIBLE_DEVICES")
     write_status(job_dir, status)
+    print(f"job {job_dir.name} on {status.host}, CUDA_VISIBLE_DEVICES={status.cuda_visible_devices}", flush=True)
     try:
         spec = JobSpec.model_validate_json((job_dir / "spec.json").read_text(encoding="utf-8"))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,125 @@
+"""The `subprocess` runner: each job is a process on this machine, in a session of its own, so
+killing the loop does not kill it (like a hosted job it keeps going, and a resumed loop adopts it
+by the pid in launch.json).
+
+GPUs: with `finetune.local.devices: [0, 1, 2, 3]` each job gets one device of its own through
+CUDA_VISIBLE_DEVICES, and no more jobs run at once than there are devices -- unless
+`share_devices: true`, which lets up to max_parallel_jobs run, spread evenly over the devices.
+Which device a running job holds is read back from the launch records, so the assignment
+survives a restart of the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+from harness.providers.runners import (JobRunner, Launch, LaunchFailed, Liveness, Probe, harness_env,
+                                       train_command, write_launch)
+
+
+def names_job(args: list[str], job_dir: Path) -> bool:
+    """Whether a command line carries exactly `--job-dir <job_dir>`. A substring test is not
+    enough: job "...-1" is a prefix of job "...-10", whose process would pass for it."""
+    want = str(job_dir)
+    return f"--job-dir={want}" in args or any(a == "--job-dir" and b == want for a, b in zip(args, args[1:]))
+
+
+def alive(pid: int | None, job_dir: Path) -> bool:
+    """True while the job's own process runs. Checks /proc where there is one, so a zombie
+    (exited, not yet reaped) or a recycled pid of another program does not count as alive."""
+    if not pid:
+        return False
+    proc = Path(f"/proc/{pid}")
+    if proc.exists():
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, IndexError):
+            return False
+        return state != "Z" and names_job(args, job_dir)
+    if Path("/proc/self").exists():
+        return False
+    try:  # no /proc (macOS): signal 0 only tells whether the pid exists
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SubprocessRunner(JobRunner):
+    name = "subprocess"
+
+    def __init__(self, cfg, python: str):
+        super().__init__(cfg, python)
+        self.devices = [str(d) for d in cfg.devices] if cfg.devices is not None else None
+        self._procs: dict[Path, asyncio.subprocess.Process] = {}  # launched by this instance
+
+    def slots(self, active: list[Launch]) -> int:
+        limit = self.cfg.max_parallel_jobs
+        if self.devices is not None and not self.cfg.share_devices:
+            limit = min(limit, len(self.devices))  # one job per GPU
+        return max(0, limit - len(active))
+
+    def pick_device(self, active: list[Launch]) -> str | None:
+        """A device no running job holds; when sharing, the least busy one (first listed wins ties)."""
+        if self.devices is None:
+            return None
+        used = Counter(launch.devices for launch in active if launch.devices is not None)
+        return min(self.devices, key=lambda d: (used[d], self.devices.index(d)))
+
+    async def launch(self, job_dir: Path, active: list[Launch], previous: Launch | None = None) -> Launch:
+        device = self.pick_device(active)
+        env = {**os.environ, **harness_env()}
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        with open(job_dir / "train.log", "ab") as log:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *train_command(self.python, job_dir), stdout=log, stderr=asyncio.subprocess.STDOUT,
+                    env=env, start_new_session=True)
+            except OSError as e:
+                raise LaunchFailed(f"could not start {self.python}: {e}") from None
+        self._procs[job_dir] = proc
+        # Not status.json: the job writes that from its first instant, and a read-then-write
+        # here could overwrite its "running" or even its final status with a stale "running".
+        launch = Launch(runner="subprocess", pid=proc.pid, devices=device)
+        write_launch(job_dir, launch)
+        return launch
+
+    async def probe(self, job_dir: Path, launch: Launch) -> Probe:
+        if alive(launch.pid, job_dir):
+            return Probe(Liveness.RUNNING)
+        proc = self._procs.pop(job_dir, None)
+        if proc is not None:  # reap our own finished child while this event loop still runs
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5)
+            return Probe(Liveness.ENDED, f"exit code {proc.returncode}" if proc.returncode is not None else None)
+        return Probe(Liveness.ENDED)
+
+    async def stop(self, job_dir: Path, launch: Launch) -> None:
+        pid = launch.pid
+        for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+            if not alive(pid, job_dir):
+                break
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+            deadline = time.monotonic() + wait_s
+            while alive(pid, job_dir) and time.monotonic() < deadline:
+                proc = self._procs.get(job_dir)
+                if proc is not None:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(proc.wait(), 0.2)
+                else:
+                    await asyncio.sleep(0.2)
+        await self.probe(job_dir, launch)  # reaps it if it was ours
+
+    def where(self, launch: Launch) -> str:
+        return f"pid {launch.pid}" + (f", CUDA_VISIBLE_DEVICES={launch.devices}" if launch.devices is not None else "")
