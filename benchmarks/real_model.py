@@ -7,9 +7,12 @@ SmolLM2-135M-Instruct over several finetuning iterations.
 
 Every method is the `smollm2` preset run by the unpatched loop (`python -m harness.loop`), all
 against one vLLM CPU server that this script starts and stops. "Debate without finetuning" is
-iteration 0 of each finetuned run: the same society of base models debating the same test
-problems, before any training. Both finetuned methods are evaluated on the same seeded test
-problems, so they are compared pairwise (exact McNemar test on the problems where they differ).
+iteration 0: the society of base models debating the test problems before any training. By
+default the methods share iteration 0 (its test and train debates are copied from the first
+method's run, which the loop then reuses), so both finetune on data from the very same debates,
+as in the paper, and differ only in how they use it. Every method is evaluated on the same
+seeded test problems, so they are compared pairwise (exact McNemar test on the problems where
+they differ).
 
 Writes benchmarks/results/real-model/README.md (accuracy ± SE per method and iteration, n,
 paired tests, wall time per stage: debate, data, training, adapter loading) and its plots.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,6 +56,19 @@ def free_port() -> int:
 def load_avg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
+
+
+def share_iteration_0(source: Path, run_dir: Path) -> None:
+    """Give a new run the iteration-0 debates of `source` (same base society, same problems): the
+    loop reuses debate records it finds, so both methods then finetune on data from the very same
+    debates and differ only in how they use them, as in the paper's comparison."""
+    if (run_dir / "config.yaml").exists():
+        return
+    for name in ("debate-test.jsonl", "debate-train.jsonl"):
+        src = source / "iter-0" / name
+        if src.is_file():
+            (run_dir / "iter-0").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, run_dir / "iter-0" / name)
 
 
 def run_method(name: str, sets: list[str], run_dir: Path, log: Path) -> float:
@@ -124,8 +141,10 @@ def write_result(out: Path, runs: dict[str, dict], args, wall: dict[str, float],
             m = run["iterations"].get(k, {}).get("metrics")
             cells.append(f"{pct(m['accuracy'])} ± {pct(m['stderr'])}" if m else "—")
         lines.append(f"| {METHODS[name][0]} | " + " | ".join(cells) + " |")
-    lines += ["", "Iteration 0 is debate without finetuning (the base model in every role); each finetuned method "
-              "has its own, independently sampled iteration 0.", "",
+    lines += ["", "Iteration 0 is debate without finetuning (the base model in every role). "
+              + ("Each method debated its own iteration 0." if args.independent_iteration_0 else
+                 "Both methods share it: the second method's run reused the first's iteration-0 debates, so both "
+                 "finetune on data from the same debates."), "",
               "## Details per iteration (test split)", "",
               "| method | iter | acc | per agent (final round) | per round | all agree | unparsed | truncated |",
               "|---|---|---|---|---|---|---|---|"]
@@ -198,6 +217,8 @@ def main() -> None:
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "real-model")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real-model")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--independent-iteration-0", action="store_true",
+                   help="let every method debate iteration 0 itself instead of reusing the first method's debates")
     args = p.parse_args()
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
@@ -219,8 +240,10 @@ def main() -> None:
         import asyncio
 
         asyncio.run(server.wait_healthy())
-        for name in names:
+        for i, name in enumerate(names):
             sets = common_sets(args, server.base_url) + METHODS[name][1]
+            if i > 0 and not args.independent_iteration_0:
+                share_iteration_0(args.runs_dir / names[0], args.runs_dir / name)
             wall[name] = run_method(name, sets, args.runs_dir / name, args.runs_dir / f"{name}.log")
     finally:
         server.stop()

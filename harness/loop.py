@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import logging
 import re
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -372,8 +374,16 @@ def _after_error(run_dir: Path | None, error: HarnessError) -> str | None:
             f"python -m harness.loop --resume {run_dir}{fix}{others}")
 
 
+def _terminate(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # `kill PID` (SIGTERM) stops the run as Ctrl-C does: the vLLM server the run started is
+        # stopped and the run directory unlocked, instead of a server left running on its own.
+        signal.signal(signal.SIGTERM, _terminate)
     console = Console()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])

@@ -403,3 +403,34 @@ async def test_replicas_get_consecutive_ports_and_gpus_of_their_own(tmp_path):
     logs = sorted(p.name for p in (tmp_path / "run" / "serve").iterdir())
     assert logs == ["vllm-0.log", "vllm-1.log"]
     assert f"listening on 127.0.0.1:{base + 1}" in (tmp_path / "run" / "serve" / "vllm-1.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_stops_the_managed_server_with_the_run(tiny_model, tmp_path):
+    """`kill PID` of a run that started its own vLLM server stops that server too (as Ctrl-C
+    does), instead of leaving it running on its own, holding memory and the port."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    args = [sys.executable, "-m", "harness.loop", "--config", "vllm-tiny", "--run-dir", str(tmp_path / "r"),
+            "--set", f"serve.model={tiny_model}", "--set", f"serve.port={port}",
+            "--set", f"endpoint.base_url=http://127.0.0.1:{port}/v1", "--set", f"serve.python={VLLM_PYTHON}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and f"--resume {tmp_path / 'r'}" in out
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the server still listens after the run was killed"
