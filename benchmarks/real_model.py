@@ -106,7 +106,7 @@ def collect(run_dir: Path) -> dict:
     stages: dict[tuple[int, str], float] = defaultdict(float)
     for s in jsonl(run_dir / "stages.jsonl"):
         stages[(s["iteration"], s["stage"])] += s["seconds"]
-    registry = json.loads((run_dir / "registry.json").read_text())["models"]
+    registry = json.loads((run_dir / "registry.json").read_text())["entries"]
     return {"iterations": iterations, "stages": dict(stages), "registry": registry}
 
 

@@ -45,7 +45,7 @@ async def run(run_dir: Path, stop: bool, console: Console) -> int:
     table = Table(title=f"local finetuning jobs of {run_dir} ({provider.runner.name} runner, {provider.jobs_dir})")
     for column in ("job", "status", "where", "latest"):
         table.add_column(column, overflow="fold")
-    jobs = await provider.jobs()
+    jobs = await provider.placements()
     for state, where in jobs:
         table.add_row(state.job_id, state.raw_status, where or "-", (state.latest_event or "")[:120])
     console.print(table if jobs else f"{run_dir}: no local finetuning jobs")

@@ -79,7 +79,7 @@ def _records(path: Path) -> list[dict]:
 
 
 def _registry(run_dir: Path) -> list[dict]:
-    return [m for m in json.loads((run_dir / "registry.json").read_text())["models"] if m["iteration"] == 1]
+    return [m for m in json.loads((run_dir / "registry.json").read_text())["entries"] if m["iteration"] == 1]
 
 
 def _job_dir(run_dir: Path, entry: dict) -> Path:

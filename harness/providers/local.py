@@ -204,7 +204,7 @@ class LocalProvider(FinetuneProvider):
         wanted = set(model_ids)
         return {name: status.artifact_path for name, (_, status) in self._succeeded().items() if name in wanted}
 
-    async def jobs(self) -> list[tuple[JobState, str | None]]:
+    async def placements(self) -> list[tuple[JobState, str | None]]:
         """Every job of this run, oldest first, with where it runs (None: never started);
         starts nothing."""
         out = []
@@ -216,7 +216,7 @@ class LocalProvider(FinetuneProvider):
     async def stop_all(self) -> list[JobState]:
         """Cancel every job of this run that has not ended: those never started first, so that
         stopping a running one frees no slot for them. For a run that is abandoned."""
-        states = [state for state, _ in await self.jobs() if not state.status.terminal]
+        states = [state for state, _ in await self.placements() if not state.status.terminal]
         states.sort(key=lambda st: read_launch(self.jobs_dir / st.job_id) is not None)
         return [await self.cancel(st.job_id) for st in states]
 

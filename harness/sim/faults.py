@@ -64,7 +64,9 @@ def _duration(seconds: float) -> str:
     if seconds < 1:
         return f"{max(1, round(seconds * 1000))}ms"
     minutes, secs = divmod(seconds, 60)
-    return f"{int(minutes)}m{secs:.0f}s" if minutes >= 1 else f"{secs:.3g}s"
+    if minutes >= 1:
+        return f"{int(minutes)}m{secs:.0f}s"
+    return f"{secs:.3f}".rstrip("0").rstrip(".") + "s"  # millisecond precision, as OpenAI writes it
 
 
 @dataclass
