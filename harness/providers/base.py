@@ -103,6 +103,12 @@ class FinetuneProvider(abc.ABC):
     async def close(self) -> None:
         return None
 
+    async def nap(self, seconds: float) -> None:
+        """The pause between two polls of `wait`. A provider that learns of a job's end sooner
+        (a local job is its own child process) wakes early, so a finished job is not noticed a
+        whole poll interval late and a queued job does not wait that long to start."""
+        await asyncio.sleep(seconds)
+
     async def wait(self, job_id: str, *, poll_interval_s: float = 5.0, max_interval_s: float = 60.0,
                    on_update: OnUpdate | None = None) -> JobState:
         """Poll until the job ends, backing off from `poll_interval_s` up to `max_interval_s`
@@ -122,4 +128,4 @@ class FinetuneProvider(abc.ABC):
             seen = (state.raw_status, state.latest_event)
             interval = poll_interval_s if seen != last else min(interval * 1.5, max_interval_s)
             last = seen
-            await asyncio.sleep(interval)
+            await self.nap(interval)

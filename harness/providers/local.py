@@ -132,6 +132,8 @@ class LocalProvider(FinetuneProvider):
         self.python = self.cfg.python or sys.executable
         self._lock = asyncio.Lock()
         self._procs: dict[str, asyncio.subprocess.Process] = {}  # jobs launched by this instance
+        self._exited = asyncio.Event()  # set (and replaced) whenever one of those processes exits
+        self._watchers: set[asyncio.Task] = set()  # one per launched process, until it exits
 
     @classmethod
     def from_config(cls, cfg: RunConfig, run_dir: Path) -> "LocalProvider":
@@ -238,6 +240,21 @@ class LocalProvider(FinetuneProvider):
     async def close(self) -> None:
         # Jobs keep running on purpose (a resumed loop adopts them); only drop the handles.
         self._procs.clear()
+        for task in list(self._watchers):
+            task.cancel()
+
+    async def nap(self, seconds: float) -> None:
+        """Sleep between polls, but wake as soon as a job this provider launched exits: its final
+        status is written by then, and the next queued job can start at once. Without this, a
+        job's end was seen up to a (backed-off) poll interval late, and with max_parallel_jobs
+        the next job sat idle that long (measured: ~10 s per job; benchmarks/train_throughput.py)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), seconds)
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        await proc.wait()
+        exited, self._exited = self._exited, asyncio.Event()
+        exited.set()
 
     # ------------------------------------------------------------------ internals
 
@@ -318,6 +335,8 @@ class LocalProvider(FinetuneProvider):
                                               error=f"could not start {self.python}: {e}"))
                 return
         self._procs[spec.job_id] = proc
+        self._watchers.add(task := asyncio.create_task(self._watch(proc)))
+        task.add_done_callback(self._watchers.discard)
         # Not status.json: the job writes that from its first instant, and a read-then-write
         # here could overwrite its "running" or even its final status with a stale "running".
         write_json(job_dir / LAUNCH, {"pid": proc.pid, "launched_at": time.time()})
