@@ -247,7 +247,7 @@ class LocalProvider(FinetuneProvider):
         """Sleep between polls, but wake as soon as a job this provider launched exits: its final
         status is written by then, and the next queued job can start at once. Without this, a
         job's end was seen up to a (backed-off) poll interval late, and with max_parallel_jobs
-        the next job sat idle that long (measured: ~10 s per job; benchmarks/train_throughput.py)."""
+        the next job sat idle that long (benchmarks/results/train_throughput.md)."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._exited.wait(), seconds)
 
