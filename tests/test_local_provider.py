@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -244,6 +245,32 @@ async def test_a_crashing_job_fails_with_its_log_and_jobs_queue(tmp_path, tiny_m
     os.killpg(launch["pid"], signal.SIGKILL)
     died = await wait(p, retry.job_id)
     assert died.status == JobStatus.FAILED and "ended without finishing" in died.error
+
+
+@pytest.mark.slow
+async def test_a_finished_job_is_seen_at_once_and_the_queued_one_starts_at_once(tmp_path, tiny_model):
+    # The loop waits for all its jobs together with a poll interval of seconds that backs off to
+    # a minute; a job's end must not wait for the next poll, nor the queued job behind it.
+    p = provider(tmp_path / "run", tiny_model, max_parallel_jobs=1, device="cpu")
+    data = write_chat_jsonl(tmp_path / "ok.jsonl", n=4)
+    first = await p.submit(FinetuneRequest(training_file=data, base_model="base", metadata=meta(0),
+                                           hyperparameters=FAST))
+    second = await p.submit(FinetuneRequest(training_file=data, base_model="base", metadata=meta(1),
+                                            hyperparameters=FAST))
+    assert second.status == JobStatus.QUEUED
+    hour = 3600.0
+    done = await asyncio.wait_for(asyncio.gather(
+        p.wait(first.job_id, poll_interval_s=hour, max_interval_s=hour),
+        p.wait(second.job_id, poll_interval_s=hour, max_interval_s=hour)), timeout=600)
+    returned = time.time()
+    assert [s.status for s in done] == [JobStatus.SUCCEEDED, JobStatus.SUCCEEDED], [s.error for s in done]
+    jobs = tmp_path / "run" / "local-jobs"
+    launched = json.loads((jobs / second.job_id / "launch.json").read_text())["launched_at"]
+    assert launched - done[0].finished_at < 10  # not an hour later
+    assert returned - done[1].finished_at < 10
+    # On a CPU, no activation recomputation: it only costs time there.
+    assert "gradient checkpointing off" in (jobs / first.job_id / "train.log").read_text()
+    await p.close()
 
 
 @pytest.mark.slow

@@ -116,6 +116,12 @@ class FinetuneProvider(abc.ABC):
     # finetune.paused_timeout_s).
     paused_timeout_s: float = 1800.0
 
+    async def nap(self, seconds: float) -> None:
+        """The pause between two polls of `wait`. A provider that learns of a job's end sooner
+        (the local one reads its jobs' status files) wakes early, so a finished job is not
+        noticed a whole poll interval late and a queued job does not wait that long to start."""
+        await asyncio.sleep(seconds)
+
     async def wait(self, job_id: str, *, poll_interval_s: float = 5.0, max_interval_s: float = 60.0,
                    on_update: OnUpdate | None = None) -> JobState:
         """Poll until the job ends, backing off from `poll_interval_s` up to `max_interval_s`
@@ -152,4 +158,4 @@ class FinetuneProvider(abc.ABC):
             last = seen
             if paused_since is not None:  # wake up in time for the deadline
                 interval = min(interval, max(0.0, paused_since + self.paused_timeout_s - time.monotonic()) + 0.01)
-            await asyncio.sleep(interval)
+            await self.nap(interval)

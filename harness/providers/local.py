@@ -224,6 +224,24 @@ class LocalProvider(FinetuneProvider):
         # Jobs keep running on purpose (a resumed loop adopts them); nothing to stop here.
         return None
 
+    async def nap(self, seconds: float) -> None:
+        """Sleep between polls, but wake within a second once a job of this run ends (its
+        status.json turns final): the next queued job can start at once. Without this a job's
+        end was seen up to a backed-off poll interval late, and with max_parallel_jobs the next
+        job sat idle that long (benchmarks/results/train_throughput.md). Status files, not
+        process handles: they work for every runner (a subprocess, a Ray job on another node)."""
+        deadline = time.monotonic() + seconds
+        before = self._open_jobs()
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(1.0, left))
+            if any(read_status(self.jobs_dir / job_id).status not in ("queued", "running") for job_id in before):
+                return
+
+    def _open_jobs(self) -> list[str]:
+        """This run's jobs that have not ended."""
+        return [s.job_id for s in self._specs()
+                if read_status(self.jobs_dir / s.job_id).status in ("queued", "running")]
+
     # ------------------------------------------------------------------ internals
 
     def _job_dir(self, job_id: str) -> Path:
