@@ -440,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, inference cost "
                   + (f"${cost:.4f}" if cost is not None else "unknown")
                   + (f" + {unknown} calls of unknown price" if unknown else "")
-                  + (f"; {usage['unanswered_calls']} calls may have been billed without an answer (worst case "
+                  + (f"; {usage['unanswered_calls']} call{'s' if usage['unanswered_calls'] != 1 else ''} may have "
+                     f"been billed without an answer (worst case "
                      f"${usage.get('unanswered_cost_usd', 0):.4f}, see calls-in-flight.jsonl)"
                      if usage.get("unanswered_calls") else "")
                   + (" (simulated prices)" if summary.simulated else ""))

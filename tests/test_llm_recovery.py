@@ -120,7 +120,7 @@ def test_the_loop_reports_calls_lost_in_a_crash_on_resume(cli, tmp_path):
     out = " ".join(again.stdout.split())
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1 model call(s) were in flight when an earlier session of this run stopped" in out
-    assert "1 calls may have been billed without an answer (worst case $0.2500" in out
+    assert "1 call may have been billed without an answer (worst case $0.2500" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["usage"]["unanswered_calls"] == 1 and summary["usage"]["unanswered_cost_usd"] == 0.25
 
