@@ -239,6 +239,10 @@ class LocalFinetuneConfig(_Strict):
     full_finetune: bool = False  # train all weights; the result is a model dir, not an adapter
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU when present
     max_parallel_jobs: int = Field(1, ge=1)  # jobs training (or submitted to Ray) at once
+    # CPU threads per job (torch.set_num_threads); None: torch's default, every core. On a CPU
+    # shared with other work (or with max_parallel_jobs > 1), 1 avoids threads waiting on each
+    # other: a SmolLM2 step took 85-120 s with 2 threads on a busy 2-core machine, 10 s with 1.
+    threads: int | None = Field(None, ge=1)
     python: str | None = None  # interpreter with the `local` extra (on every Ray node); None: the running one
     # Where jobs run: "subprocess" (this machine, the default) or "ray" (a Ray cluster, see `ray`).
     runner: Literal["subprocess", "ray"] = "subprocess"

@@ -47,7 +47,10 @@ RUN_FILE = "run.json"
 RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "endpoint.max_retries",
                     "endpoint.base_url", "endpoint.api_key_env", "endpoint.rpm_limit", "endpoint.tpm_limit",
                     "endpoint.rate_limit_wait_s", "endpoint.max_tokens_param", "serve.", "finetune.iterations",
-                    "finetune.poll_interval_s", "finetune.paused_timeout_s")
+                    "finetune.poll_interval_s", "finetune.paused_timeout_s",
+                    # how many jobs at once, on which GPUs, with how many CPU threads: not what they learn
+                    "finetune.local.max_parallel_jobs", "finetune.local.threads", "finetune.local.devices",
+                    "finetune.local.share_devices")
 _HEADER_RE = re.compile(r"^# harness run id: (\S+)")
 
 

@@ -251,7 +251,7 @@ async def test_a_crashing_job_fails_with_its_log_and_jobs_queue(tmp_path, tiny_m
 async def test_a_finished_job_is_seen_at_once_and_the_queued_one_starts_at_once(tmp_path, tiny_model):
     # The loop waits for all its jobs together with a poll interval of seconds that backs off to
     # a minute; a job's end must not wait for the next poll, nor the queued job behind it.
-    p = provider(tmp_path / "run", tiny_model, max_parallel_jobs=1, device="cpu")
+    p = provider(tmp_path / "run", tiny_model, max_parallel_jobs=1, device="cpu", threads=1)
     data = write_chat_jsonl(tmp_path / "ok.jsonl", n=4)
     first = await p.submit(FinetuneRequest(training_file=data, base_model="base", metadata=meta(0),
                                            hyperparameters=FAST))
@@ -269,7 +269,9 @@ async def test_a_finished_job_is_seen_at_once_and_the_queued_one_starts_at_once(
     assert launched - done[0].finished_at < 10  # not an hour later
     assert returned - done[1].finished_at < 10
     # On a CPU, no activation recomputation: it only costs time there.
-    assert "gradient checkpointing off" in (jobs / first.job_id / "train.log").read_text()
+    log = (jobs / first.job_id / "train.log").read_text()
+    assert "gradient checkpointing off" in log
+    assert "1 CPU threads" in log  # finetune.local.threads reached the job
     await p.close()
 
 

@@ -200,6 +200,9 @@ def test_resume_refuses_changes_that_would_contradict_finished_work(cli, tmp_pat
     assert "budget.max_cost_usd cannot" not in result.stdout
     # Restating a saved value is not a change (a comparison resumes its methods this way).
     assert cli("--resume", "r", "--set", "debate.agents=3", "--set", "task.n_test=5").returncode == 0
+    # How many jobs train at once, and with how many threads, changes nothing they learn.
+    assert cli("--resume", "r", "--set", "finetune.local.max_parallel_jobs=4",
+               "--set", "finetune.local.threads=1").returncode == 0
 
 
 @pytest.mark.slow

@@ -62,11 +62,12 @@ def run_dir(smollm2, tmp_path_factory) -> Path:
     """One iteration of the `smollm2` preset at test size, run as a user runs it."""
     work = tmp_path_factory.mktemp("real")
     port = _free_port()
-    # Small and cool enough for CI: at temperature 0.3 the three agents agree with a majority often
-    # enough that every agent gets examples for both roles (at 1.0 a 135M model rarely does), and
-    # its replies are short. min_examples 1: every agent with data trains.
-    sets = ["task.n_train=12", "task.n_test=4", "sampling.temperature=0.3", "sampling.max_tokens=96",
+    # Small enough for CI: at the preset's temperature 0.3 the three agents agree with a majority
+    # often enough that every agent gets examples for both roles; short replies. min_examples 1:
+    # every agent with data trains; two jobs at once with a thread each overlap their start-up.
+    sets = ["task.n_train=12", "task.n_test=4", "sampling.max_tokens=96",
             "finetune.min_examples=1", "finetune.hyperparameters.batch_size=1",
+            "finetune.local.max_parallel_jobs=2", "finetune.local.threads=1",
             f"serve.port={port}", f"endpoint.base_url=http://127.0.0.1:{port}/v1"]
     done = run_cli("harness.loop", "--config", "smollm2", "--run-dir", str(work / "run"),
                    *[a for s in sets for a in ("--set", s)], cwd=work, timeout=1500)

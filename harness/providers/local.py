@@ -144,7 +144,7 @@ class LocalProvider(FinetuneProvider):
             learning_rate=self.cfg.learning_rate * hp.learning_rate_multiplier, epochs=hp.n_epochs,
             batch_size=hp.batch_size, max_length=self.cfg.max_length,
             seed=request.seed if request.seed is not None else self.seed, device=self.cfg.device,
-            max_lora_rank=self.max_lora_rank)
+            threads=self.cfg.threads, max_lora_rank=self.max_lora_rank)
         write_status(job_dir, JobFile(status="queued"))
         # spec.json last: a directory without it is an interrupted submit and is ignored.
         write_model(job_dir / "spec.json", spec)

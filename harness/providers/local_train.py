@@ -56,6 +56,7 @@ class JobSpec(BaseModel):
     # only; a CPU has the memory, and there the extra pass is pure loss (measured on
     # SmolLM2-135M: 4.9 s vs 6.5 s per batch of 4x100 tokens; benchmarks/train_throughput.py).
     gradient_checkpointing: bool | None = None
+    threads: int | None = None  # CPU threads for torch (torch.set_num_threads); None: torch's default
     max_lora_rank: int | None = None  # the server's limit; the adapter is checked against it
     created_at: float = Field(default_factory=time.time)
 
@@ -225,6 +226,8 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
 
     from harness.serve import validate_adapter
 
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
     device = _device(spec.device)
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
@@ -238,7 +241,8 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
     labelled = sum(sum(1 for t in ex["labels"] if t != IGNORE) for ex in examples)
     checkpointing = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else device != "cpu"
     print(f"{len(examples)} examples ({status.dropped_examples} dropped), {labelled} labelled tokens, "
-          f"device {device}, gradient checkpointing {'on' if checkpointing else 'off'}", flush=True)
+          f"device {device}, gradient checkpointing {'on' if checkpointing else 'off'}, "
+          f"{torch.get_num_threads()} CPU threads", flush=True)
 
     model = AutoModelForCausalLM.from_pretrained(
         spec.base_model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
