@@ -3,7 +3,7 @@ finetuning (one model trained on the pooled debate data) vs debate without finet
 SmolLM2-135M-Instruct over several finetuning iterations.
 
     python benchmarks/real_model.py --n-train 48 --n-test 48 --set sampling.temperature=0.3 \
-        --set sampling.max_tokens=128     # the committed result: ~1.5 hours on a busy 2-core machine
+        --set sampling.max_tokens=128     # the committed result: ~2 hours on a busy 2-core machine
     python benchmarks/real_model.py --n-train 24 --n-test 24 --iterations 1   # a quick look
 
 Why temperature 0.3 for the committed result: at the preset's 1.0, SmolLM2-135M's society ended
