@@ -21,13 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 from harness.config import EndpointConfig, SamplingConfig, TaskConfig
@@ -36,29 +31,7 @@ from harness.llm import LLMClient
 from harness.prompts import Prompts
 from harness.records import Message, SampleId
 from harness.tasks import get_task, load_split
-
-
-@contextmanager
-def simulator_process(latency_ms: float):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "harness.sim", "--port", str(port), "--latency-ms", str(latency_ms)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the simulator did not start")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+from harness.testing.sim_process import simulator_process
 
 
 async def timed_debate(base_url: str, problems, *, agents: int, rounds: int, mode: str, concurrency: int) -> float:
@@ -98,7 +71,7 @@ def main() -> None:
 
     problems = load_split(TaskConfig(name="arithmetic", n_test=args.problems, seed=0), "test")
     latency_s = args.latency_ms / 1000
-    with simulator_process(args.latency_ms) as base_url:
+    with simulator_process("--latency-ms", str(args.latency_ms)) as base_url:
         kw = dict(agents=args.agents, rounds=args.rounds, mode=args.mode)
         ours = asyncio.run(timed_debate(base_url, problems, concurrency=args.concurrency, **kw))
         sequential = None if args.skip_sequential else asyncio.run(

@@ -22,13 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
@@ -37,31 +33,9 @@ from harness.config import EndpointConfig, SamplingConfig
 from harness.errors import HarnessError
 from harness.llm import LLMClient
 from harness.records import Message, SampleId
+from harness.testing.sim_process import simulator_process
 
 PROMPT = "Compute {i}+3*4+5-6*7. Reason step by step and put the final answer in \\boxed{{}}."
-
-
-@contextmanager
-def simulator_process(*args: str):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "harness.sim", "--port", str(port), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the simulator did not start")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 async def drain(base_url: str, kind: str, max_tokens: int) -> tuple[float, float]:
