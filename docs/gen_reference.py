@@ -421,8 +421,9 @@ def on_config(config: Any) -> Any:
     for item in config.nav or []:
         if isinstance(item, dict) and "Results" in item:
             entries = item["Results"] if isinstance(item["Results"], list) else [item["Results"]]
-            for site in pages:
-                title = _result_title(result_files()[site])
+            listed = {v for e in entries for v in (e.values() if isinstance(e, dict) else [e])}
+            for site in (p for p in pages if p not in listed):  # idempotent: `mkdocs serve` rebuilds
+                title = _result_title(result_files()[site]).split(":")[0]  # the nav has little room
                 entries.append({title: site})
             item["Results"] = entries
     return config
