@@ -342,3 +342,35 @@ def test_the_demo_runs_on_together_and_survives_a_kill_and_a_lost_registry(tmp_p
     assert len(jobs) == 12, "no job was created twice"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["finished"] and len(summary["iterations"]) == 3
+
+
+def _math_like(path: Path, split: str, n: int = 500) -> Path:
+    """n MATH-shaped problems (levels 1-3 of the bundled sample, each made distinct), so the plan of
+    a 500/500 MATH run can be priced offline."""
+    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "data" / "math-sample.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("level") in ("Level 1", "Level 2", "Level 3")]
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({**rows[i % len(rows)], "problem": f"{rows[i % len(rows)]['problem']} ({split} {i})"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_dry_run_prices_a_500_500_math_run_on_together(tmp_path, lora):
+    import subprocess
+    import sys
+
+    sources = ["--set", f"task.source={_math_like(tmp_path / 'train.jsonl', 'train')}",
+               "--set", f"task.test_source={_math_like(tmp_path / 'test.jsonl', 'test')}"]
+    result = subprocess.run([sys.executable, "-m", "harness.loop", "--config", "together", "--dry-run", *sources,
+                             "--set", f"finetune.together.lora={str(lora).lower()}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env={
+                                **__import__("os").environ, "TOGETHER_API_KEY": ""})
+    assert result.returncode == 0, result.stdout + result.stderr
+    said = " ".join(result.stdout.split())
+    assert "iter 0: debate train │ 4,500" in said and "iter 0: finetune 6 models" in said
+    total = float(re.search(r"total │ [\d,]+ │ [\d,]+ │ [\d,]+ │ ([\d.]+)", said).group(1))
+    if lora:  # served serverless: no endpoint to pay for
+        assert "LoRA finetuning at $0.48/1M" in said and "dedicated" not in said and 1 < total < 10
+    else:  # a full finetune answers only from a dedicated endpoint per model
+        assert "6 dedicated endpoints" in said and "$3.36/h" in said and total > 40

@@ -232,7 +232,7 @@ class TogetherFinetuneProvider(FinetuneProvider):
                               if s.lora else {"type": "Full"}),
         }
         if request.base_model == self.base_model:
-            body["model"] = request.base_model
+            body["model"] = self.settings.model or request.base_model
         else:
             body["from_checkpoint"] = request.base_model  # the agent's previous Together model
         if request.seed is not None:

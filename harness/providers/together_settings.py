@@ -34,6 +34,10 @@ class TogetherSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # The name Together's fine-tuning API knows models.base by, where the chat name differs: the
+    # debates of iteration 0 run on a serverless chat model (e.g. ...-Instruct-Turbo), Together
+    # finetunes its full-precision "Reference" twin. None: models.base itself.
+    model: str | None = None
     # LoRA (Together's default) or a full finetune. Full finetunes of the 2N models each need a
     # dedicated endpoint to answer; LoRA adapters of a supported base are served serverless.
     lora: bool = True
