@@ -37,6 +37,7 @@ import openai
 from openai import AsyncOpenAI
 
 from harness.errors import ConfigError, FinetuneError
+from harness.llm.pricing_together import needs_dedicated_endpoint
 from harness.llm.retry import is_terminal, short_error, with_retries
 from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus, OnUpdate
 from harness.providers.together_data import together_training_data
@@ -100,6 +101,12 @@ class TogetherFinetuneProvider(FinetuneProvider):
         self._client = AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=timeout_s,
                                    http_client=http_client)
         self._file_tags: dict[str, dict[str, str]] = {}  # file id -> tags (file names never change)
+        tuned = self.settings.model or base_model
+        if "together" in self.base_url and needs_dedicated_endpoint(tuned, self.settings.lora,
+                                                                    self.settings.serverless_lora_models):
+            log.warning("Together serves finetunes of %s%s only from a dedicated endpoint (billed per hour): attach "
+                        "the adapters to one before the next debate (docs/providers/together.md)", tuned,
+                        "" if self.settings.lora else " (full finetunes)")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -118,7 +125,9 @@ class TogetherFinetuneProvider(FinetuneProvider):
         message = getattr(exc, "message", None) or str(exc)
         if status == 429 or not is_terminal(exc):
             return (f"{what} at {self.base_url} failed after {attempts} attempt(s): {short_error(exc)}; Together is "
-                    f"busy or rate-limiting this key: try again later with --resume (jobs already started are found)")
+                    f"busy or rate-limiting this key (or, on a 429 that persists, the account is out of credit: "
+                    f"https://api.together.ai/settings/billing): try again later with --resume (jobs already "
+                    f"started are found, not repeated)")
         if status in (401, 403):
             return (f"{what}: Together refused the API key ({status}: {message}). Check the key in the environment "
                     f"variable named by endpoint.api_key_env (TOGETHER_API_KEY), e.g. `export TOGETHER_API_KEY=...` "
