@@ -374,3 +374,14 @@ def test_dry_run_prices_a_500_500_math_run_on_together(tmp_path, lora):
         assert "LoRA finetuning at $0.48/1M" in said and "dedicated" not in said and 1 < total < 10
     else:  # a full finetune answers only from a dedicated endpoint per model
         assert "6 dedicated endpoints" in said and "$3.36/h" in said and total > 40
+
+
+def test_together_models_and_their_finetunes_are_priced():
+    from harness.llm.pricing import cost_usd, price_for, training_price_for
+
+    base = "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo"
+    tuned = "someone/Meta-Llama-3.1-8B-Instruct-Reference-demo-i1-g0-0123456789ab-deadbeef"
+    assert price_for(base).input == price_for(tuned).input == 0.18  # serverless LoRA: the base's price
+    assert cost_usd(tuned, 1_000_000, 0, 1_000_000) == pytest.approx(0.36)
+    assert training_price_for(tuned) == 0.48 and training_price_for("meta-llama/Llama-3.3-70B-Instruct-Turbo") == 2.90
+    assert price_for("someone/an-unknown-model") is None  # unknown stays unknown, never free

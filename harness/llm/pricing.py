@@ -156,6 +156,8 @@ def training_price_for(model: str, overrides: dict | None = None) -> float | Non
     base = model[3:].split(":", 1)[0] if model.startswith("ft:") else model
     if base.startswith("sim-"):
         return _SIM_TRAINING
+    if "/" in base:  # a Together model or finetune: its size bracket's LoRA rate
+        return pricing_together.training_price(base)
     if base in TRAINING_PRICES:
         return TRAINING_PRICES[base]
     return TRAINING_PRICES.get(_SNAPSHOT.sub("", base))
