@@ -295,10 +295,10 @@ def test_ranges_are_checked_before_any_call():
 
 
 @pytest.mark.slow
-def test_the_demo_runs_on_together_and_survives_a_kill_and_a_lost_registry(tmp_path):
+def test_the_demo_runs_on_together_and_survives_a_kill_and_a_lost_registry_and_run_id(tmp_path):
     """`python -m harness.loop --set finetune.provider=together` offline: killed (SIGKILL) while
-    its first jobs run, registry.json lost, resumed: every job exists once on the (simulated)
-    service and the registry holds Together model names."""
+    its first jobs run, registry.json and every local copy of the run id lost, resumed: every job
+    exists once on the (simulated) service and the registry holds Together model names."""
     import signal
     import subprocess
     import sys
@@ -323,13 +323,19 @@ def test_the_demo_runs_on_together_and_survives_a_kill_and_a_lost_registry(tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(running) == 6, "all six jobs of iteration 1 were running when the run was killed"
+    run_id = json.loads((run_dir / "run.json").read_text())["run"]
+    # Every local copy of the run id is lost too: it comes back from the job list on Together.
     (run_dir / "registry.json").unlink()
+    (run_dir / "run.json").unlink()
+    config = run_dir / "config.yaml"
+    config.write_text("".join(config.read_text().splitlines(keepends=True)[1:]))
 
     result = subprocess.run([sys.executable, "-m", "harness.loop", "--resume", str(run_dir)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     said = " ".join(result.stdout.split())
     assert "6 finetuning job(s)" in said and "found at the provider were registered again" in said
+    assert f"run id {run_id} was recovered from the together provider's jobs" in said
     reg = Registry.load(run_dir / "registry.json")
     first = [e for e in reg.entries if e.iteration == 1]
     second = [e for e in reg.entries if e.iteration == 2]

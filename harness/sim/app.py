@@ -1,5 +1,6 @@
 """The simulator's FastAPI app: chat completions, models, embeddings, vLLM's adapter endpoints,
-health; files and fine-tuning jobs come from files_jobs.py. Every response carries
+health; files and fine-tuning jobs come from files_jobs.py (OpenAI's API) and together_api.py
+(Together AI's fine-tunes API). Every response carries
 `x-simulated: true`, and completions `system_fingerprint: "simulated"`.
 
 Faults (latency, 429, 500, hangs) apply to chat completions only: they stand for a busy
