@@ -129,8 +129,13 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
 def _together_finetune(cfg: RunConfig, trained: int, jobs: int, examples: int):
     """Together: the LoRA (or full) training rate of the base's size bracket, and the dedicated
     endpoints the finetunes need where Together does not serve them serverless."""
+    from harness.errors import ConfigError
     from harness.llm import pricing_together as tp
+    from harness.providers.together_settings import together_epochs_error
 
+    problem = together_epochs_error(cfg.finetune.hyperparameters.n_epochs)
+    if problem:
+        raise ConfigError(f"{problem}; Together would refuse every job")
     settings = cfg.finetune.together
     base = settings.model or cfg.models.base
     simulated = cfg.endpoint.kind == "simulator"
