@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness.errors import ConfigError
+from harness.providers.together_settings import TogetherSettings
 
 
 class _Strict(BaseModel):
@@ -331,7 +332,7 @@ class ServeConfig(_Strict):
 
 class FinetuneConfig(_Strict):
     iterations: int = Field(0, ge=0)  # finetuning iterations after iteration 0's debate
-    provider: Literal["openai", "local"] = "openai"
+    provider: Literal["openai", "local", "together"] = "openai"
     # Each iteration finetunes from the agent's previous models ("previous") or from the base.
     start_from: Literal["previous", "base"] = "previous"
     # Critic mix: w * D_C- + (1 - w) * D_C+ ; the authors' code amounts to w ~ 2/3.
@@ -366,6 +367,7 @@ class FinetuneConfig(_Strict):
     # "multiagent FT w/o critic" ablation).
     train_critics: bool = True
     local: LocalFinetuneConfig = Field(default_factory=LocalFinetuneConfig)
+    together: TogetherSettings = Field(default_factory=TogetherSettings)
 
 
 class EvaluationConfig(_Strict):

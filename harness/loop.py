@@ -184,6 +184,15 @@ def make_provider(cfg: RunConfig, base_url: str, run_dir: Path) -> FinetuneProvi
         from harness.providers.local import LocalLoraProvider
 
         return LocalLoraProvider.from_config(cfg, run_dir)
+    if cfg.finetune.provider == "together":
+        from harness.providers.together_ft import TogetherFinetuneProvider
+
+        ft = cfg.finetune
+        return TogetherFinetuneProvider(base_url, cfg.endpoint.api_key(), base_model=cfg.models.base,
+                                        settings=ft.together, n_epochs=ft.hyperparameters.n_epochs,
+                                        learning_rate_multiplier=ft.hyperparameters.learning_rate_multiplier,
+                                        max_retries=cfg.endpoint.max_retries, poll_interval_s=ft.poll_interval_s,
+                                        paused_timeout_s=ft.paused_timeout_s)
     from harness.providers.openai_ft import OpenAIFinetuneProvider
 
     return OpenAIFinetuneProvider(base_url, cfg.endpoint.api_key(), max_retries=cfg.endpoint.max_retries,

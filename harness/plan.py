@@ -106,8 +106,11 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
         tokens_per_example = gen_tokens + (conv_tokens if critics else 0)
         jobs = 1 if cfg.finetune.single_model else n * (2 if critics else 1)
         trained = cfg.finetune.hyperparameters.n_epochs * n * examples * tokens_per_example
+        endpoints = None
         if cfg.finetune.provider == "local":
             ft_cost, note = 0.0, "local LoRA jobs: your own compute, no per-token charge"
+        elif cfg.finetune.provider == "together":
+            ft_cost, note, endpoints = _together_finetune(cfg, trained, jobs, examples)
         else:
             price = training_price_for(base, cfg.prices)
             ft_cost = None if price is None else trained * price / 1e6
@@ -116,7 +119,42 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
         stages.append(StageEstimate(stage=f"iter {k}: finetune {jobs} model{'s' if jobs > 1 else ''}", calls=jobs,
                                     prompt_tokens=trained,
                                     completion_tokens=0, cost_usd=ft_cost, note=note))
+        if endpoints is not None:
+            stages.append(StageEstimate(stage=f"iter {k + 1}: {jobs} dedicated endpoint{'s' if jobs > 1 else ''}",
+                                        calls=0, prompt_tokens=0, completion_tokens=0, cost_usd=endpoints.usd,
+                                        note=endpoints.note))
     return stages
+
+
+def _together_finetune(cfg: RunConfig, trained: int, jobs: int, examples: int):
+    """Together: the LoRA (or full) training rate of the base's size bracket, and the dedicated
+    endpoints the finetunes need where Together does not serve them serverless."""
+    from harness.errors import ConfigError
+    from harness.llm import pricing_together as tp
+    from harness.providers.together_settings import together_epochs_error
+
+    problem = together_epochs_error(cfg.finetune.hyperparameters.n_epochs)
+    if problem:
+        raise ConfigError(f"{problem}; Together would refuse every job")
+    settings = cfg.finetune.together
+    base = settings.model or cfg.models.base
+    simulated = cfg.endpoint.kind == "simulator"
+    # The simulator's models stand in for small ones: the smallest bracket's rate, served per token.
+    price = (tp.TRAINING_BRACKETS[0][1 if settings.lora else 2] if simulated
+             else tp.training_price(base, settings.lora))
+    cost = None if price is None else trained * price / 1e6
+    kind = "LoRA" if settings.lora else "full"
+    note = (f"Together {kind} finetuning at ${price}/1M training tokens, ~{examples} examples per model, "
+            f"{cfg.finetune.hyperparameters.n_epochs} epochs" if price is not None else
+            f"Together finetuning: the size of {base} is unknown (set prices.{base}.training)")
+    override = cfg.prices.get(base, {}) if isinstance(cfg.prices.get(base), dict) else {}
+    if override.get("training") is not None:
+        cost = trained * float(override["training"]) / 1e6
+    endpoints = None
+    if not simulated and tp.needs_dedicated_endpoint(base, settings.lora, settings.serverless_lora_models):
+        endpoints = tp.endpoint_cost(jobs, settings.dedicated_endpoint_usd_per_hour,
+                                     settings.dedicated_endpoint_hours_per_iteration)
+    return cost, note, endpoints
 
 
 def plan_table(stages: Sequence[StageEstimate], simulated: bool) -> Table:

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from harness.errors import ConfigError
+from harness.llm import pricing_together
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,9 @@ def price_for(model: str, overrides: dict | None = None) -> Price | None:
         return _base_price("ft:" + base)
     if model.startswith("sim-"):
         return _SIM
+    if "/" in model:  # Together AI's names (org/model, and finetunes <user>/<base>-<suffix>-<hash>)
+        together = pricing_together.inference_price(model)
+        return Price(together[0], None, together[1]) if together else None
     return _base_price(model)
 
 
@@ -152,6 +156,8 @@ def training_price_for(model: str, overrides: dict | None = None) -> float | Non
     base = model[3:].split(":", 1)[0] if model.startswith("ft:") else model
     if base.startswith("sim-"):
         return _SIM_TRAINING
+    if "/" in base:  # a Together model or finetune: its size bracket's LoRA rate
+        return pricing_together.training_price(base)
     if base in TRAINING_PRICES:
         return TRAINING_PRICES[base]
     return TRAINING_PRICES.get(_SNAPSHOT.sub("", base))

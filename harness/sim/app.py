@@ -1,5 +1,6 @@
 """The simulator's FastAPI app: chat completions, models, embeddings, vLLM's adapter endpoints,
-health; files and fine-tuning jobs come from files_jobs.py. Every response carries
+health; files and fine-tuning jobs come from files_jobs.py (OpenAI's API) and together_api.py
+(Together AI's fine-tunes API). Every response carries
 `x-simulated: true`, and completions `system_fingerprint: "simulated"`.
 
 Faults (latency, 429, 500, hangs) apply to chat completions only: they stand for a busy
@@ -33,6 +34,8 @@ from harness.sim.knowledge import Knowledge
 from harness.sim.models import BASE_MODELS, ModelParams, base_params, estimate_tokens, prompt_tokens, respond
 from harness.sim.protocol import FINGERPRINT, ApiError, SimulatedMarker, install_error_handlers, parse_body
 from harness.sim.store import Adapter, Store
+from harness.sim.together_api import TogetherJobs
+from harness.sim.together_api import make_router as make_together_router
 from harness.sim.training import TrainingFileError, derive_params, parse_training_file
 
 EMBEDDING_DIM = 64
@@ -44,6 +47,7 @@ class Sim:
     def __init__(self, cfg: SimulatorConfig, state_dir: Path | None, known_problems: Sequence[Problem]):
         self.cfg = cfg
         self.store = Store(state_dir)
+        self.together = TogetherJobs(state_dir)  # Together's fine-tunes API (together_api.py)
         self.knowledge = Knowledge(known_problems)
         self.faults = Faults(cfg)
         # Numbers the unseeded samples this app draws (see `chat`); per app, so that a new
@@ -56,6 +60,8 @@ class Sim:
             return base_params(name, self.cfg)
         if name.startswith("ft:"):
             return self.store.finetuned(name)
+        if "/" in name and (params := self.together.finetuned(name)) is not None:
+            return params
         if not finetunable and name in self.store.adapters:
             return self.store.adapters[name].params
         return None
@@ -140,6 +146,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(SimulatedMarker)
     app.include_router(make_router(sim))
+    app.include_router(make_together_router(sim))
 
     @app.get("/health")
     async def health():

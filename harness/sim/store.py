@@ -33,8 +33,12 @@ class FileRecord(BaseModel):
     created_at: int
     filename: str
     purpose: str
+    shape: Literal["openai", "together"] = "openai"  # the API it was uploaded through answers in its own shape
 
     def api(self) -> dict[str, Any]:
+        if self.shape == "together":  # FileResponse in Together's spec (its capitalised keys included)
+            return {"id": self.id, "object": "file", "created_at": self.created_at, "filename": self.filename,
+                    "bytes": self.bytes, "purpose": self.purpose, "FileType": "jsonl", "Processed": True}
         # OpenAIFile in the spec (v2.3.0): `expires_at` and `status_details` are optional and not
         # nullable, so a file that never expires and has no details leaves them out.
         return {
