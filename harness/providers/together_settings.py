@@ -41,24 +41,25 @@ class TogetherSettings(BaseModel):
     # LoRA (Together's default) or a full finetune. Full finetunes of the 2N models each need a
     # dedicated endpoint to answer; LoRA adapters of a supported base are served serverless.
     lora: bool = True
-    lora_r: int = Field(16, ge=1, le=MAX_LORA_RANK)
+    lora_r: int = Field(16, ge=1, le=MAX_LORA_RANK)  # LoRA rank (Together allows up to 64 on most models)
     lora_alpha: int = Field(32, ge=1)  # Together's CLI default is 2 x lora_r
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_trainable_modules: str = "all-linear"
+    lora_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the LoRA layers
+    lora_trainable_modules: str = "all-linear"  # the layers that get adapters (Together's default)
     # The usual LoRA rate (as finetune.local), between Together's API default (1e-5, meant for full
     # finetunes) and its CLI's LoRA default (1e-3); scaled by hyperparameters.learning_rate_multiplier.
     learning_rate: float = Field(1e-4, gt=0, le=1)
+    # Examples per step; "max" (Together's default) packs sequences up to the model's largest batch.
     batch_size: int | Literal["max"] = "max"
     # Loss on the prompt tokens as well. Ignored (sent as true, with an explicit weight on every
     # message) when the data carries per-turn weights: Together then follows the weights only.
     train_on_inputs: bool = False
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)  # share of the steps spent warming the learning rate up
     # Linear by default: the spec's lr_scheduler_args is a oneOf that cosine's arguments (which also
     # fit the linear shape) cannot satisfy strictly; cosine is sent with num_cycles 0.5 all the same.
     lr_scheduler: Literal["linear", "cosine"] = "linear"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float = Field(1.0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # the schedule's final rate, as a share of learning_rate
+    max_grad_norm: float = Field(1.0, ge=0)  # gradient clipping; 0 turns it off
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     # Base models whose LoRA finetunes Together serves serverless (pay per token, nothing
     # deployed). Any other model, and every full finetune, answers only from a dedicated endpoint
     # billed per hour while it runs: `--dry-run` says so and prices it.
@@ -70,7 +71,7 @@ class TogetherSettings(BaseModel):
     # USD per hour of the smallest dedicated endpoint for one finetuned model (1x H100 80GB on
     # Together's price list), and how many hours of it one iteration's debates keep it up.
     dedicated_endpoint_usd_per_hour: float = Field(3.36, ge=0)
-    dedicated_endpoint_hours_per_iteration: float = Field(2.0, ge=0)
+    dedicated_endpoint_hours_per_iteration: float = Field(2.0, ge=0)  # for --dry-run's price
 
     @model_validator(mode="after")
     def _check(self) -> "TogetherSettings":
