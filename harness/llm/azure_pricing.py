@@ -65,3 +65,15 @@ def deployment_price(model: str) -> dict[str, float] | None:
     if price.cached_input is not None:
         entry["cached_input"] = price.cached_input
     return entry
+
+
+def azure_plan_note(cfg, jobs: int) -> str:
+    """The dry run's note on an iteration's Azure jobs: training, and hosting per hour of the
+    deployments they leave (cfg: a harness.config.RunConfig)."""
+    az = cfg.finetune.azure
+    rate = hosting_per_hour(az.sku)
+    hosting = (f"{jobs} deployments x ${rate:.2f}/h = ${jobs * rate:.2f} per hour each iteration's models stay "
+               f"deployed ({az.sku})" if rate else
+               f"{jobs} {az.sku} deployments: no hosting fee, deleted by Azure after 24 h")
+    return (f"Azure finetuning: {cfg.finetune.hyperparameters.n_epochs} epochs at Global training prices; {hosting}; "
+            f"prices recorded {PRICES_RECORDED}")
