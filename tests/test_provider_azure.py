@@ -210,7 +210,9 @@ async def test_a_failed_deployment_fails_the_model_with_a_clear_message(sim_with
     finally:
         await p.close()
     assert state.status is JobStatus.FAILED and state.model_id is None
-    assert "ended Failed at Azure" in state.error and "--undeploy" in state.error
+    assert "ended Failed at Azure, also when made again" in state.error
+    created = (tmp_path / "sim-state" / "azure" / "created.jsonl").read_text().splitlines()
+    assert len(created) == 2, "a failed deployment is removed and made once more, not more"
 
 
 async def test_a_job_failed_at_the_provider_keeps_the_providers_message_and_deploys_nothing(tmp_path):

@@ -49,6 +49,7 @@ class AzureFinetuneProvider(OpenAIFinetuneProvider):
         self.models_base = models_base  # the deployment the debates call at iteration 0
         self.run_dir = run_dir
         self._deploy_started: dict[str, float] = {}
+        self._redeployed: set[str] = set()
 
     # ------------------------------------------------------------------ names
 
@@ -120,7 +121,14 @@ class AzureFinetuneProvider(OpenAIFinetuneProvider):
         found = await self.deployments.get(name)
         if found is not None and model_of(found) not in (None, trained):
             return self._failed(state, f"deployment {name} already serves {model_of(found)}, not this job's model "
-                                       f"{trained}; remove it (python -m harness.jobs RUN_DIR --undeploy), then resume")
+                                       f"{trained}; remove that deployment at Azure (az cognitiveservices account "
+                                       f"deployment delete ... --deployment-name {name}), then resume the run")
+        if found is not None and deploy and state_of(found) in FAILED and name not in self._redeployed:
+            # One more try per session: a failed provisioning is often a passing capacity shortage.
+            log.warning("deployment %s of %s ended %s; deploying it again", name, trained, state_of(found))
+            self._redeployed.add(name)
+            await self.deployments.delete(name)
+            found = None
         if found is None and deploy:
             found = await self.deployments.create(name, trained)
             self._deploy_started.setdefault(name, time.monotonic())
@@ -129,9 +137,10 @@ class AzureFinetuneProvider(OpenAIFinetuneProvider):
             self._deploy_started.pop(name, None)
             return state.model_copy(update={"model_id": name, "latest_event": f"{trained} deployed as {name}"})
         if provisioning in FAILED:
-            return self._failed(state, f"the deployment {name} of {trained} ended {provisioning} at Azure; remove it "
-                                       f"(python -m harness.jobs RUN_DIR --undeploy) and resume the run to deploy it "
-                                       f"again, or deploy {trained} yourself and check the resource's quota")
+            return self._failed(state, f"the deployment {name} of {trained} ended {provisioning} at Azure, also when "
+                                       f"made again; look for the reason in the Azure portal (quota, region, "
+                                       f"capacity); the agent keeps its previous model, and a run resumed before its "
+                                       f"next iteration's debate tries the deployment again")
         started = self._deploy_started.get(name)
         if started is not None and time.monotonic() - started > self.settings.deploy_timeout_s:
             return self._failed(state, f"the deployment {name} of {trained} has been {provisioning} for more than "
