@@ -25,7 +25,7 @@ from harness.config import load_config
 from harness.errors import HarnessError
 
 
-async def run(run_dir: Path, stop: bool, console: Console, undeploy: bool = False) -> int:
+async def run(run_dir: Path, stop: bool, console: Console, undeploy: bool = False, keep_latest: bool = False) -> int:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise HarnessError(f"{run_dir}: no config.yaml there; is this a run directory?")
@@ -33,7 +33,7 @@ async def run(run_dir: Path, stop: bool, console: Console, undeploy: bool = Fals
     if cfg.finetune.provider == "azure":
         from harness.providers.azure_jobs import azure_deployments
 
-        return await azure_deployments(cfg, run_dir, console, remove=undeploy)
+        return await azure_deployments(cfg, run_dir, console, remove=undeploy, keep_latest=keep_latest)
     if undeploy:
         console.print(f"{run_dir}: finetuning provider {cfg.finetune.provider!r} deploys nothing; --undeploy is for "
                       f"provider azure")
@@ -74,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop", action="store_true", help="stop every job (and Ray-managed server) of the run that still runs")
     p.add_argument("--undeploy", action="store_true",
                    help="provider azure: remove the run's deployments of finetuned models (billed per hour while they exist)")
+    p.add_argument("--keep-latest", action="store_true",
+                   help="with --undeploy: keep the deployments the run's last iteration debates with")
     args = p.parse_args(argv)
+    if args.keep_latest and not args.undeploy:
+        p.error("--keep-latest goes with --undeploy")
     console = Console()
     try:
-        return asyncio.run(run(args.run_dir, args.stop, console, undeploy=args.undeploy))
+        return asyncio.run(run(args.run_dir, args.stop, console, undeploy=args.undeploy, keep_latest=args.keep_latest))
     except HarnessError as e:
         console.print(f"[bold red]error:[/] {e}")
         return 1

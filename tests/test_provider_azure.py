@@ -313,7 +313,12 @@ def test_the_loop_on_azure_survives_a_kill_while_deploying_and_undeploys(tmp_pat
     listing = subprocess.run([sys.executable, "-m", "harness.jobs", str(run_dir)], cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0 and "$0.00 per hour" in listing.stdout
-    undeploy = subprocess.run([sys.executable, "-m", "harness.jobs", str(run_dir), "--undeploy"], cwd=tmp_path,
+    def undeploy(*more: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "harness.jobs", str(run_dir), "--undeploy", *more], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)
-    assert undeploy.returncode == 0 and "removed 12 deployment(s)" in undeploy.stdout, undeploy.stdout
-    assert list((run_dir / "simulator" / "azure" / "deployments").glob("*.json")) == []
+        assert done.returncode == 0, done.stdout + done.stderr
+        return " ".join(done.stdout.split())
+    left = lambda: sorted(p.stem for p in (run_dir / "simulator" / "azure" / "deployments").glob("*.json"))  # noqa: E731
+    latest = sorted(e.model_id for e in trained if e.iteration == 2)
+    assert "removed 6 deployment(s)" in undeploy("--keep-latest") and left() == latest
+    assert "removed 6 deployment(s)" in undeploy() and left() == []

@@ -48,6 +48,7 @@ def token_provider(settings: AzureSettings) -> Callable[[], Awaitable[str]]:
 
     async def from_identity() -> str:
         return (await credential.get_token(MANAGEMENT_SCOPE)).token  # cached and renewed by the credential
+    from_identity.close = credential.close  # type: ignore[attr-defined]  # Deployments.close calls it
     return from_identity
 
 
@@ -63,6 +64,7 @@ class Deployments:
         self._backoff_base_s = backoff_base_s
         self._account = (f"/subscriptions/{settings.subscription_id}/resourceGroups/{settings.resource_group}"
                          f"/providers/Microsoft.CognitiveServices/accounts/{settings.account}")
+        self._token = token
         self._client = AsyncOpenAI(base_url=self.url, api_key=token, max_retries=0, timeout=timeout_s,
                                    default_query={"api-version": settings.api_version}, http_client=http_client)
 
@@ -138,6 +140,9 @@ class Deployments:
 
     async def close(self) -> None:
         await self._client.close()
+        close = getattr(self._token, "close", None)  # azure-identity's credential holds a session
+        if close is not None:
+            await close()
 
 
 def state_of(deployment: dict[str, Any]) -> str:

@@ -160,11 +160,11 @@ class AzureFinetuneProvider(OpenAIFinetuneProvider):
         pattern = run_deployments(self.settings.deployment_prefix, run)
         return [d for d in await self.deployments.list() if pattern.fullmatch(str(d.get("name", "")))]
 
-    async def undeploy(self, run: str) -> list[str]:
-        """Remove every deployment of `run`; returns their names."""
+    async def undeploy(self, run: str, keep: set[str] = frozenset()) -> list[str]:
+        """Remove every deployment of `run` except those in `keep`; returns their names."""
         removed = []
         for d in await self.run_deployments(run):
-            if await self.deployments.delete(d["name"]):
+            if d["name"] not in keep and await self.deployments.delete(d["name"]):
                 removed.append(d["name"])
         return removed
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.endpoints import open_endpoint
+from harness.errors import HarnessError
 from harness.identity import load_identity
 from harness.llm.azure_pricing import PRICES_RECORDED, hosting_per_hour
 from harness.providers.azure_deploy import model_of, state_of
@@ -29,19 +30,33 @@ def _run_id(run_dir: Path) -> str | None:
         return None
 
 
-async def azure_deployments(cfg, run_dir: Path, console: Console, *, remove: bool) -> int:
+def _latest_society(run_dir: Path, cfg) -> set[str]:
+    """The models the run's last iteration debates with (what `--keep-latest` keeps)."""
+    try:
+        registry = Registry.load(run_dir / "registry.json")
+    except HarnessError:
+        return set()
+    last = max((e.iteration for e in registry.entries), default=0)
+    generators, critics = registry.models_for(last, max(cfg.debate.agents, cfg.test_agents))
+    return set(generators) | set(critics)
+
+
+async def azure_deployments(cfg, run_dir: Path, console: Console, *, remove: bool, keep_latest: bool = False) -> int:
     run = _run_id(run_dir)
     if run is None:
         console.print(f"{run_dir}: no run id (run.json / registry.json): this run made no deployment")
         return 0
+    keep = _latest_society(run_dir, cfg) if keep_latest else set()
     async with open_endpoint(cfg, run_dir) as urls:
         provider = azure_provider(cfg, urls[0], run_dir)
         try:
             found = await provider.run_deployments(run)
             if remove:
-                removed = await provider.undeploy(run)
+                removed = await provider.undeploy(run, keep=keep)
+                kept = sorted(keep & {d["name"] for d in found})
                 console.print(f"removed {len(removed)} deployment(s) of run {run}"
-                              + (": " + ", ".join(removed) if removed else ""))
+                              + (": " + ", ".join(removed) if removed else "")
+                              + (f"; kept the last iteration's {len(kept)}: {', '.join(kept)}" if kept else ""))
                 return 0
         finally:
             await provider.close()
