@@ -169,7 +169,12 @@ class AzureFinetuneProvider(OpenAIFinetuneProvider):
         return removed
 
     async def billing_notes(self, run: str) -> list[str]:
-        found = await self.run_deployments(run)
+        where = self.run_dir if self.run_dir is not None else "RUN_DIR"
+        try:
+            found = await self.run_deployments(run)
+        except FinetuneError as e:  # the run's results stand; only the listing failed
+            return [f"could not list this run's deployments at Azure ({e}); they are billed per hour while they "
+                    f"exist: python -m harness.jobs {where} lists them, --undeploy removes them"]
         if not found:
             return []
         by_sku: dict[str, int] = {}
@@ -179,7 +184,6 @@ class AzureFinetuneProvider(OpenAIFinetuneProvider):
         hourly = sum(hosting_per_hour(s) * n if s in ("standard", "globalstandard", "developertier") else 0.0
                      for s, n in by_sku.items())
         skus = ", ".join(f"{n} {s}" for s, n in sorted(by_sku.items()))
-        where = self.run_dir if self.run_dir is not None else "RUN_DIR"
         developer = (" Developer deployments cost nothing per hour and Azure deletes them 24 hours after they "
                      "were made." if "developertier" in by_sku else "")
         return [f"{len(found)} deployment(s) of this run's finetuned models are still at Azure ({skus}): "
