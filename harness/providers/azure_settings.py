@@ -36,8 +36,9 @@ _RFT_ONLY = ("o4-mini",)
 _FT_ID = re.compile(r"^(?P<base>[A-Za-z0-9.-]+?)\.ft-[0-9a-f]+")
 MANAGEMENT_URL = "https://management.azure.com"
 MANAGEMENT_SCOPE = "https://management.azure.com/.default"
-# Deployment names this harness makes: letters, digits and '-' only, at most 64 characters,
-# starting and ending with a letter or digit -- inside every variant of Azure's naming rules.
+# Deployment names this harness makes: lowercase letters, digits and '-', at most 64 characters,
+# starting and ending with a letter or digit. ARM's spec (2025-12-01) gives deploymentName no
+# pattern; this is the subset that the account-name pattern and the portal's rules both accept.
 DEPLOYMENT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 
 
