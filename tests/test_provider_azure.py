@@ -322,3 +322,16 @@ def test_the_loop_on_azure_survives_a_kill_while_deploying_and_undeploys(tmp_pat
     latest = sorted(e.model_id for e in trained if e.iteration == 2)
     assert "removed 6 deployment(s)" in undeploy("--keep-latest") and left() == latest
     assert "removed 6 deployment(s)" in undeploy() and left() == []
+
+
+def test_without_a_management_token_the_message_says_how_to_get_one(monkeypatch):
+    from harness.providers.azure_deploy import token_provider
+
+    try:
+        import azure.identity  # noqa: F401
+        pytest.skip("azure-identity is installed: DefaultAzureCredential would be used")
+    except ImportError:
+        pass
+    monkeypatch.delenv("AZURE_MANAGEMENT_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"export AZURE_MANAGEMENT_TOKEN=\$\(az account get-access-token"):
+        token_provider(SETTINGS)
