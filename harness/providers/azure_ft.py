@@ -186,7 +186,9 @@ class AzureFinetuneProvider(OpenAIFinetuneProvider):
         skus = ", ".join(f"{n} {s}" for s, n in sorted(by_sku.items()))
         developer = (" Developer deployments cost nothing per hour and Azure deletes them 24 hours after they "
                      "were made." if "developertier" in by_sku else "")
-        return [f"{len(found)} deployment(s) of this run's finetuned models are still at Azure ({skus}): "
+        head = deployment_name(self.settings.deployment_prefix, run, 0, "g", 0)[: -len("i0-g0")]
+        names = f"{head}{{{','.join(sorted(str(d['name'])[len(head):] for d in found))}}}"
+        return [f"{len(found)} deployment(s) of this run's finetuned models are still at Azure ({skus}): {names}; "
                 f"${hourly:.2f} per hour of hosting while they exist.{developer} Remove them when done: "
                 f"python -m harness.jobs {where} --undeploy"]
 
