@@ -218,6 +218,10 @@ def usage_frame(runs: Sequence[RunData]) -> pd.DataFrame:
             b = bucket(e.iteration - 1)
             # Local LoRA jobs run on the user's own hardware: no per-token charge (as --dry-run says).
             rate = 0.0 if e.provider == "local" else training_price_for(e.parent_model or run.registry.base_model, prices)
+            if e.provider == "azure":  # parents are deployment names; every job trains the base model's family
+                from harness.llm.azure_pricing import azure_training_price
+
+                rate = azure_training_price(run.registry.base_model, prices)
             if rate == 0.0 and e.trained_tokens is None:
                 continue
             if e.trained_tokens is None or rate is None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from harness.errors import ConfigError
 from harness.providers.together_settings import TogetherSettings
+from harness.providers.azure_settings import AzureSettings, AzureSimSettings, azure_config_error
 
 
 class _Strict(BaseModel):
@@ -97,6 +98,7 @@ class SimulatorConfig(_Strict):
     # Share of jobs their (simulated) owner pauses as they start running; they stay paused until
     # resumed through POST /v1/fine_tuning/jobs/{id}/resume.
     job_pause_rate: float = Field(0.0, ge=0, le=1)
+    azure: AzureSimSettings = Field(default_factory=AzureSimSettings)  # Azure's deployment step
 
 
 class EndpointConfig(_Strict):
@@ -332,7 +334,7 @@ class ServeConfig(_Strict):
 
 class FinetuneConfig(_Strict):
     iterations: int = Field(0, ge=0)  # finetuning iterations after iteration 0's debate
-    provider: Literal["openai", "local", "together"] = "openai"
+    provider: Literal["openai", "local", "azure", "together"] = "openai"
     # Each iteration finetunes from the agent's previous models ("previous") or from the base.
     start_from: Literal["previous", "base"] = "previous"
     # Critic mix: w * D_C- + (1 - w) * D_C+ ; the authors' code amounts to w ~ 2/3.
@@ -368,6 +370,7 @@ class FinetuneConfig(_Strict):
     train_critics: bool = True
     local: LocalFinetuneConfig = Field(default_factory=LocalFinetuneConfig)
     together: TogetherSettings = Field(default_factory=TogetherSettings)
+    azure: AzureSettings = Field(default_factory=AzureSettings)  # provider azure: harness/providers/azure_settings.py
 
 
 class EvaluationConfig(_Strict):
@@ -425,7 +428,11 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_openai_ranges(self) -> "RunConfig":
-        if self.finetune.provider != "openai" or self.finetune.iterations == 0:
+        if self.finetune.provider == "azure":
+            problem = azure_config_error(self)
+            if problem:
+                raise ValueError(problem)
+        if self.finetune.provider not in ("openai", "azure") or self.finetune.iterations == 0:
             return self
         problem = openai_ft_range_error(self.finetune.hyperparameters, self.seed)
         if problem:

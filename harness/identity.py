@@ -50,7 +50,11 @@ RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "en
                     "finetune.poll_interval_s", "finetune.paused_timeout_s",
                     # how many jobs at once, on which GPUs, with how many CPU threads: not what they learn
                     "finetune.local.max_parallel_jobs", "finetune.local.threads", "finetune.local.devices",
-                    "finetune.local.share_devices")
+                    "finetune.local.share_devices",
+                    # how the next Azure deployments are made and followed, not what the models learn
+                    "finetune.azure.sku", "finetune.azure.capacity", "finetune.azure.api_version",
+                    "finetune.azure.management_url", "finetune.azure.management_token_env",
+                    "finetune.azure.deploy_poll_s", "finetune.azure.deploy_timeout_s")
 _HEADER_RE = re.compile(r"^# harness run id: (\S+)")
 
 

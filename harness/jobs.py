@@ -1,4 +1,4 @@
-"""`python -m harness.jobs RUN_DIR [--stop]`: what a run left running, and a way to stop it.
+"""`python -m harness.jobs RUN_DIR [--stop | --undeploy]`: what a run left running, and a way to stop it.
 
 Local finetuning jobs outlive the loop on purpose, like hosted jobs: a subprocess or Ray job
 keeps training after Ctrl-C (or a crash) of the loop, and `--resume` adopts it rather than
@@ -6,6 +6,9 @@ starting it again. A run that will not be resumed has nobody to collect them: th
 lists the run's jobs (status, and where they run: a pid, or a Ray job at its cluster) and, with
 `--stop`, stops every one that has not ended -- and any Ray-managed vLLM servers a loop killed
 outright left behind.
+
+With the azure provider it lists the run's deployments of finetuned models at Azure (what each
+serves, its state, its hourly hosting fee) and, with `--undeploy`, removes them all.
 """
 
 from __future__ import annotations
@@ -22,11 +25,19 @@ from harness.config import load_config
 from harness.errors import HarnessError
 
 
-async def run(run_dir: Path, stop: bool, console: Console) -> int:
+async def run(run_dir: Path, stop: bool, console: Console, undeploy: bool = False, keep_latest: bool = False) -> int:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise HarnessError(f"{run_dir}: no config.yaml there; is this a run directory?")
     cfg = load_config(str(saved))
+    if cfg.finetune.provider == "azure":
+        from harness.providers.azure_jobs import azure_deployments
+
+        return await azure_deployments(cfg, run_dir, console, remove=undeploy, keep_latest=keep_latest)
+    if undeploy:
+        console.print(f"{run_dir}: finetuning provider {cfg.finetune.provider!r} deploys nothing; --undeploy is for "
+                      f"provider azure")
+        return 0
     if stop and cfg.serve.manage and cfg.serve.runner == "ray":
         from harness.serve_ray import stop_recorded
 
@@ -61,10 +72,16 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--stop", action="store_true", help="stop every job (and Ray-managed server) of the run that still runs")
+    p.add_argument("--undeploy", action="store_true",
+                   help="provider azure: remove the run's deployments of finetuned models (billed per hour while they exist)")
+    p.add_argument("--keep-latest", action="store_true",
+                   help="with --undeploy: keep the deployments the run's last iteration debates with")
     args = p.parse_args(argv)
+    if args.keep_latest and not args.undeploy:
+        p.error("--keep-latest goes with --undeploy")
     console = Console()
     try:
-        return asyncio.run(run(args.run_dir, args.stop, console))
+        return asyncio.run(run(args.run_dir, args.stop, console, undeploy=args.undeploy, keep_latest=args.keep_latest))
     except HarnessError as e:
         console.print(f"[bold red]error:[/] {e}")
         return 1

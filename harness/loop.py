@@ -193,6 +193,10 @@ def make_provider(cfg: RunConfig, base_url: str, run_dir: Path) -> FinetuneProvi
                                         learning_rate_multiplier=ft.hyperparameters.learning_rate_multiplier,
                                         max_retries=cfg.endpoint.max_retries, poll_interval_s=ft.poll_interval_s,
                                         paused_timeout_s=ft.paused_timeout_s)
+    if cfg.finetune.provider == "azure":
+        from harness.providers.azure_ft import azure_provider
+
+        return azure_provider(cfg, base_url, run_dir)
     from harness.providers.openai_ft import OpenAIFinetuneProvider
 
     return OpenAIFinetuneProvider(base_url, cfg.endpoint.api_key(), max_retries=cfg.endpoint.max_retries,
@@ -222,6 +226,8 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummar
             # that a resumed run's society must load.
             needs_provider = cfg.finetune.iterations > 0 or cfg.finetune.provider == "local"
             provider = make_provider(cfg, urls[0], run_dir) if needs_provider else None
+            for name, price in (provider.model_prices() if provider is not None else {}).items():
+                client.prices.setdefault(name, price)  # e.g. Azure deployment names; the config's win
             try:
                 # Before anything is created: the run's id (which tags its jobs) and its registry,
                 # recovered from wherever they survive, the provider's own job list included.
@@ -233,6 +239,8 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummar
                 for k in range(cfg.finetune.iterations + 1):
                     iterations.append(await run_iteration(run, k, train, test))
                     run.write_summary(iterations, finished=False)
+                if provider is not None:  # e.g. Azure deployments, billed per hour while they exist
+                    run.warnings.extend(await provider.billing_notes(registry.run))
             finally:
                 if provider is not None:
                     await provider.close()

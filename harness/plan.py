@@ -79,6 +79,10 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
     base = cfg.models.base
     # After iteration 0 the agents are finetuned models; price their calls as such where known.
     tuned = f"ft:{base}:org:plan:0" if cfg.finetune.provider == "openai" else base
+    if cfg.finetune.provider == "azure":
+        from harness.llm.azure_pricing import inference_model
+
+        tuned = inference_model(cfg.finetune.azure.base_model or base)  # a deployment of a finetuned model
     stages: list[StageEstimate] = []
     for k in range(cfg.finetune.iterations + 1):
         model = base if k == 0 else tuned
@@ -111,6 +115,12 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
             ft_cost, note = 0.0, "local LoRA jobs: your own compute, no per-token charge"
         elif cfg.finetune.provider == "together":
             ft_cost, note, endpoints = _together_finetune(cfg, trained, jobs, examples)
+        elif cfg.finetune.provider == "azure":
+            from harness.llm.azure_pricing import azure_plan_note, azure_training_price
+
+            price = azure_training_price(cfg.finetune.azure.base_model or base, cfg.prices)
+            ft_cost = None if price is None else trained * price / 1e6
+            note = azure_plan_note(cfg, jobs)
         else:
             price = training_price_for(base, cfg.prices)
             ft_cost = None if price is None else trained * price / 1e6

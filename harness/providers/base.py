@@ -109,6 +109,17 @@ class FinetuneProvider(abc.ABC):
         (LoRA adapters). Hosted providers serve their own models: nothing to load."""
         return {}
 
+    def model_prices(self) -> dict[str, dict[str, float]]:
+        """Prices (a config `prices` section's entries; keys may be patterns) of the model names
+        this provider registers that the built-in table cannot know, such as Azure deployment
+        names. The run's own `prices` entries win."""
+        return {}
+
+    async def billing_notes(self, run: str) -> list[str]:
+        """What this provider keeps (and bills) for `run` after the loop ends, for the summary:
+        e.g. Azure's deployments of finetuned models, billed per hour while they exist."""
+        return []
+
     async def close(self) -> None:
         return None
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from harness.config import SimulatorConfig
 from harness.records import Problem
+from harness.sim.azure_arm import AzureDeployments, make_arm_router
 from harness.sim.faults import Faults, RateLimited, hang
 from harness.sim.files_jobs import make_router
 from harness.sim.knowledge import Knowledge
@@ -53,6 +54,7 @@ class Sim:
         # Numbers the unseeded samples this app draws (see `chat`); per app, so that a new
         # server replays the same sequence.
         self.unseeded_draws = itertools.count()
+        self.azure = AzureDeployments(cfg.azure, state_dir, lambda m: self.params_for(m, finetunable=True) is not None)
 
     def params_for(self, name: str, *, finetunable: bool = False) -> ModelParams | None:
         """The parameters of a model that exists now; None for an unknown model."""
@@ -64,7 +66,8 @@ class Sim:
             return params
         if not finetunable and name in self.store.adapters:
             return self.store.adapters[name].params
-        return None
+        served = None if finetunable else self.azure.served_model(name)  # an Azure deployment name
+        return self.params_for(served, finetunable=True) if served else None
 
 
 class ChatMessage(BaseModel):
@@ -147,6 +150,7 @@ def create_app(
     app.add_middleware(SimulatedMarker)
     app.include_router(make_router(sim))
     app.include_router(make_together_router(sim))
+    app.include_router(make_arm_router(sim.azure))  # Azure's management plane: deployments
 
     @app.get("/health")
     async def health():
