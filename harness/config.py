@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness.errors import ConfigError
+from harness.llm.batch_settings import BatchSettings
 
 
 class _Strict(BaseModel):
@@ -96,6 +97,10 @@ class SimulatorConfig(_Strict):
     # Share of jobs their (simulated) owner pauses as they start running; they stay paused until
     # resumed through POST /v1/fine_tuning/jobs/{id}/resume.
     job_pause_rate: float = Field(0.0, ge=0, le=1)
+    # The Batch API (harness/sim/batches.py): seconds from a batch's creation to its completion,
+    # and the share of its lines answered with a 500 in the error file.
+    batch_seconds: float = Field(2.0, ge=0)
+    batch_error_rate: float = Field(0.0, ge=0, le=1)
 
 
 class EndpointConfig(_Strict):
@@ -121,6 +126,10 @@ class EndpointConfig(_Strict):
     # The name of the output-length limit in chat requests: OpenAI's current name (vLLM accepts it
     # too); "max_tokens" only for an older OpenAI-compatible server that ignores the new name.
     max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    # Send debate rounds through OpenAI's Batch API (half price, answers within 24 h; see
+    # docs/howto/batch.md and harness/llm/batch.py); batch_settings: polling, waiting, retries.
+    batch: bool = False
+    batch_settings: BatchSettings = Field(default_factory=BatchSettings)
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
 
     def api_key(self) -> str:
@@ -419,6 +428,9 @@ class RunConfig(_Strict):
     def _check(self) -> "RunConfig":
         if self.endpoint.kind == "openai" and self.models.base.startswith("sim-"):
             raise ValueError("models.base: a simulated model (sim-*) needs endpoint.kind=simulator")
+        if self.endpoint.batch and self.endpoint.kind == "vllm":
+            raise ValueError("endpoint.batch: a vLLM server has no Batch API; use endpoint.batch=false (a local "
+                             "server costs nothing per token anyway), or an OpenAI endpoint")
         return self
 
     @model_validator(mode="after")
