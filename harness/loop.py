@@ -38,7 +38,7 @@ from harness.identity import (RESUMABLE_FIELDS, establish, finished_work, flat, 
                               load_identity, write_config)
 from harness.llm import LLMClient
 from harness.llm.batch import debate_client
-from harness.plan import estimate_plan, plan_table
+from harness.plan import batch_wait_note, estimate_plan, plan_table
 from harness.prompts import Prompts
 from harness.providers.base import FinetuneProvider
 from harness.records import DebateRecord, IterationMetrics, Problem, RunSummary, StageTiming
@@ -279,7 +279,10 @@ async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Probl
 def dry_run(cfg: RunConfig, console: Console) -> None:
     train = load_split(cfg.task, "train") if cfg.finetune.iterations > 0 else []
     test = load_split(cfg.task, "test")
-    console.print(plan_table(estimate_plan(cfg, train, test), simulated=cfg.endpoint.kind == "simulator"))
+    stages = estimate_plan(cfg, train, test)
+    console.print(plan_table(stages, simulated=cfg.endpoint.kind == "simulator"))
+    if cfg.endpoint.batch:
+        console.print(batch_wait_note(cfg, stages))
     console.print("nothing was called; run again without --dry-run to start")
 
 
