@@ -31,7 +31,8 @@ BATCH = ["--set", "endpoint.batch=true", "--set", "endpoint.simulator.batch_seco
 
 def _sim_batches(run_dir: Path) -> list[SimBatch]:
     """The batches the run's simulator received (its state persists in the run directory)."""
-    return [SimBatch.model_validate_json(p.read_bytes()) for p in sorted((run_dir / "simulator" / "batches").glob("*.json"))]
+    return [SimBatch.model_validate_json(p.read_bytes())
+            for p in sorted((run_dir / "simulator" / "batches").glob("*.json"))]
 
 
 def _custom_ids(run_dir: Path, batch: SimBatch) -> list[str]:
@@ -220,7 +221,8 @@ def test_the_simulators_batches_have_the_spec_shapes():
         assert err[0]["custom_id"] == "bad" and err[0]["response"]["status_code"] == 400
         # The same seeded request asked directly gets the same answer.
         direct = http.post("/chat/completions", json=lines[1]["body"]).json()
-        assert direct["choices"][0]["message"]["content"] == out[1]["response"]["body"]["choices"][0]["message"]["content"]
+        in_batch = out[1]["response"]["body"]["choices"][0]["message"]["content"]
+        assert direct["choices"][0]["message"]["content"] == in_batch
 
         second = http.post("/batches", json=create).json()
         cancelled = http.post(f"/batches/{second['id']}/cancel").json()

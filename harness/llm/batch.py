@@ -345,8 +345,9 @@ class BatchChat:
             if f.transient and call.attempts <= self.settings.retries:
                 again.append(cid)
                 continue
-            tries = f" (failed in {call.attempts} batches; endpoint.batch_settings.retries={self.settings.retries})" \
-                if f.transient else ""
+            batches = f"{call.attempts} batch" + ("es" if call.attempts != 1 else "")
+            tries = (f" (failed in {batches}; endpoint.batch_settings.retries={self.settings.retries})"
+                     if f.transient else "")
             self._fail([cid], LLMError(
                 f"batch {batch_id}: the request for {call.sample.key()} ({call.model}) failed: {f.message}{tries}. "
                 f"The run can be resumed with --resume: it is sent again.", status=f.status, code=f.code))
