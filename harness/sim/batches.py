@@ -146,7 +146,8 @@ def _validate(content: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list
         except (json.JSONDecodeError, UnicodeDecodeError):
             error("invalid_json_line", "This line is not valid JSON.", n)
             continue
-        if not (isinstance(item, dict) and isinstance(item.get("custom_id"), str) and isinstance(item.get("body"), dict)):
+        shaped = isinstance(item, dict) and isinstance(item.get("custom_id"), str) and isinstance(item.get("body"), dict)
+        if not shaped:
             error("invalid_request", "Each line needs a string 'custom_id' and an object 'body'.", n)
             continue
         if item["custom_id"] in seen:
