@@ -4,6 +4,7 @@ lines sent again, and the simulator's shapes as OpenAI's spec has them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,10 +17,13 @@ import httpx2
 import jsonschema
 import pytest
 
-from harness.config import SimulatorConfig
+from harness.config import EndpointConfig, SamplingConfig, SimulatorConfig
 from harness.fileio import read_jsonl
-from harness.llm.batch_records import BatchRecord
-from harness.records import DebateRecord, IterationMetrics, UsageRecord
+from harness.llm import LLMClient
+from harness.llm.batch import debate_client
+from harness.llm.batch_records import BatchBook, BatchRecord, BatchRequest
+from harness.llm.batch_settings import BatchSettings
+from harness.records import DebateRecord, IterationMetrics, Message, SampleId, UsageRecord
 from harness.sim import SimServer
 from harness.sim.batches import SimBatch
 
@@ -243,3 +247,49 @@ def test_the_simulators_batches_have_the_spec_shapes():
             failed = http.get(f"/batches/{failed['id']}").json()
         _valid(failed, "batch")
         assert failed["status"] == "failed" and failed["errors"]["data"][0]["code"] == "duplicate_custom_id"
+
+
+# ----------------------------------------------------------------------------- records of an earlier session
+
+def _line(key: str, body: dict) -> str:
+    return json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n"
+
+
+async def test_a_batch_created_before_a_crash_is_adopted_and_one_never_created_goes_out_anew(tmp_path):
+    """A session died after creating batch A (its id never reached the record) and after
+    preparing batch B (never created). The next session adopts A, found by its metadata tag,
+    and sends B's request in a new batch: 2 batches on the server, not 3."""
+    endpoint = EndpointConfig(batch=True, batch_settings=BatchSettings(poll_interval_s=0.05, gather_s=0.05))
+    samples = [SampleId(iteration=0, split="test", problem_id=f"p{i}", agent=i, round=0) for i in range(3)]
+    messages = [[Message(role="user", content=f"What is {i}+2?")] for i in range(3)]
+    with SimServer(SimulatorConfig(batch_seconds=0.3), state_dir=tmp_path / "sim") as sim:
+        async with LLMClient(base_url=sim.base_url, api_key="x", run_dir=tmp_path / "run", endpoint=endpoint,
+                             sampling=SamplingConfig()) as client:
+            reqs = [client.chat_request("sim-base", m, s) for m, s in zip(messages, samples)]
+            book = BatchBook(tmp_path / "run")
+            records = []
+            for name, picked in (("a", [0, 1]), ("b", [2])):
+                rec = BatchRecord(id=f"earlier-{name}", run="run-1", model="sim-base", requests=[
+                    BatchRequest(custom_id=reqs[i][0], model="sim-base", sample=samples[i], purpose="debate")
+                    for i in picked])
+                book.prepare(rec, "".join(_line(reqs[i][0], reqs[i][1]) for i in picked).encode())
+                records.append(rec)
+            with httpx2.Client(base_url=sim.base_url) as http:
+                content = book.input_path(records[0]).read_bytes()
+                file_id = http.post("/files", files={"file": (records[0].filename, content)},
+                                    data={"purpose": "batch"}).json()["id"]
+                book.save(records[0].model_copy(update={"state": "uploaded", "input_file_id": file_id}))
+                created = http.post("/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                                                      "completion_window": "24h",
+                                                      "metadata": {"harness_batch": "earlier-a"}}).json()
+            async with debate_client(endpoint, client, tmp_path / "run", "run-1", sim.base_url) as chat:
+                answers = await asyncio.gather(*(chat.chat("sim-base", m, s) for m, s in zip(messages, samples)))
+        assert all(a.text and not a.cached for a in answers)
+        assert [a.usage.batch_id for a in answers[:2]] == [created["id"]] * 2
+        with httpx2.Client(base_url=sim.base_url) as http:
+            on_server = http.get("/batches").json()["data"]
+        assert len(on_server) == 2
+        after = {r.id: r for r in BatchBook(tmp_path / "run").records.values()}
+        assert after["earlier-a"].state == "done" and after["earlier-a"].batch_id == created["id"]
+        assert after["earlier-b"].state == "abandoned" and after["earlier-b"].batch_id is None
+        assert answers[2].usage.batch_id in {b["id"] for b in on_server} - {created["id"]}
