@@ -447,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     usage = summary.usage
     cost = usage.get("cost_usd")
     unknown = usage.get("unknown_cost_calls", 0)
-    console.print(f"calls {usage.get('calls', 0)} (cache hits {usage.get('cache_hits', 0)}), tokens "
+    batched = usage.get("batched_calls", 0)
+    console.print(f"calls {usage.get('calls', 0)} (cache hits {usage.get('cache_hits', 0)}"
+                  + (f"; {batched} through the Batch API at half price" if batched else "") + "), tokens "
                   f"{usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, inference cost "
                   + (f"${cost:.4f}" if cost is not None else "unknown")
                   + (f" + {unknown} calls of unknown price" if unknown else "")

@@ -72,6 +72,7 @@ def test_batch_debates_give_the_direct_results_at_half_the_price(cli, tmp_path):
     assert len(b_lines) == len(d_lines) and all(u.batch_id and not u.cached for u in b_lines)
     assert not any(u.batch_id for u in d_lines)
     assert b_cost == pytest.approx(0.5 * d_cost, rel=1e-9)
+    assert f"{len(b_lines)} through the Batch API at half price" in " ".join(batched.stdout.split())
     # One batch per model and round: 3 rounds of batches (answers, summaries, answers) per debated split.
     sim = _sim_batches(b)
     assert all(s.status_at(time.time()) == "completed" and s.failed == 0 for s in sim)
