@@ -421,6 +421,11 @@ async def debate_client(endpoint: EndpointConfig, client: LLMClient, run_dir: Pa
                         base_url: str) -> AsyncIterator[Any]:
     """The chat client a debate uses: `client` itself, or with endpoint.batch a BatchChat over it."""
     if not endpoint.batch:
+        waiting = [r.batch_id for r in BatchBook(run_dir).records.values() if r.state == "submitted"]
+        if waiting:
+            log.warning("endpoint.batch is off, but batch(es) %s of an earlier session are still open: their "
+                        "requests are asked again directly (and paid twice); resume with --set endpoint.batch=true "
+                        "to wait for them instead", ", ".join(map(str, waiting)))
         yield client
         return
     sdk = openai.AsyncOpenAI(base_url=base_url, api_key=endpoint.api_key(), max_retries=0, timeout=endpoint.timeout_s)
