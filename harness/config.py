@@ -98,9 +98,11 @@ class SimulatorConfig(_Strict):
     # resumed through POST /v1/fine_tuning/jobs/{id}/resume.
     job_pause_rate: float = Field(0.0, ge=0, le=1)
     # The Batch API (harness/sim/batches.py): seconds from a batch's creation to its completion,
-    # and the share of its lines answered with a 500 in the error file.
+    # the share of its lines answered with a 500 in the error file, and the share of batches that
+    # expire instead of completing (half their lines answered).
     batch_seconds: float = Field(2.0, ge=0)
     batch_error_rate: float = Field(0.0, ge=0, le=1)
+    batch_expire_rate: float = Field(0.0, ge=0, le=1)
 
 
 class EndpointConfig(_Strict):

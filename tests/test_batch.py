@@ -120,16 +120,17 @@ def test_a_run_killed_while_its_batch_is_in_flight_resumes_by_polling_it(tmp_pat
     assert len(read_jsonl(run_dir / "iter-0" / "debate-test.jsonl", DebateRecord)) == 4
 
 
-def test_failed_lines_go_out_again_in_the_next_batch(cli, tmp_path):
-    flaky = ["--set", "endpoint.simulator.batch_error_rate=0.3", "--set", "endpoint.batch_settings.retries=6"]
+def test_failed_and_expired_lines_go_out_again_in_the_next_batch(cli, tmp_path):
+    flaky = ["--set", "endpoint.simulator.batch_error_rate=0.3", "--set", "endpoint.simulator.batch_expire_rate=0.4",
+             "--set", "endpoint.batch_settings.retries=6"]
     result = cli("--run-dir", "flaky", *SMALL, *BATCH, *flaky)
     assert result.returncode == 0, result.stdout + result.stderr
     assert cli("--run-dir", "clean", *SMALL).returncode == 0  # direct: the same answers, as the first test shows
     run_dir = tmp_path / "flaky"
     assert _records(run_dir) == _records(tmp_path / "clean")  # the failures changed nothing
     sim = _sim_batches(run_dir)
-    failed = [s for s in sim if s.failed]
-    assert failed, "the simulator failed no line"
+    assert any(s.failed for s in sim), "the simulator failed no line"
+    assert any(s.status_at(time.time()) == "expired" for s in sim), "no batch expired"
     seen: dict[str, int] = {}
     for s in sim:
         for cid in _custom_ids(run_dir, s):
@@ -294,3 +295,23 @@ async def test_a_batch_created_before_a_crash_is_adopted_and_one_never_created_g
         assert after["earlier-a"].state == "done" and after["earlier-a"].batch_id == created["id"]
         assert after["earlier-b"].state == "abandoned" and after["earlier-b"].batch_id is None
         assert answers[2].usage.batch_id in {b["id"] for b in on_server} - {created["id"]}
+
+
+def test_an_expired_batch_has_the_spec_shape_and_answers_part_of_its_lines():
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "sim-base", "seed": i, "messages": [{"role": "user", "content": f"{i}+1?"}]}}
+             for i in range(4)]
+    content = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    with SimServer(SimulatorConfig(batch_seconds=0.2, batch_expire_rate=1.0)) as server, \
+            httpx2.Client(base_url=server.base_url) as http:
+        file_id = http.post("/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"}).json()["id"]
+        batch = http.post("/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                                            "completion_window": "24h"}).json()
+        while batch["status"] not in ("expired", "completed"):
+            time.sleep(0.05)
+            batch = http.get(f"/batches/{batch['id']}").json()
+        _valid(batch, "batch")
+        assert batch["status"] == "expired" and "expired_at" in batch and "completed_at" not in batch
+        assert batch["request_counts"] == {"total": 4, "completed": 2, "failed": 0}
+        out = http.get(f"/files/{batch['output_file_id']}/content").content.splitlines()
+        assert len(out) == 2

@@ -8,7 +8,8 @@ and error files are files there too (purpose "batch_output").
 
 A batch's status is a function of the time since its creation, as a fine-tuning job's is
 (store.py): validating for the first 10% of `simulator.batch_seconds`, in_progress until 90%,
-finalizing, then completed (or failed at 10% when the input file is invalid). Its lines are
+finalizing, then completed (or failed at 10% when the input file is invalid; or, for the share
+`simulator.batch_expire_rate` of batches, expired with half its lines answered). Its lines are
 answered when it completes, by the same code as /v1/chat/completions (without the chat
 endpoint's faults: a batch has its own quota), so a seeded request gets the same answer either
 way; `simulator.batch_error_rate` answers that share of lines with a 500 in the error file.
@@ -64,6 +65,7 @@ class SimBatch(BaseModel):
     total: int = 0
     errors: list[dict[str, Any]] | None = None  # validation errors: the batch fails
     error_rate: float = 0.0
+    expires: bool = False  # ends expired (the window passed) instead of completed
     cancelled_at: float | None = None
     results_written: bool = False
     output_file_id: str | None = None
@@ -80,7 +82,8 @@ class SimBatch(BaseModel):
             return "failed" if now >= self._at(_IN_PROGRESS) else "validating"
         if self.cancelled_at is not None and self.cancelled_at < self._at(1.0):
             return "cancelled" if now >= self._cancel_done() else "cancelling"
-        for share, status in ((1.0, "completed"), (_FINALIZING, "finalizing"), (_IN_PROGRESS, "in_progress")):
+        end = "expired" if self.expires else "completed"
+        for share, status in ((1.0, end), (_FINALIZING, "finalizing"), (_IN_PROGRESS, "in_progress")):
             if now >= self._at(share):
                 return status
         return "validating"
@@ -108,7 +111,8 @@ class SimBatch(BaseModel):
             out["failed_at"] = int(self._at(_IN_PROGRESS))
             out["request_counts"] = {"total": 0, "completed": 0, "failed": 0}
             return out
-        times = {"in_progress_at": _IN_PROGRESS, "finalizing_at": _FINALIZING, "completed_at": 1.0}
+        times = {"in_progress_at": _IN_PROGRESS, "finalizing_at": _FINALIZING,
+                 "expired_at" if self.expires else "completed_at": 1.0}
         for name, share in times.items():
             if now >= self._at(share) and (self.cancelled_at is None or self._at(share) <= self.cancelled_at):
                 out[name] = int(self._at(share))
@@ -210,11 +214,13 @@ def make_router(sim, answer: Answer) -> APIRouter:
     def write_results(batch: SimBatch, now: float) -> SimBatch:
         """The output and error files, once the batch has completed or been cancelled."""
         status = batch.status_at(now)
-        if batch.results_written or status not in ("completed", "cancelled"):
+        if batch.results_written or status not in ("completed", "cancelled", "expired"):
             return batch
         lines, _, _ = _validate(store.content(batch.input_file_id), batch.endpoint)
         if status == "cancelled":  # the lines processed before the cancellation are answered
             lines = lines[: int(len(lines) * batch.progress(batch.cancelled_at or now))]
+        elif status == "expired":  # the window ran out half way
+            lines = lines[: len(lines) // 2]
         out, err = [], []
         usage = {"input_tokens": 0, "output_tokens": 0}
         for item in lines:
@@ -272,11 +278,11 @@ def make_router(sim, answer: Answer) -> APIRouter:
                            param="input_file_id")
         lines, errors, model = _validate(store.content(rec.id), body.endpoint)
         now = time.time()
-        batch = SimBatch(id=_new_id("batch_", book.batches, sim.cfg.seed, rec.id,
-                                    json.dumps(body.metadata, sort_keys=True)),
-                         created_at=now, duration_s=sim.cfg.batch_seconds, input_file_id=rec.id, endpoint=body.endpoint,
-                         completion_window=body.completion_window, metadata=body.metadata, model=model,
-                         total=len(lines), errors=errors or None, error_rate=sim.cfg.batch_error_rate)
+        batch_id = _new_id("batch_", book.batches, sim.cfg.seed, rec.id, json.dumps(body.metadata, sort_keys=True))
+        batch = SimBatch(id=batch_id, created_at=now, duration_s=sim.cfg.batch_seconds, input_file_id=rec.id,
+                         endpoint=body.endpoint, completion_window=body.completion_window, metadata=body.metadata,
+                         model=model, total=len(lines), errors=errors or None, error_rate=sim.cfg.batch_error_rate,
+                         expires=rng_for("batch-expire", sim.cfg.seed, batch_id).random() < sim.cfg.batch_expire_rate)
         book.save(batch)
         return batch.api(now)
 
