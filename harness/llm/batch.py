@@ -101,7 +101,6 @@ class BatchChat:
         self._running: dict[str, asyncio.Task] = {}  # record id -> the task seeing it through
         self._tasks: set[asyncio.Task] = set()
         self._reserved: dict[str, float] = {}  # record id -> budget reserved for it
-        self.submitted: list[str] = []  # batch ids this session created (not adopted)
 
     async def __aenter__(self) -> "BatchChat":
         return self
@@ -265,7 +264,6 @@ class BatchChat:
                                       rec.created_at)
         rec = rec.model_copy(update={"state": "submitted", "batch_id": batch.id, "status": batch.status})
         self.book.save(rec)
-        self.submitted.append(batch.id)
         log.info("batch %s submitted as %s (%d requests)", rec.id, batch.id, len(rec.requests))
         return rec
 
@@ -312,7 +310,8 @@ class BatchChat:
             if req is not None:
                 self._record_answer(req, line, batch.id, turnaround)
         self._handle_failures(batch.id, outcome.failures, requests)
-        self.book.save(rec.model_copy(update={"state": "done", "output_file_id": batch.output_file_id,
+        self.book.save(rec.model_copy(update={"state": "done", "status": batch.status,
+                                              "output_file_id": batch.output_file_id,
                                               "error_file_id": batch.error_file_id,
                                               "answered": len(outcome.answers), "failed": len(outcome.failures)}))
 
