@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from harness.errors import ConfigError
 from harness.providers.together_settings import TogetherSettings
 from harness.providers.azure_settings import AzureSettings, AzureSimSettings, azure_config_error
+from harness.llm.batch_settings import BatchSettings
 
 
 class _Strict(BaseModel):
@@ -99,6 +100,12 @@ class SimulatorConfig(_Strict):
     # resumed through POST /v1/fine_tuning/jobs/{id}/resume.
     job_pause_rate: float = Field(0.0, ge=0, le=1)
     azure: AzureSimSettings = Field(default_factory=AzureSimSettings)  # Azure's deployment step
+    # The Batch API (harness/sim/batches.py): seconds from a batch's creation to its completion,
+    # the share of its lines answered with a 500 in the error file, and the share of batches that
+    # expire instead of completing (half their lines answered).
+    batch_seconds: float = Field(2.0, ge=0)
+    batch_error_rate: float = Field(0.0, ge=0, le=1)  # share of a batch's lines answered with a 500
+    batch_expire_rate: float = Field(0.0, ge=0, le=1)  # share of batches that expire half answered
 
 
 class EndpointConfig(_Strict):
@@ -124,6 +131,10 @@ class EndpointConfig(_Strict):
     # The name of the output-length limit in chat requests: OpenAI's current name (vLLM accepts it
     # too); "max_tokens" only for an older OpenAI-compatible server that ignores the new name.
     max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    # Send debate rounds through OpenAI's Batch API (half price, answers within 24 h; see
+    # docs/howto/batch.md and harness/llm/batch.py); batch_settings: polling, waiting, retries.
+    batch: bool = False
+    batch_settings: BatchSettings = Field(default_factory=BatchSettings)
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
 
     def api_key(self) -> str:
@@ -424,6 +435,9 @@ class RunConfig(_Strict):
     def _check(self) -> "RunConfig":
         if self.endpoint.kind == "openai" and self.models.base.startswith("sim-"):
             raise ValueError("models.base: a simulated model (sim-*) needs endpoint.kind=simulator")
+        if self.endpoint.batch and self.endpoint.kind == "vllm":
+            raise ValueError("endpoint.batch: a vLLM server has no Batch API; use endpoint.batch=false (a local "
+                             "server costs nothing per token anyway), or an OpenAI endpoint")
         return self
 
     @model_validator(mode="after")

@@ -46,7 +46,9 @@ RUN_FILE = "run.json"
 # field changes nothing.)
 RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "endpoint.max_retries",
                     "endpoint.base_url", "endpoint.api_key_env", "endpoint.rpm_limit", "endpoint.tpm_limit",
-                    "endpoint.rate_limit_wait_s", "endpoint.max_tokens_param", "serve.", "finetune.iterations",
+                    "endpoint.rate_limit_wait_s", "endpoint.max_tokens_param", "serve.",
+                    "finetune.iterations",
+                    "endpoint.batch",  # how calls travel (directly or in batches), not what they answer
                     "finetune.poll_interval_s", "finetune.paused_timeout_s",
                     # how many jobs at once, on which GPUs, with how many CPU threads: not what they learn
                     "finetune.local.max_parallel_jobs", "finetune.local.threads", "finetune.local.devices",

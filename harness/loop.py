@@ -37,7 +37,8 @@ from harness.ftdata import FtDataStats, build_ftdata, build_star_ftdata
 from harness.identity import (RESUMABLE_FIELDS, establish, finished_work, flat, frozen_changes, header_run_id,
                               load_identity, write_config)
 from harness.llm import LLMClient
-from harness.plan import estimate_plan, plan_table
+from harness.llm.batch import debate_client
+from harness.plan import batch_wait_note, estimate_plan, plan_table
 from harness.prompts import Prompts
 from harness.providers.base import FinetuneProvider
 from harness.records import DebateRecord, IterationMetrics, Problem, RunSummary, StageTiming
@@ -104,7 +105,24 @@ class Run:
         await self.load_models(k, society)
         settings = DebateSettings(rounds=rounds, mode=self.cfg.debate.mode,
                                   grading_timeout_s=self.cfg.grading.timeout_s, seed=self.cfg.seed)
-        debater = Debater(self.client, society, self.prompts, self.task.extract, settings, iteration=k, split=split)
+        # With endpoint.batch every problem debates at once, so each round goes out as one batch.
+        in_flight = len(problems) if self.cfg.endpoint.batch else problems_in_flight(self.cfg.endpoint.concurrency,
+                                                                                     society.n_agents)
+        async with debate_client(self.cfg.endpoint, self.client, self.dir, self.registry.run, self.urls[0]) as chat:
+            debater = Debater(chat, society, self.prompts, self.task.extract, settings, iteration=k, split=split)
+            records = await self._debate_split(k, split, problems, debater, in_flight)
+        if not self.console.is_terminal:
+            self.console.print(f"iter {k} · debate {split}: {len(records)} problems")
+        refused = [e for r in records for t in r.agents for e in t.errors if e is not None]
+        if refused:
+            self.warnings.append(
+                f"iteration {k}, {split}: the server refused {len(refused)} replies for length (they count as "
+                f"unparseable); use a model with a longer context (vLLM: serve.max_model_len) or fewer "
+                f"debate rounds. The server said: …{refused[0][-150:]}")
+        return records
+
+    async def _debate_split(self, k: int, split: str, problems: list[Problem], debater: Debater,
+                            in_flight: int) -> list[DebateRecord]:
         with Progress(TextColumn(f"iter {k} · debate {split}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(),
                       console=self.console, transient=False, disable=not self.console.is_terminal) as bar:
@@ -117,18 +135,8 @@ class Run:
                 bar.update(task_id, advance=1, acc=f"{100 * hits[0] / hits[1]:.1f}%")
 
             with self.stage(k, "debate", split):
-                records = await run_debates(debater, problems, self.iter_dir(k) / f"debate-{split}.jsonl", on_done,
-                                            max_in_flight=problems_in_flight(self.cfg.endpoint.concurrency,
-                                                                             society.n_agents))
-        if not self.console.is_terminal:
-            self.console.print(f"iter {k} · debate {split}: {len(records)} problems")
-        refused = [e for r in records for t in r.agents for e in t.errors if e is not None]
-        if refused:
-            self.warnings.append(
-                f"iteration {k}, {split}: the server refused {len(refused)} replies for length (they count as "
-                f"unparseable); use a model with a longer context (vLLM: serve.max_model_len) or fewer "
-                f"debate rounds. The server said: …{refused[0][-150:]}")
-        return records
+                return await run_debates(debater, problems, self.iter_dir(k) / f"debate-{split}.jsonl", on_done,
+                                         max_in_flight=in_flight)
 
     async def star_data(self, k: int, records: list[DebateRecord], data_dir: Path) -> FtDataStats:
         """STaR only: rationalize the wrong answers with a gold hint (harness.star), then select
@@ -288,7 +296,10 @@ async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Probl
 def dry_run(cfg: RunConfig, console: Console) -> None:
     train = load_split(cfg.task, "train") if cfg.finetune.iterations > 0 else []
     test = load_split(cfg.task, "test")
-    console.print(plan_table(estimate_plan(cfg, train, test), simulated=cfg.endpoint.kind == "simulator"))
+    stages = estimate_plan(cfg, train, test)
+    console.print(plan_table(stages, simulated=cfg.endpoint.kind == "simulator"))
+    if cfg.endpoint.batch:
+        console.print(batch_wait_note(cfg, stages))
     console.print("nothing was called; run again without --dry-run to start")
 
 
@@ -453,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     usage = summary.usage
     cost = usage.get("cost_usd")
     unknown = usage.get("unknown_cost_calls", 0)
-    console.print(f"calls {usage.get('calls', 0)} (cache hits {usage.get('cache_hits', 0)}), tokens "
+    batched = usage.get("batched_calls", 0)
+    console.print(f"calls {usage.get('calls', 0)} (cache hits {usage.get('cache_hits', 0)}"
+                  + (f"; {batched} through the Batch API at half price" if batched else "") + "), tokens "
                   f"{usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, inference cost "
                   + (f"${cost:.4f}" if cost is not None else "unknown")
                   + (f" + {unknown} calls of unknown price" if unknown else "")

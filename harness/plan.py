@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from rich.table import Table
 
 from harness.config import RunConfig
-from harness.llm.pricing import cost_usd, training_price_for
+from harness.llm.pricing import BATCH_SHARE, cost_usd, training_price_for
 from harness.prompts import Prompts
 from harness.records import Problem
 
@@ -29,6 +29,10 @@ class StageEstimate(BaseModel):
     completion_tokens: int
     cost_usd: float | None  # None: a model's price is unknown
     note: str = ""
+    # The same stage with endpoint.batch (debates through the Batch API at batch price; other
+    # stages are not batched), and how many batches it waits for one after another.
+    batch_cost_usd: float | None = None
+    batch_waves: int = 0
 
 
 def _tokens(text: str) -> int:
@@ -70,7 +74,10 @@ def _debate_estimate(cfg: RunConfig, prompts: Prompts, problems: Sequence[Proble
         cost = None if cost is None or c is None else cost + c
     k = max(len(problems), 1)
     est = StageEstimate(stage=stage, calls=calls, prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost,
-                        note=f"debates: {n} agents x {rounds} rounds ({cfg.debate.mode})")
+                        note=f"debates: {n} agents x {rounds} rounds ({cfg.debate.mode})",
+                        batch_cost_usd=None if cost is None else cost * BATCH_SHARE,
+                        # each round, and each round's summaries, is one batch (per model) to wait for
+                        batch_waves=(2 * rounds - 1 if cfg.debate.mode == "summarize" else rounds) if problems else 0)
     return est, gen_tokens // k, conv_tokens // k
 
 
@@ -133,6 +140,9 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
             stages.append(StageEstimate(stage=f"iter {k + 1}: {jobs} dedicated endpoint{'s' if jobs > 1 else ''}",
                                         calls=0, prompt_tokens=0, completion_tokens=0, cost_usd=endpoints.usd,
                                         note=endpoints.note))
+    for s in stages:
+        if not s.batch_waves:
+            s.batch_cost_usd = s.cost_usd
     return stages
 
 
@@ -167,20 +177,37 @@ def _together_finetune(cfg: RunConfig, trained: int, jobs: int, examples: int):
     return cost, note, endpoints
 
 
+def batch_wait_note(cfg: RunConfig, stages: Sequence[StageEstimate]) -> str:
+    """The expected wait of a run with endpoint.batch: the batches it waits for one after another."""
+    waves = sum(s.batch_waves for s in stages)
+    if cfg.endpoint.kind == "simulator":
+        each = f"{cfg.endpoint.simulator.batch_seconds:g} s each (endpoint.simulator.batch_seconds)"
+        return f"endpoint.batch: expected wait {waves} rounds of batches one after another, {each}"
+    window = cfg.endpoint.batch_settings.completion_window
+    return (f"endpoint.batch: expected wait {waves} rounds of batches one after another (a debate round, or its "
+            f"summaries, is one batch per model); each finishes within its {window} completion window, often much "
+            f"sooner, but OpenAI promises only the window: worst case {waves} x {window}")
+
+
 def plan_table(stages: Sequence[StageEstimate], simulated: bool) -> Table:
     title = "Plan (--dry-run: nothing is called)" + (" · simulated prices" if simulated else "")
     notes = sorted({s.note for s in stages if s.note})
     caption = (f"assumes ~{ANSWER_TOKENS} tokens per answer, {SUMMARY_TOKENS} per summary, "
                f"{int(AGREE_SHARE * 100)}% of answers agreeing with the vote; " + "; ".join(notes))
     table = Table(title=title, caption=caption)
-    for col in ("stage", "calls", "tokens in", "tokens out", "cost (USD)"):
+    for col in ("stage", "calls", "tokens in", "tokens out", "cost (USD)", "with batch (USD)"):
         table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col == "stage")
     total: float | None = 0.0
+    batch_total: float | None = 0.0
     for s in stages:
         total = None if total is None or s.cost_usd is None else total + s.cost_usd
+        batch_total = None if batch_total is None or s.batch_cost_usd is None else batch_total + s.batch_cost_usd
         table.add_row(s.stage, f"{s.calls:,}", f"{s.prompt_tokens:,}", f"{s.completion_tokens:,}",
-                      "unknown" if s.cost_usd is None else f"{s.cost_usd:.4f}")
+                      _usd(s.cost_usd), _usd(s.batch_cost_usd))
     table.add_row("total", f"{sum(s.calls for s in stages):,}", f"{sum(s.prompt_tokens for s in stages):,}",
-                  f"{sum(s.completion_tokens for s in stages):,}", "unknown" if total is None else f"{total:.4f}",
-                  style="bold")
+                  f"{sum(s.completion_tokens for s in stages):,}", _usd(total), _usd(batch_total), style="bold")
     return table
+
+
+def _usd(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.4f}"

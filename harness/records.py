@@ -127,6 +127,9 @@ class UsageRecord(BaseModel):
     cached: bool  # answered from the run's response cache: no API call was made
     attempts: int = 1  # HTTP requests made for this answer, rate-limited ones included
     call_id: str | None = None  # the request's id in calls-in-flight.jsonl (None: a cache hit, or an older run)
+    # Answered through the Batch API (harness/llm/batch.py): the batch's id, and cost_usd is at
+    # batch price; latency_s is then the batch's turnaround.
+    batch_id: str | None = None
 
 
 class SplitMetrics(BaseModel):

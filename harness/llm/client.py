@@ -166,20 +166,23 @@ class LLMClient:
             params["extra_body"] = dict(s.extra_body)
         return params
 
-    async def chat(self, model: str, messages: list[Message], sample: SampleId, *,
-                   purpose: str = "debate") -> ChatResult:
+    def chat_request(self, model: str, messages: list[Message], sample: SampleId) -> tuple[str, dict[str, Any], int]:
+        """(cache key, request body, prompt characters) of one chat call. The key is the same
+        whether the call is sent directly or in a batch (harness.llm.batch)."""
         msgs = _dump_messages(messages)
         params = self.request_params(sample)
         key = cache_key({"op": "chat", "model": model, "messages": msgs, "params": params,
                          "sample": sample.model_dump(mode="json")})
-        prompt_chars = sum(len(m["content"]) for m in msgs)
+        return key, self.wire_body(model, msgs, params), sum(len(m["content"]) for m in msgs)
 
-        body = self.wire_body(model, msgs, params)
+    async def chat(self, model: str, messages: list[Message], sample: SampleId, *,
+                   purpose: str = "debate") -> ChatResult:
+        key, body, prompt_chars = self.chat_request(model, messages, sample)
         server = sample.agent % len(self.base_urls)
 
         async def call() -> tuple[dict, int, float, str]:
-            return await self._network(key, model, purpose, server, prompt_chars, len(msgs), params["max_tokens"],
-                                       lambda client: self._chat_once(client, model, body))
+            return await self._network(key, model, purpose, server, prompt_chars, len(messages),
+                                       self.sampling.max_tokens, lambda client: self._chat_once(client, model, body))
 
         value, rec = await self._cached(key, "chat", model, sample, purpose, call)
         return ChatResult(text=value["text"], cached=rec.cached, usage=rec,
@@ -260,6 +263,24 @@ class LLMClient:
         n, cost, unknown = self._journal.possibly_billed()
         totals.unanswered_calls, totals.unanswered_cost_usd, totals.unanswered_unknown_cost_calls = n, cost, unknown
         return totals
+
+    # The Batch API path (harness.llm.batch) answers chat calls itself, into the same cache and
+    # usage log and under the same budget cap.
+    @property
+    def cache(self) -> ResponseCache:
+        return self._cache
+
+    @property
+    def usage_log(self) -> UsageLog:
+        return self._usage
+
+    def reserve_budget(self, model: str, est: float | None) -> float:
+        """Reserve `est` USD of the budget cap for a call about to be sent (BudgetExceeded if it
+        would pass the cap); give it back with `release_budget` once the call is recorded."""
+        return self._reserve(model, est)
+
+    def release_budget(self, amount: float) -> None:
+        self._reserved_usd -= amount
 
     def pacing(self) -> dict[str, dict[str, float]]:
         """Per server: 429s met, seconds callers waited for the rate limit, the current window."""

@@ -1,7 +1,7 @@
 """Model prices in USD per million tokens, and the cost of one call.
 
-Table recorded 2026-11-24 from OpenAI's published API prices (standard tier, not batch or
-flex); re-check https://openai.com/api/pricing before quoting a cost. A run config's `prices`
+Table recorded 2026-11-24 from OpenAI's published API prices (standard tier; the Batch API
+costs `BATCH_SHARE` of it, input and output alike); re-check https://openai.com/api/pricing before quoting a cost. A run config's `prices`
 section overrides any entry, and is the way to price models this table does not know
 (vLLM-served open models, other providers): `prices: {"my-model": {input: 0.2, output: 0.6}}`.
 Override keys may be shell-style patterns (`"agent-*"`, or `"*"` for everything on a local
@@ -72,6 +72,10 @@ _SIM_TRAINING = 3.00  # SIMULATED nominal price, as gpt-4o-mini; nobody is bille
 # Dated snapshots share their family's price: gpt-4o-mini-2024-07-18, gpt-3.5-turbo-0125.
 # Only a date suffix is accepted, not any suffix, because variants such as gpt-4o-audio-preview
 # are priced differently and a wrong price is worse than an unknown one.
+# The Batch API's price as a share of the standard one: OpenAI bills batch requests at half
+# price. Applied to config overrides too, so a user's own price for a model stays the reference.
+BATCH_SHARE = 0.5
+
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
 
 
@@ -164,18 +168,20 @@ def training_price_for(model: str, overrides: dict | None = None) -> float | Non
 
 
 def cost_usd(model: str, prompt_tokens: int, cached_prompt_tokens: int | None, completion_tokens: int,
-             overrides: dict | None = None) -> float | None:
-    """USD cost of one call from the tokens the server reported; None when the price is unknown."""
+             overrides: dict | None = None, *, batch: bool = False) -> float | None:
+    """USD cost of one call from the tokens the server reported; None when the price is unknown.
+    `batch`: the call was answered through the Batch API (BATCH_SHARE of the price)."""
     price = price_for(model, overrides)
     if price is None:
         return None
     cached = min(max(cached_prompt_tokens or 0, 0), prompt_tokens)
     cached_rate = price.input if price.cached_input is None else price.cached_input
     total = (prompt_tokens - cached) * price.input + cached * cached_rate + completion_tokens * price.output
-    return total / 1_000_000
+    return total / 1_000_000 * (BATCH_SHARE if batch else 1.0)
 
 
-def estimate_cost(model: str, prompt_chars: int, max_output_tokens: int, overrides: dict | None = None) -> float | None:
+def estimate_cost(model: str, prompt_chars: int, max_output_tokens: int, overrides: dict | None = None, *,
+                  batch: bool = False) -> float | None:
     """Upper-bound-ish estimate before a call: ~4 characters per prompt token (no tokenizer is
     needed or downloaded), the whole max_tokens as output, no cache discount."""
-    return cost_usd(model, (prompt_chars + 3) // 4, 0, max_output_tokens, overrides)
+    return cost_usd(model, (prompt_chars + 3) // 4, 0, max_output_tokens, overrides, batch=batch)

@@ -19,6 +19,7 @@ class UsageTotals(BaseModel):
 
     calls: int = 0
     cache_hits: int = 0
+    batched_calls: int = 0  # of `calls`, answered through the Batch API (at batch price)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -36,6 +37,7 @@ class UsageTotals(BaseModel):
             self.cache_hits += 1
             return
         self.calls += 1
+        self.batched_calls += rec.batch_id is not None
         self.prompt_tokens += rec.prompt_tokens or 0
         self.completion_tokens += rec.completion_tokens or 0
         if rec.cost_usd is None:

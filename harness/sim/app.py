@@ -24,16 +24,18 @@ from typing import Any, Literal, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.config import SimulatorConfig
 from harness.records import Problem
 from harness.sim.azure_arm import AzureDeployments, make_arm_router
 from harness.sim.faults import Faults, RateLimited, hang
+from harness.sim.batches import make_router as make_batch_router
 from harness.sim.files_jobs import make_router
 from harness.sim.knowledge import Knowledge
 from harness.sim.models import BASE_MODELS, ModelParams, base_params, estimate_tokens, prompt_tokens, respond
-from harness.sim.protocol import FINGERPRINT, ApiError, SimulatedMarker, install_error_handlers, parse_body
+from harness.sim.protocol import (FINGERPRINT, ApiError, SimulatedMarker, install_error_handlers, parse_body,
+                                  validation_error)
 from harness.sim.store import Adapter, Store
 from harness.sim.together_api import TogetherJobs
 from harness.sim.together_api import make_router as make_together_router
@@ -140,6 +142,82 @@ def embed(text: str, dim: int) -> list[float]:
     return [x / norm for x in vec]
 
 
+def admit(sim: Sim, req: ChatRequest) -> tuple[ModelParams, list[dict[str, Any]], int]:
+    """A chat request's model parameters, messages and prompt tokens; ApiError for an unknown model
+    or a prompt longer than the context window. Shared by /v1/chat/completions and batches."""
+    params = sim.params_for(req.model)
+    if params is None:
+        raise model_not_found(req.model)
+    messages = [m.model_dump() for m in req.messages]
+    p_tokens = prompt_tokens(messages)
+    window = sim.cfg.context_tokens
+    if window is not None and p_tokens > window:
+        raise ApiError(400, f"This model's maximum context length is {window} tokens. However, your messages "
+                            f"resulted in {p_tokens} tokens. Please reduce the length of the messages.",
+                       param="messages", code="context_length_exceeded")
+    return params, messages, p_tokens
+
+
+def complete(sim: Sim, req: ChatRequest, params: ModelParams, messages: list[dict[str, Any]],
+             p_tokens: int) -> tuple[dict[str, Any], int]:
+    """The chat.completion body answering an admitted request, and its completion tokens: the
+    same answer whether it was asked directly or in a batch."""
+    cfg = sim.cfg
+    limit = req.max_completion_tokens or req.max_tokens
+    choices, c_tokens = [], 0
+    for i in range(req.n or 1):
+        # Without a seed a real server samples afresh each time, so agents sending the same
+        # prompt get different answers. The arrival number stands in for that fresh draw; it
+        # is ignored at temperature 0 (greedy), and seeded requests stay reproducible.
+        draw_no = i if req.seed is not None else next(sim.unseeded_draws)
+        text = respond(req.model, params, messages, sim.knowledge, cfg, seed=req.seed, choice=draw_no,
+                       temperature=req.temperature)
+        finish = "stop"
+        if limit is not None and estimate_tokens(text) > limit:
+            text, finish = text[: limit * 4], "length"  # cut like a model hitting max_tokens
+        c_tokens += estimate_tokens(text)
+        choices.append(
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
+        )
+    body = {
+        "id": f"chatcmpl-sim{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": req.model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": p_tokens,
+            "completion_tokens": c_tokens,
+            "total_tokens": p_tokens + c_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
+        "system_fingerprint": FINGERPRINT,
+    }
+    return body, c_tokens
+
+
+def answer_request(sim: Sim, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """One request of a batch: (HTTP status, response body) as /v1/chat/completions answers it,
+    without the chat endpoint's faults."""
+    try:
+        req = ChatRequest.model_validate(body)
+        if req.stream:
+            raise ApiError(400, "Streaming is not available in a batch.", param="stream")
+        params, messages, p_tokens = admit(sim, req)
+        return 200, complete(sim, req, params, messages, p_tokens)[0]
+    except ValidationError as e:
+        err = validation_error(e.errors())
+    except ApiError as e:
+        err = e
+    return err.status, {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
 def create_app(
     cfg: SimulatorConfig, *, state_dir: Path | None = None, known_problems: Sequence[Problem] = ()
 ) -> FastAPI:
@@ -151,6 +229,7 @@ def create_app(
     app.include_router(make_router(sim))
     app.include_router(make_together_router(sim))
     app.include_router(make_arm_router(sim.azure))  # Azure's management plane: deployments
+    app.include_router(make_batch_router(sim, lambda body: answer_request(sim, body)))
 
     @app.get("/health")
     async def health():
@@ -161,16 +240,7 @@ def create_app(
         req = await parse_body(request, ChatRequest)
         if req.stream:
             raise ApiError(400, "Streaming is not supported by the simulator; send stream=false.", param="stream")
-        params = sim.params_for(req.model)
-        if params is None:
-            raise model_not_found(req.model)
-        messages = [m.model_dump() for m in req.messages]
-        p_tokens = prompt_tokens(messages)
-        window = sim.cfg.context_tokens
-        if window is not None and p_tokens > window:
-            raise ApiError(400, f"This model's maximum context length is {window} tokens. However, your messages "
-                                f"resulted in {p_tokens} tokens. Please reduce the length of the messages.",
-                           param="messages", code="context_length_exceeded")
+        params, messages, p_tokens = admit(sim, req)
         draw = sim.faults.draw()
         limit = req.max_completion_tokens or req.max_tokens
         try:
@@ -190,43 +260,9 @@ def create_app(
                 type="server_error",
                 headers=limit_headers,
             )
-        choices, c_tokens = [], 0
-        for i in range(req.n or 1):
-            # Without a seed a real server samples afresh each time, so agents sending the same
-            # prompt get different answers. The arrival number stands in for that fresh draw; it
-            # is ignored at temperature 0 (greedy), and seeded requests stay reproducible.
-            draw_no = i if req.seed is not None else next(sim.unseeded_draws)
-            text = respond(req.model, params, messages, sim.knowledge, cfg, seed=req.seed, choice=draw_no,
-                           temperature=req.temperature)
-            finish = "stop"
-            if limit is not None and estimate_tokens(text) > limit:
-                text, finish = text[: limit * 4], "length"  # cut like a model hitting max_tokens
-            c_tokens += estimate_tokens(text)
-            choices.append(
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "finish_reason": finish,
-                    "logprobs": None,
-                }
-            )
+        body, c_tokens = complete(sim, req, params, messages, p_tokens)
         if not limit:
             sim.faults.spend(c_tokens)  # no output allowance was counted at admission
-        body = {
-            "id": f"chatcmpl-sim{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": req.model,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": p_tokens,
-                "completion_tokens": c_tokens,
-                "total_tokens": p_tokens + c_tokens,
-                "prompt_tokens_details": {"cached_tokens": 0},
-                "completion_tokens_details": {"reasoning_tokens": 0},
-            },
-            "system_fingerprint": FINGERPRINT,
-        }
         return JSONResponse(body, headers=limit_headers)
 
     @app.post("/v1/embeddings")
