@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness.errors import ConfigError
+from harness.tracking.settings import TrackingConfig
 
 
 class _Strict(BaseModel):
@@ -414,6 +415,7 @@ class RunConfig(_Strict):
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # harness/tracking/settings.py
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

@@ -50,7 +50,8 @@ RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "en
                     "finetune.poll_interval_s", "finetune.paused_timeout_s",
                     # how many jobs at once, on which GPUs, with how many CPU threads: not what they learn
                     "finetune.local.max_parallel_jobs", "finetune.local.threads", "finetune.local.devices",
-                    "finetune.local.share_devices")
+                    "finetune.local.share_devices",
+                    "tracking.")  # where the numbers are sent, not what they are
 _HEADER_RE = re.compile(r"^# harness run id: (\S+)")
 
 
