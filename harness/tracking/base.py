@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.errors import ConfigError
-from harness.tracking.settings import EXTRAS, TrackingConfig
+from harness.tracking.settings import PACKAGES, TrackingConfig
 
 STATE_FILE = "tracking.json"
 
@@ -56,8 +56,15 @@ class Backend(abc.ABC):
         """Open the tracked run: reattach to `previous` when given, else create one."""
 
     @abc.abstractmethod
-    def log_metrics(self, metrics: dict[str, float], *, step: int, step_key: str) -> None:
-        """Scalars at `step` of the axis `step_key` ("iteration", or a loss curve's own steps)."""
+    def log_metrics(self, metrics: dict[str, float], *, step: int, step_key: str, at: float | None = None) -> None:
+        """Scalars at `step` of the axis `step_key` ("iteration", or a loss curve's own steps).
+        `at`: when they were measured (unix time), the same in every session, so a tracker that
+        drops exact repeats (MLflow) keeps one copy of what a killed session had sent already."""
+
+    def log_series(self, key: str, points: list[tuple[int, float]], *, step_key: str, at: float | None = None) -> None:
+        """One curve: `key` at each (step, value) of its own axis `step_key`."""
+        for step, value in points:
+            self.log_metrics({key: value}, step=step, step_key=step_key, at=at)
 
     @abc.abstractmethod
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], *, step: int) -> None:
@@ -76,9 +83,16 @@ class Backend(abc.ABC):
 def require(backend: str) -> None:
     """A clear error before anything runs when the chosen backend's package is missing."""
     module = {"trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}[backend]
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"tracking.backend is {backend!r} but the {module} package is not installed; install it "
-                          f"with: pip install 'harness[{EXTRAS[backend]}]' (or --set tracking.backend=none)")
+    try:
+        # Looked up, not imported: importing MLflow or W&B takes seconds the run need not wait for
+        # (the tracker's thread imports it); an install that is found but broken is a warning then.
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}")
+    except ImportError as e:
+        # Said without the extra's brackets, which a rich console would take for markup.
+        raise ConfigError(f"tracking.backend is {backend!r} but {module} cannot be imported ({e}); install the "
+                          f"harness's {backend!r} extra: pip install {PACKAGES[backend]} "
+                          f"(or run without a tracker: --set tracking.backend=none)") from None
 
 
 def make_backend(settings: TrackingConfig) -> Backend:

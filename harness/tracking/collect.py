@@ -71,6 +71,12 @@ def stage_seconds(stages: Iterable[StageTiming], iteration: int) -> dict[str, fl
     return {k: round(v, 3) for k, v in total.items()}
 
 
+def iteration_end(stages: Iterable[StageTiming], iteration: int) -> float | None:
+    """When iteration k's last recorded stage ended (unix time): the same in every session."""
+    ends = [s.started_at + s.seconds for s in stages if s.iteration == iteration]
+    return max(ends) if ends else None
+
+
 def usage_numbers(usage: dict[str, Any]) -> dict[str, float]:
     out = {}
     for name in _USAGE:

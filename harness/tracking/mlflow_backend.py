@@ -67,11 +67,19 @@ class MlflowBackend(Backend):
         where = without_credentials(client.tracking_uri)
         return TrackedRun(run_id=self.run_id, run_name=run.info.run_name or run_name, project=project, where=where)
 
-    def log_metrics(self, metrics: dict[str, float], *, step: int, step_key: str) -> None:
+    def log_metrics(self, metrics: dict[str, float], *, step: int, step_key: str, at: float | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int((at or time.time()) * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), _MAX_METRICS):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + _MAX_METRICS])
+
+    def log_series(self, key: str, points: list[tuple[int, float]], *, step_key: str, at: float | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int((at or time.time()) * 1000)
+        batch = [Metric(key, float(v), now, step) for step, v in points]
         for i in range(0, len(batch), _MAX_METRICS):
             self.client.log_batch(self.run_id, metrics=batch[i:i + _MAX_METRICS])
 

@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 Backend = Literal["none", "trackio", "wandb", "mlflow"]
 
 DEFAULT_PROJECT = "harness"
-# Which pip extra brings each backend (pyproject.toml), for the message when it is missing.
-EXTRAS = {"trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}
+# What brings each backend: the harness's extra of that name (pyproject.toml), i.e. these
+# packages; named in the message when the backend cannot be imported.
+PACKAGES = {"trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow-skinny sqlalchemy alembic"}
 
 
 class TrackingConfig(BaseModel):

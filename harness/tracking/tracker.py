@@ -26,7 +26,7 @@ from harness.identity import flat
 from harness.records import IterationMetrics
 from harness.registry import ModelEntry
 from harness.tracking.base import STATE_FILE, Backend, TrackedRun, TrackingState, make_backend
-from harness.tracking.collect import iteration_numbers, loss_key, metrics_table
+from harness.tracking.collect import iteration_end, iteration_numbers, loss_key, metrics_table, read_stages
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,10 @@ class Tracker:
         k = metrics.iteration
         if k not in self.queued_iterations:
             numbers = iteration_numbers(self.run_dir, metrics, usage)
+            at = iteration_end(read_stages(self.run_dir / "stages.jsonl"), k)
             columns, rows = metrics_table(self.cfg.name, iterations)
             self.queued_iterations.add(k)
-            self._submit(lambda: self._iteration(k, numbers, columns, rows))
+            self._submit(lambda: self._iteration(k, numbers, columns, rows, at))
         if not self.settings.loss_curves or loss_curve is None:
             return
         for entry in entries:
@@ -184,9 +185,10 @@ class Tracker:
         self._save()
         log.info("%s", self.where())
 
-    def _iteration(self, k: int, numbers: dict[str, float], columns: list[str], rows: list[list[Any]]) -> None:
+    def _iteration(self, k: int, numbers: dict[str, float], columns: list[str], rows: list[list[Any]],
+                   at: float | None) -> None:
         assert self.backend is not None and self.tracked is not None
-        self.backend.log_metrics(numbers, step=k, step_key="iteration")
+        self.backend.log_metrics(numbers, step=k, step_key="iteration", at=at)
         self.backend.log_table("metrics_table", columns, rows, step=k)
         self.tracked.iterations = sorted({*self.tracked.iterations, k})
         self._save()
@@ -194,8 +196,8 @@ class Tracker:
     def _curve(self, entry: ModelEntry, curve: list) -> None:
         assert self.backend is not None and self.tracked is not None and entry.job_id is not None
         prefix = loss_key(entry.iteration, entry.role, entry.agent)
-        for point in curve:
-            self.backend.log_metrics({f"{prefix}/loss": point.loss}, step=point.step, step_key=f"{prefix}/step")
+        self.backend.log_series(f"{prefix}/loss", [(p.step, p.loss) for p in curve], step_key=f"{prefix}/step",
+                                at=entry.finished_at or entry.created_at)
         self.tracked.jobs = sorted({*self.tracked.jobs, entry.job_id})
         self._save()
 

@@ -35,7 +35,7 @@ class TrackioBackend(Backend):
         return TrackedRun(run_id=str(getattr(self.run, "id", None) or self.run.name), run_name=self.run.name,
                           project=self.run.project, where=where)
 
-    def log_metrics(self, metrics: dict[str, float], *, step: int, step_key: str) -> None:
+    def log_metrics(self, metrics: dict[str, float], *, step: int, step_key: str, at: float | None = None) -> None:
         self.run.log(dict(metrics), step=step)
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], *, step: int) -> None:

@@ -41,7 +41,7 @@ class WandbBackend(Backend):
         where = str(Path(self.run.dir).parent) if offline else (self.run.url or None)
         return TrackedRun(run_id=self.run.id, run_name=self.run.name or run_name, project=project, where=where)
 
-    def log_metrics(self, metrics: dict[str, float], *, step: int, step_key: str) -> None:
+    def log_metrics(self, metrics: dict[str, float], *, step: int, step_key: str, at: float | None = None) -> None:
         if step_key not in self.defined:
             self.run.define_metric(step_key)
             self.defined.add(step_key)
