@@ -61,6 +61,19 @@ def test_environment_variables_name_the_project_unless_the_config_does(monkeypat
     assert load_config("demo", ["tracking.backend=wandb"]).tracking.resolved_mode() == "offline"
 
 
+def test_a_hosted_jobs_loss_is_read_from_its_metrics_event_or_its_message():
+    from types import SimpleNamespace
+
+    from harness.providers.openai_ft import loss_point
+
+    openai_event = SimpleNamespace(type="metrics", message="Step 12/100: training loss=0.41",
+                                   data={"step": 12, "train_loss": 0.41, "total_steps": 100})
+    assert (loss_point(openai_event).step, loss_point(openai_event).loss) == (12, 0.41)
+    message_only = SimpleNamespace(type="message", message="step 7: training loss=1.5e-1", data=None)
+    assert (loss_point(message_only).step, loss_point(message_only).loss) == (7, 0.15)
+    assert loss_point(SimpleNamespace(message="Fine-tuning job started", data={})) is None
+
+
 # ----------------------------------------------------------------------------- MLflow
 
 def _mlflow(tmp_path: Path):
