@@ -26,7 +26,7 @@ _SPLIT_SCALARS = ("accuracy", "stderr", "n", "agreement", "pairwise_agreement", 
 _USAGE = ("calls", "cache_hits", "prompt_tokens", "completion_tokens", "cost_usd", "unknown_cost_calls",
           "unanswered_calls", "unanswered_cost_usd")
 TABLE_COLUMNS = ["method", "iteration", "split", "n", "accuracy", "stderr", "agreement", "consensus",
-                 "unparsed_rate", "truncated_rate", *(f"round_{r}" for r in range(8))]
+                 "unparsed_rate", "truncated_rate"]  # then accuracy after each round: round_0, round_1, ...
 
 
 def _number(value: Any) -> float | None:
@@ -117,7 +117,7 @@ def iteration_numbers(run_dir: Path, metrics: IterationMetrics, usage: dict[str,
 def metrics_table(method: str, iterations: list[IterationMetrics]) -> tuple[list[str], list[list[Any]]]:
     """One row per iteration and split: the run's Table-1 numbers as a tracker table."""
     rounds = max((len(m.per_round) for it in iterations for m in it.splits.values()), default=0)
-    columns = TABLE_COLUMNS[:10] + [f"round_{r}" for r in range(rounds)]
+    columns = TABLE_COLUMNS + [f"round_{r}" for r in range(rounds)]
     rows = []
     for it in iterations:
         for split in sorted(it.splits):

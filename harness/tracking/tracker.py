@@ -106,15 +106,17 @@ class Tracker:
             self._submit(lambda: self._iteration(k, numbers, columns, rows, at))
         if not self.settings.loss_curves or loss_curve is None:
             return
-        for entry in entries:
-            job = entry.job_id
-            if job is None or job in self.queued_jobs or entry.status not in ("succeeded", "failed", "cancelled"):
-                continue
-            self.queued_jobs.add(job)
-            try:
-                curve = await asyncio.wait_for(loss_curve(job), LOSS_TIMEOUT_S)
-            except Exception as e:  # noqa: BLE001 - a curve that cannot be read is a warning, never a failed run
-                log.warning("tracking: the loss curve of job %s could not be read (%s)", job, e)
+        todo = {e.job_id: e for e in entries
+                if e.job_id and e.job_id not in self.queued_jobs and e.status in ("succeeded", "failed", "cancelled")}
+        self.queued_jobs |= todo.keys()
+        # All at once: a hosted provider reads each job's events over the network.
+        curves = await asyncio.gather(*(asyncio.wait_for(loss_curve(job), LOSS_TIMEOUT_S) for job in todo),
+                                      return_exceptions=True)
+        for (job, entry), curve in zip(todo.items(), curves):
+            if isinstance(curve, BaseException):
+                if not isinstance(curve, Exception):
+                    raise curve  # a cancellation or an interrupt is not the tracker's to swallow
+                log.warning("tracking: the loss curve of job %s could not be read (%s)", job, curve)
                 continue
             self._submit(lambda e=entry, c=curve: self._curve(e, c))
 
