@@ -21,6 +21,7 @@ from harness.errors import ConfigError
 from harness.providers.together_settings import TogetherSettings
 from harness.providers.azure_settings import AzureSettings, AzureSimSettings, azure_config_error
 from harness.llm.batch_settings import BatchSettings
+from harness.tracking.settings import TrackingConfig
 
 
 class _Strict(BaseModel):
@@ -430,6 +431,7 @@ class RunConfig(_Strict):
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # harness/tracking/settings.py
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

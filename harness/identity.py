@@ -56,7 +56,8 @@ RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "en
                     # how the next Azure deployments are made and followed, not what the models learn
                     "finetune.azure.sku", "finetune.azure.capacity", "finetune.azure.api_version",
                     "finetune.azure.management_url", "finetune.azure.management_token_env",
-                    "finetune.azure.deploy_poll_s", "finetune.azure.deploy_timeout_s")
+                    "finetune.azure.deploy_poll_s", "finetune.azure.deploy_timeout_s",
+                    "tracking.")  # where the numbers are sent, not what they are
 _HEADER_RE = re.compile(r"^# harness run id: (\S+)")
 
 

@@ -45,6 +45,7 @@ from harness.records import DebateRecord, IterationMetrics, Problem, RunSummary,
 from harness.registry import Registry
 from harness.star import rationalize
 from harness.tasks import get_task, load_split
+from harness.tracking.tracker import Tracker
 
 log = logging.getLogger("harness")
 
@@ -226,6 +227,18 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummar
     test = load_split(cfg.task, "test")
     _check_splits(cfg, train, test)
     iterations: list[IterationMetrics] = []
+    tracker = Tracker.open(cfg, run_dir, say=console.print)  # tracking.backend; a missing extra stops here
+    finished = False
+    try:
+        summary = await _run_iterations(cfg, run_dir, console, train, test, iterations, tracker)
+        finished = True
+        return summary
+    finally:
+        tracker.close(ok=finished)
+
+
+async def _run_iterations(cfg: RunConfig, run_dir: Path, console: Console, train: list[Problem], test: list[Problem],
+                          iterations: list[IterationMetrics], tracker: Tracker) -> RunSummary:
     async with open_endpoint(cfg, run_dir, [*train, *test]) as urls:
         async with LLMClient(base_url=urls, api_key=cfg.endpoint.api_key(), run_dir=run_dir,
                              endpoint=cfg.endpoint, sampling=cfg.sampling, budget_usd=cfg.budget.max_cost_usd,
@@ -247,6 +260,7 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummar
                 for k in range(cfg.finetune.iterations + 1):
                     iterations.append(await run_iteration(run, k, train, test))
                     run.write_summary(iterations, finished=False)
+                    await tracker.after_iteration(run, iterations)
                 if provider is not None:  # e.g. Azure deployments, billed per hour while they exist
                     run.warnings.extend(await provider.billing_notes(registry.run))
             finally:

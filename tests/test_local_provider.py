@@ -186,6 +186,8 @@ async def test_job_trains_an_adapter_and_a_restarted_provider_finds_it(tmp_path,
     job_dir = adapter.parent
     progress = [json.loads(line) for line in (job_dir / "progress.jsonl").read_text().splitlines()]
     assert progress and {"step", "loss", "epoch"} <= set(progress[0])
+    # The curve a tracker plots (tracking.loss_curves) is the one the job recorded.
+    assert [(c.step, c.loss) for c in await p.loss_curve(done.job_id)] == [(r["step"], r["loss"]) for r in progress]
     assert json.loads((job_dir / "status.json").read_text())["status"] == "succeeded"
     assert (job_dir / "train.log").stat().st_size > 0
     # Only the weight-1 turns were counted as trained tokens (weight-0 first answers excluded).

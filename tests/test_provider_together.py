@@ -371,7 +371,7 @@ def test_dry_run_prices_a_500_500_math_run_on_together(tmp_path, lora):
     result = subprocess.run([sys.executable, "-m", "harness.loop", "--config", "together", "--dry-run", *sources,
                              "--set", f"finetune.together.lora={str(lora).lower()}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120, env={
-                                **__import__("os").environ, "TOGETHER_API_KEY": ""})
+                                **__import__("os").environ, "TOGETHER_API_KEY": "", "COLUMNS": "200"})
     assert result.returncode == 0, result.stdout + result.stderr
     said = " ".join(result.stdout.split())
     assert "iter 0: debate train │ 4,500" in said and "iter 0: finetune 6 models" in said

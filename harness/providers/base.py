@@ -75,6 +75,13 @@ class JobState(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
+class LossPoint(BaseModel):
+    """One logged training step of a job: what a tracker plots as the job's loss curve."""
+
+    step: int
+    loss: float
+
+
 OnUpdate = Callable[[JobState], Awaitable[None] | None]
 
 
@@ -103,6 +110,10 @@ class FinetuneProvider(abc.ABC):
     @abc.abstractmethod
     async def events(self, job_id: str, limit: int = 20) -> list[str]:
         """Latest events, newest last."""
+
+    async def loss_curve(self, job_id: str) -> list[LossPoint]:
+        """The job's training loss per logged step, oldest first ([] where the provider reports none)."""
+        return []
 
     def artifacts(self, model_ids: Iterable[str]) -> dict[str, str]:
         """{model id: local path} of the models the serving endpoint must load before a debate

@@ -34,7 +34,7 @@ from typing import Iterable
 from harness.config import LocalFinetuneConfig, RunConfig
 from harness.errors import FinetuneError, ServeError
 from harness.fileio import write_model
-from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus
+from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus, LossPoint
 from harness.providers.local_train import JobFile, JobSpec, LoraSpec, read_status, write_status
 from harness.providers.runners import JobRunner, Launch, LaunchFailed, Liveness, make_runner, read_launch
 from harness.serve import validate_adapter
@@ -196,6 +196,17 @@ class LocalProvider(FinetuneProvider):
         if status.status in ("succeeded", "failed", "cancelled"):
             lines.append(f"job {status.status}" + (f": {status.error}" if status.error else ""))
         return lines[-limit:]
+
+    async def loss_curve(self, job_id: str) -> list[LossPoint]:
+        """From the job's progress.jsonl (one line per logged step, written by local_train)."""
+        points = []
+        progress = self._job_dir(job_id) / "progress.jsonl"
+        if progress.exists():
+            for line in progress.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    p = json.loads(line)
+                    points.append(LossPoint(step=int(p["step"]), loss=float(p["loss"])))
+        return points
 
     def artifacts(self, model_ids: Iterable[str]) -> dict[str, str]:
         """{model id: adapter dir} for the ids this provider trained (newest succeeded job of

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -24,7 +25,7 @@ from openai import AsyncOpenAI
 from harness.config import openai_ft_range_error
 from harness.errors import FinetuneError
 from harness.llm.retry import is_terminal, short_error, terminal_message, with_retries
-from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus, OnUpdate
+from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus, LossPoint, OnUpdate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,6 +37,26 @@ _MAX_METADATA_KEY = 64
 _MAX_METADATA_VALUE = 512
 _MAX_SUFFIX = 64
 _DEAD = (JobStatus.FAILED, JobStatus.CANCELLED)
+# A metrics event's message, for services that send the message without OpenAI's `data` object.
+_STEP_LOSS = re.compile(r"\bstep\s+(\d+)(?:\s*/\s*\d+)?\s*:\s*training loss\s*=\s*([-+0-9.eE]+)", re.IGNORECASE)
+_MAX_EVENT_PAGES = 100
+
+
+def loss_point(event: Any) -> LossPoint | None:
+    """The (step, training loss) of a fine-tuning event, if it carries one: OpenAI's "metrics"
+    events hold them in `data` ({"step": 12, "train_loss": 0.41, ...}) and in the message
+    ("Step 12/100: training loss=0.41")."""
+    data = getattr(event, "data", None)
+    if isinstance(data, dict) and isinstance(data.get("step"), (int, float)) \
+            and isinstance(data.get("train_loss"), (int, float)):
+        return LossPoint(step=int(data["step"]), loss=float(data["train_loss"]))
+    m = _STEP_LOSS.search(getattr(event, "message", None) or "")
+    if m:
+        try:
+            return LossPoint(step=int(m.group(1)), loss=float(m.group(2)))
+        except ValueError:
+            return None
+    return None
 
 
 def _first_live(jobs: list[Any]) -> Any | None:
@@ -211,6 +232,25 @@ class OpenAIFinetuneProvider(FinetuneProvider):
             log.debug("%s", e)
             return []
         return list(reversed(newest_first))
+
+    async def loss_curve(self, job_id: str) -> list[LossPoint]:
+        """Every event of the job, page by page (newest first), keeping the metrics ones."""
+        points: dict[int, LossPoint] = {}
+        after: str | None = None
+        for _ in range(_MAX_EVENT_PAGES):
+            async def fetch(after=after) -> Any:
+                kwargs = {"after": after} if after else {}
+                return await self._client.fine_tuning.jobs.list_events(job_id, limit=100, **kwargs)
+
+            page = await self._call(f"reading events of job {job_id}", fetch)
+            for event in page.data:
+                point = loss_point(event)
+                if point is not None:
+                    points.setdefault(point.step, point)
+            if not page.data or not getattr(page, "has_more", False):
+                break
+            after = page.data[-1].id
+        return [points[s] for s in sorted(points)]
 
     async def cancel(self, job_id: str) -> JobState:
         try:

@@ -9,7 +9,9 @@ server died has simply moved on when it comes back.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +27,7 @@ ORG = "sim-org"
 # Phase boundaries as shares of a job's duration: validating, queued, running, done.
 _VALIDATED, _STARTED = 0.1, 0.2
 STARTED_SHARE = _STARTED
+_MAX_SIM_STEPS = 40  # metrics events per simulated job (a real job logs every step)
 
 
 class FileRecord(BaseModel):
@@ -152,20 +155,50 @@ class JobRecord(BaseModel):
             "failed": (self.validation_error or {}).get("message", "The job failed (simulated failure)"),
         }
         status, _ = self.status_at(now)
-        out = []
+        timed: list[tuple[float, dict[str, Any]]] = []
         for i, (at, step) in enumerate(self.timeline()):
             if at > now or (self.cancelled_at is not None and self.cancelled_at <= at):
                 break
             level = "error" if step == "failed" else "info"
-            out.append(_event(self.id, i, at, level, messages[step]))
+            timed.append((at, _event(self.id, i, at, level, messages[step])))
         for j, (start, end) in enumerate(self.pauses):
             for k, (at, what) in enumerate(((start, "paused"), (end, "resumed"))):
                 if at is not None and at <= now:
-                    out.append(_event(self.id, 10 + 2 * j + k, at, "info", f"Fine-tuning job {what}"))
-        out.sort(key=lambda e: e["created_at"])
+                    timed.append((at, _event(self.id, 10 + 2 * j + k, at, "info", f"Fine-tuning job {what}")))
+        for at, event in self.metrics_events():
+            if at <= now and (self.cancelled_at is None or at < self.cancelled_at):
+                timed.append((at, event))
+        timed.sort(key=lambda t: t[0])  # by the exact time: created_at is whole seconds
+        out = [e for _, e in timed]
         if status == "cancelled":
             out.append(_event(self.id, 9, self.cancelled_at or now, "info", "Fine-tuning job cancelled"))
         return out[::-1]
+
+    def training_steps(self) -> int:
+        epochs, batch = self.hyperparameters.get("n_epochs"), self.hyperparameters.get("batch_size")
+        epochs = epochs if isinstance(epochs, int) else 3
+        batch = batch if isinstance(batch, int) else 1
+        return max(1, min(_MAX_SIM_STEPS, epochs * math.ceil(max(self.n_examples, 1) / batch)))
+
+    def metrics_events(self) -> list[tuple[float, dict[str, Any]]]:
+        """OpenAI-style "metrics" events while the job runs: a simulated loss curve that falls
+        from ~1.2-1.6 toward ~0.2-0.4, a deterministic function of the job id (no real training)."""
+        if self.validation_error:
+            return []
+        digest = hashlib.sha256(self.id.encode()).digest()
+        start, floor, wiggle = 1.2 + digest[0] / 640, 0.2 + digest[1] / 1280, 1 + digest[2] % 7
+        total = self.training_steps()
+        t0, d = self.created_at, self.duration_s
+        out = []
+        for step in range(1, total + 1):
+            at = self._shifted(t0 + d * (_STARTED + (1 - _STARTED) * step / (total + 1)))
+            loss = round((floor + (start - floor) * math.exp(-3 * step / total)) * (1 + 0.04 * math.sin(step * wiggle)), 4)
+            acc = round(min(0.99, 1 - loss / 2), 4)
+            event = _event(self.id, 100 + step, at, "info", f"Step {step}/{total}: training loss={loss}")
+            event["type"] = "metrics"
+            event["data"] = {"step": step, "train_loss": loss, "total_steps": total, "train_mean_token_accuracy": acc}
+            out.append((at, event))
+        return out
 
 
 def _event(job_id: str, i: int, at: float, level: Literal["info", "warn", "error"], message: str) -> dict[str, Any]:
