@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import hashlib
 import logging
 import sqlite3
 import time
@@ -24,15 +23,15 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
 import openai
-from pydantic import BaseModel
 
 from harness.config import EndpointConfig, SamplingConfig
 from harness.errors import HarnessError
 from harness.llm import responses
 from harness.llm.cache import CACHE_NAME, ResponseCache, cache_key
-from harness.llm.ledger import Ledger
+from harness.llm.ledger import Ledger, outcome
 from harness.llm.pacing import Pacer
 from harness.llm.pricing import check_overrides, estimate_cost
+from harness.llm.responses import ChatResult, PromptLogprobs, dump_messages, sample_seed
 from harness.llm.retry import (BACKOFF_BASE_S, BACKOFF_CAP_S, MalformedResponse, cannot_connect, final_error,
                                retrying)
 from harness.llm.transport import Sending, http_client, sending
@@ -49,48 +48,8 @@ EMBED_CHUNK = 256
 DRAIN_S = 10.0
 
 
-class ChatResult(BaseModel):
-    text: str
-    cached: bool  # answered from the run's cache: no call was made, nothing was paid
-    usage: UsageRecord  # the line written to usage.jsonl for this call
-    finish_reason: str | None = None  # "length" means max_tokens cut the answer
-
-
-class PromptLogprobs(BaseModel):
-    """Each token of a chat-rendered prompt and its log-probability under a model (None for the
-    first token, which nothing precedes)."""
-
-    token_ids: list[int]
-    logprobs: list[float | None]
-
-
-def sample_seed(client_seed: int, sample: SampleId) -> int:
-    """A stable 31-bit seed per (run seed, sample identity): each agent's sample is reproducible
-    and differs from the other agents'. sha256 rather than hash(): hash() of str is salted per
-    process, so it would change on every resume."""
-    digest = hashlib.sha256(f"{client_seed}|{sample.key()}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-def _dump_messages(messages: list[Message] | list[dict]) -> list[dict[str, str]]:
-    out = []
-    for m in messages:
-        d = m.model_dump() if isinstance(m, BaseModel) else dict(m)
-        out.append({"role": d["role"], "content": d["content"]})
-    return out
-
-
 class _OwnerCancelled(Exception):
     """The call that identical in-flight requests were sharing was cancelled by its own caller."""
-
-
-def _journal_state(exc: BaseException) -> str:
-    """How a failed request that went out ends in the journal: refused (the server answered, with
-    an error or a page that is no completion, or no connection was made: not billed) or
-    unanswered (no answer came back: it may have been billed)."""
-    if isinstance(exc, (openai.APIStatusError, MalformedResponse)) or cannot_connect(exc):
-        return "refused"
-    return "unanswered"
 
 
 class LLMClient:
@@ -160,7 +119,7 @@ class LLMClient:
 
     async def chat(self, model: str, messages: list[Message], sample: SampleId, *,
                    purpose: str = "debate") -> ChatResult:
-        msgs = _dump_messages(messages)
+        msgs = dump_messages(messages)
         params = self.request_params(sample)
         key = cache_key({"op": "chat", "model": model, "messages": msgs, "params": params,
                          "sample": sample.model_dump(mode="json")})
@@ -232,7 +191,7 @@ class LLMClient:
         single generated token is thrown away. Cached, retried, budgeted and written to
         usage.jsonl like every call (`sample` only attributes that line to an iteration).
         Raises LogprobsUnavailable when the server sends no prompt log-probabilities."""
-        msgs = _dump_messages(messages)
+        msgs = dump_messages(messages)
         key = cache_key({"op": "prompt_logprobs", "model": model, "messages": msgs,
                          "add_generation_prompt": add_generation_prompt})
         prompt_chars = sum(len(m["content"]) for m in msgs)
@@ -399,7 +358,7 @@ class LLMClient:
             if tx.error is not None:  # the journal line could not be written, so nothing was sent
                 raise tx.error from None
             if tx.sent:
-                self._ledger.ended(ids[0], _journal_state(exc))
+                self._ledger.ended(ids[0], outcome(exc))
             raise
         tx.transmit()  # answered without the send signal (not expected): journaled all the same
         return value, headers

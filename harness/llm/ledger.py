@@ -17,9 +17,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import openai
+
 from harness.errors import BudgetExceeded, ConfigError
 from harness.llm.cache import ResponseCache
 from harness.llm.journal import BOUND, JOURNAL_NAME, CallJournal, JournalEntry, State
+from harness.llm.retry import MalformedResponse, cannot_connect
 from harness.llm.usage import UsageLog, UsageTotals
 from harness.records import UsageRecord
 
@@ -28,6 +31,15 @@ log = logging.getLogger(__name__)
 # Cache rows are written just after their usage record is stamped; rows this much older than the
 # last whole usage line are not searched for a torn line's call (the clocks are the same machine's).
 TORN_MARGIN_S = 60.0
+
+
+def outcome(exc: BaseException) -> State:
+    """How a failed request that went out ends in the journal: refused (the server answered, with
+    an error or a page that is no completion, or no connection was made: not billed) or
+    unanswered (no answer came back: it may have been billed)."""
+    if isinstance(exc, (openai.APIStatusError, MalformedResponse)) or cannot_connect(exc):
+        return "refused"
+    return "unanswered"
 
 
 def usd(x: float) -> str:
@@ -143,4 +155,4 @@ class Ledger:
         self.notes.append(note)
 
 
-__all__ = ["Ledger", "usd"]
+__all__ = ["Ledger", "outcome", "usd"]

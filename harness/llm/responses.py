@@ -1,5 +1,6 @@
-"""One request each for LLMClient: a chat completion, vLLM's prompt log-probabilities, a chunk
-of embeddings; and the checks that turn a server's answer into the value cached for it.
+"""What LLMClient's calls return, and one request each: a chat completion, vLLM's prompt
+log-probabilities, a chunk of embeddings, with the checks that turn a server's answer into the
+value cached for it.
 
 An answer that is not the expected JSON raises MalformedResponse with the content type and the
 first characters of the body: an HTML page or a `{}` with status 200 is almost always a wrong
@@ -9,16 +10,50 @@ to see what came back to tell which.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import httpx2
 import openai
+from pydantic import BaseModel
 
 from harness.errors import LogprobsUnavailable
 from harness.llm.pricing import cost_usd
 from harness.llm.retry import MalformedResponse
+from harness.records import Message, SampleId, UsageRecord
 
 BODY_START = 80  # characters of an unexpected body shown in the error
+
+
+class ChatResult(BaseModel):
+    text: str
+    cached: bool  # answered from the run's cache: no call was made, nothing was paid
+    usage: UsageRecord  # the line written to usage.jsonl for this call
+    finish_reason: str | None = None  # "length" means max_tokens cut the answer
+
+
+class PromptLogprobs(BaseModel):
+    """Each token of a chat-rendered prompt and its log-probability under a model (None for the
+    first token, which nothing precedes)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+
+
+def sample_seed(client_seed: int, sample: SampleId) -> int:
+    """A stable 31-bit seed per (run seed, sample identity): each agent's sample is reproducible
+    and differs from the other agents'. sha256 rather than hash(): hash() of str is salted per
+    process, so it would change on every resume."""
+    digest = hashlib.sha256(f"{client_seed}|{sample.key()}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def dump_messages(messages: list[Message] | list[dict]) -> list[dict[str, str]]:
+    out = []
+    for m in messages:
+        d = m.model_dump() if isinstance(m, BaseModel) else dict(m)
+        out.append({"role": d["role"], "content": d["content"]})
+    return out
 
 
 def _unexpected(raw: httpx2.Response, model: str, what: str, kind: str) -> MalformedResponse:
@@ -111,4 +146,5 @@ async def embed_once(client: openai.AsyncOpenAI, model: str, chunk: list[str],
     return value, raw.headers
 
 
-__all__ = ["add_usage", "chat_once", "embed_once", "prompt_logprobs_once"]
+__all__ = ["ChatResult", "PromptLogprobs", "add_usage", "chat_once", "dump_messages", "embed_once",
+           "prompt_logprobs_once", "sample_seed"]
