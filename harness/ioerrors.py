@@ -1,5 +1,5 @@
 """What to tell the user when the run directory cannot be written: a full disk, a read-only
-or foreign folder, a file where a folder should be. These are the machine's answers (OSError
+or foreign folder, a file where a folder should be (or any other file cannot be used). These are the machine's answers (OSError
 from a write, or SQLite's own wording for the response cache), not bugs: the loop turns them
 into one message naming the file and what to do, instead of a traceback.
 
@@ -16,23 +16,12 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
 _NOT_A_FOLDER = {errno.EEXIST, errno.ENOTDIR}
 # SQLite reports these conditions in words, not errnos (sqlite3.OperationalError).
-_SQLITE_FULL = ("database or disk is full", "disk i/o error")
+_SQLITE_FULL = ("database or disk is full",)
 _SQLITE_DENIED = ("readonly database", "unable to open database file")
-
-
-def storage_error(exc: BaseException | None) -> OSError | sqlite3.Error | None:
-    """The OSError or SQLite error that `exc` is or was caused by (first in its chain), if any."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (OSError, sqlite3.Error)):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _free(path: Path) -> str:
@@ -48,6 +37,8 @@ def _kind(exc: OSError | sqlite3.Error) -> str:
     if isinstance(exc, OSError):
         if exc.errno in _FULL:
             return "full"
+        if exc.errno == errno.EFBIG:
+            return "limit"
         if exc.errno in _DENIED:
             return "denied"
         if exc.errno in _NOT_A_FOLDER:
@@ -58,6 +49,8 @@ def _kind(exc: OSError | sqlite3.Error) -> str:
         return "full"
     if any(s in text for s in _SQLITE_DENIED):
         return "denied"
+    if "disk i/o error" in text:
+        return "refused"
     return "other"
 
 
@@ -75,10 +68,13 @@ def explain(exc: OSError | sqlite3.Error, run_dir: Path | None) -> str:
     resume = (f"python -m harness.loop --resume {where}" if where is not None and (where / "config.yaml").exists()
               else "the same command")
     kind = _kind(exc)
-    if kind == "full":
-        return (f"{what}: the disk is full ({reason}; {_free(target or Path.cwd())} there). Nothing finished is "
-                f"lost: every record is written whole or not at all. Free some space (or move the run directory to "
-                f"a larger disk) and continue with: {resume}")
+    cause = {"full": "the disk is full",
+             "limit": "a file-size limit stops the write (ulimit -f, or a quota)",
+             "refused": "the disk refused the write (full, over a quota or file-size limit, or failing)"}.get(kind)
+    if cause is not None:
+        return (f"{what}: {cause} ({reason}; {_free(target or Path.cwd())} there). Nothing finished is lost: "
+                f"every record is written whole or not at all. Free some space or lift the limit (or move the run "
+                f"directory to a larger disk) and continue with: {resume}")
     if kind == "denied":
         return (f"{what}: {reason}. A run directory must be writable: pick a folder you can write with "
                 f"--run-dir <folder>, or make {where or target} writable (a run that has started can also be "
@@ -86,7 +82,7 @@ def explain(exc: OSError | sqlite3.Error, run_dir: Path | None) -> str:
     if kind == "not-a-folder":
         return (f"{what}: {target} (or a folder above it) is a file, not a folder; --run-dir must name a folder, "
                 f"new or holding a run: pick another path")
-    return f"{what}: {reason}. Fix the cause and run {resume}"
+    return f"cannot use {target or 'a file'}: {reason}. Fix the cause and run {resume}"
 
 
-__all__ = ["explain", "storage_error"]
+__all__ = ["explain"]
