@@ -40,6 +40,7 @@ from harness.identity import (RESUMABLE_FIELDS, establish, finished_work, flat, 
                               load_identity, write_config)
 from harness.ioerrors import explain as explain_io_error
 from harness.llm import LLMClient
+from harness.llm.journal import BOUND
 from harness.plan import estimate_plan, plan_table
 from harness.prompts import Prompts
 from harness.providers.base import FinetuneProvider
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f" + {unknown} calls of unknown price" if unknown else "")
                   + (f"; {usage['unanswered_calls']} call{'s' if usage['unanswered_calls'] != 1 else ''} may have "
                      f"been billed without an answer (worst case "
-                     f"${usage.get('unanswered_cost_usd', 0):.4f}, see calls-in-flight.jsonl)"
+                     f"${usage.get('unanswered_cost_usd', 0):.4f}: {BOUND}; see calls-in-flight.jsonl)"
                      if usage.get("unanswered_calls") else "")
                   + (" (simulated prices)" if summary.simulated else ""))
     for warning in summary.warnings:
