@@ -55,10 +55,11 @@ async def test_requests_that_never_reached_the_server_are_not_counted_as_possibl
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
         n = 8
         async with client(url, tmp_path, kind="openai", timeout_s=1.0, max_retries=1) as c:
-            with pytest.raises(LLMError):
+            with pytest.raises(LLMError) as info:
                 await asyncio.gather(*ask(c, n, "gpt-4o-mini"))
             counted = c.totals().unanswered_calls
     assert 1 <= counted <= 2  # the queue holds one connection (two on some kernels)
+    assert "has not answered once" in str(info.value) and "endpoint.base_url" in str(info.value)
     assert all(states in (["sent", "unanswered"], ["lost"]) for states in journal(tmp_path).values())
 
 

@@ -311,11 +311,12 @@ def cannot_connect_message(base_url: str, *, answered_before: bool = False) -> s
 
 def final_error(exc: BaseException, *, attempts: int, base_url: str, model: str | None = None,
                 api_key_env: str | None = None, what: str | None = None,
-                rate_limit_wait_s: float | None = None, answered_before: bool = False) -> LLMError:
+                rate_limit_wait_s: float | None = None, answered_before: bool | None = None) -> LLMError:
     """The LLMError a caller raises once retrying has stopped (terminal error, attempts used, or a
-    rate limit that did not lift within `rate_limit_wait_s`)."""
+    rate limit that did not lift within `rate_limit_wait_s`). `answered_before`: whether the server
+    gave any HTTP answer in this session (None: not known)."""
     if cannot_connect(exc):
-        return LLMError(cannot_connect_message(base_url, answered_before=answered_before))
+        return LLMError(cannot_connect_message(base_url, answered_before=bool(answered_before)))
     if rate_limit_wait_s is not None and is_rate_limited(exc):
         subject = what or (f"model '{model}'" if model else "the request")
         return LLMError(
@@ -330,6 +331,13 @@ def final_error(exc: BaseException, *, attempts: int, base_url: str, model: str 
     subject = what or (f"model '{model}'" if model else "the request")
     if isinstance(exc, MalformedResponse) and exc.kind != "malformed":
         return LLMError(not_an_api_message(exc, base_url=base_url, subject=subject, attempts=attempts))
+    if answered_before is False and isinstance(exc, openai.APIConnectionError):
+        # Not one HTTP answer in this session: the server is not failing, it is not there.
+        return LLMError(
+            f"{subject} at {base_url}: no answer in {attempts} attempt(s) ({short_error(exc)}), and the server has "
+            f"not answered once in this run: is it running and reachable from here, and is endpoint.base_url its "
+            f"address? (A host that silently drops connections looks like this.) If it is just slow to start or "
+            f"to answer, raise endpoint.timeout_s.")
     return LLMError(
         f"{subject} at {base_url} failed after {attempts} attempt(s); last error: {short_error(exc)}. "
         f"The server kept failing{' or rate-limiting' if is_rate_limited(exc) else ''}: try again later (finished "
