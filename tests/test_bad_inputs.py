@@ -71,6 +71,9 @@ def _cases(tmp: Path, servers: dict[str, BadEndpoint], finished_run: Path) -> di
         "n_test=0": Case(["--set", "task.n_test=0", "--set", "finetune.iterations=0"], ["task.n_test"]),
         "bad base_url scheme": Case([*OPENAI, "--set", "endpoint.base_url=ftp://127.0.0.1/v1"],
                                     ["endpoint.base_url", "ftp://127.0.0.1/v1", "http"]),
+        # Brackets in a message are printed, not read as terminal markup.
+        "server list without scheme": Case(["--set", "serve.base_urls=[localhost:8000]"],
+                                           ["serve.base_urls", "[localhost:8000]", "'localhost:8000'", "http"]),
         "base_url without scheme": Case([*OPENAI, "--set", "endpoint.base_url=127.0.0.1:8000/v1"],
                                         ["endpoint.base_url", "http"]),
         "missing API key": Case([*OPENAI, "--set", "endpoint.api_key_env=HARNESS_TEST_NO_SUCH_KEY",
@@ -117,8 +120,8 @@ def audit(tmp_path_factory):
 CASE_NAMES = [
     "bad YAML", "empty YAML", "YAML not a mapping", "YAML not UTF-8", "missing config file", "nonexistent preset",
     "unknown field", "unknown section", "wrong type", "out of range", "bad --set syntax", "--set into a value",
-    "bad task name", "n_test=0", "bad base_url scheme", "base_url without scheme", "missing API key",
-    "bad price entry", "run-dir is a file", "run-dir below a file", "resume of a non-run folder",
+    "bad task name", "n_test=0", "bad base_url scheme", "server list without scheme", "base_url without scheme",
+    "missing API key", "bad price entry", "run-dir is a file", "run-dir below a file", "resume of a non-run folder",
     "resume of nothing", "resume of a file", "resume with --config", "resume with a changed frozen setting",
     "unreachable server", "401 server", "404 server", "html server", "garbage server", "empty server",
 ]
