@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import ConfigError
 from harness.providers.together_settings import TogetherSettings
@@ -26,6 +26,16 @@ from harness.tracking.settings import TrackingConfig
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _http_url(url: str) -> str:
+    """A server URL the OpenAI client can call: http(s)://host..., refused at load otherwise (an
+    ftp:// or schemeless URL would only fail at the first call, after the run has started)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        raise ValueError(f"{url!r} is not an http:// or https:// URL; write the server's API root, e.g. "
+                         f"http://127.0.0.1:8000/v1 or https://api.openai.com/v1")
+    return url
 
 
 class ArithmeticConfig(_Strict):
@@ -137,6 +147,8 @@ class EndpointConfig(_Strict):
     batch: bool = False
     batch_settings: BatchSettings = Field(default_factory=BatchSettings)
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
+
+    _check_base_url = field_validator("base_url")(lambda cls, v: v if v is None else _http_url(v))
 
     def api_key(self) -> str:
         if self.kind == "simulator":
@@ -325,6 +337,8 @@ class ServeConfig(_Strict):
     devices: list[int | str] | None = None  # subprocess runner: GPUs for the replicas; None: as is
     runner: Literal["subprocess", "ray"] = "subprocess"
     ray: RayServeConfig = Field(default_factory=RayServeConfig)
+
+    _check_base_urls = field_validator("base_urls")(lambda cls, v: [_http_url(u) for u in v])
 
     @model_validator(mode="after")
     def _check_rank(self) -> "ServeConfig":

@@ -141,8 +141,16 @@ class Debater:
         errors: list[list[str | None]] = [[] for _ in range(n)]
         previous: list[str] | None = None
         for rnd in range(self.settings.rounds):
-            replies = await asyncio.gather(*(
-                self._agent_turn(problem, a, rnd, conversations[a], previous) for a in range(n)))
+            # return_exceptions: when one agent's call fails for good, its siblings' calls (maybe
+            # paid) still finish and are recorded before the error ends the run, instead of being
+            # left running while the client closes its files under them.
+            outcomes = await asyncio.gather(*(
+                self._agent_turn(problem, a, rnd, conversations[a], previous) for a in range(n)),
+                return_exceptions=True)
+            failed = [o for o in outcomes if isinstance(o, BaseException)]
+            if failed:
+                raise failed[0]
+            replies = [o for o in outcomes if not isinstance(o, BaseException)]
             for a, (_, cut, error) in enumerate(replies):
                 truncated[a].append(cut)
                 errors[a].append(error)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.config import RunConfig, load_config
@@ -36,8 +38,10 @@ from harness.finetune import FinetuneStage
 from harness.ftdata import FtDataStats, build_ftdata, build_star_ftdata
 from harness.identity import (RESUMABLE_FIELDS, establish, finished_work, flat, frozen_changes, header_run_id,
                               load_identity, write_config)
+from harness.ioerrors import explain as explain_io_error
 from harness.llm import LLMClient
 from harness.llm.batch import debate_client
+from harness.llm.journal import BOUND
 from harness.plan import batch_wait_note, estimate_plan, plan_table
 from harness.prompts import Prompts
 from harness.providers.base import FinetuneProvider
@@ -347,7 +351,8 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     identity = load_identity(run_dir)
     restore = f"; restore the settings the run started with: python -m harness.repair {run_dir}" if identity else ""
     if not run_dir.is_dir():
-        raise ConfigError(f"--resume {run_dir}: no such directory")
+        raise ConfigError(f"--resume {run_dir}: {'a file, not' if run_dir.exists() else 'no such folder, so not'} a run "
+                          f"directory; name the folder of the run to continue (runs/<name>-<time> by default)")
     if not saved.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there{restore or '; is this a run directory?'}")
     try:
@@ -385,6 +390,8 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         return _resume_config(args.resume, args.overrides), args.resume
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a folder: name a new folder (or a run directory)")
     if (run_dir / "config.yaml").exists():
         done = finished_work(run_dir)
         if done:
@@ -456,20 +463,23 @@ def main(argv: list[str] | None = None) -> int:
                          if run_dir is not None and (run_dir / "config.yaml").exists() else ""))
         return 130
     except BudgetExceeded as e:
-        console.print(f"[bold yellow]stopped:[/] {e}")
+        console.print(f"[bold yellow]stopped:[/] {escape(str(e))}")
         console.print(f"resume with: python -m harness.loop --resume {run_dir} --set budget.max_cost_usd=<higher cap>")
         return EXIT_BUDGET
     except ConfigError as e:
-        console.print(f"[bold red]config error:[/] {e}")
+        console.print(f"[bold red]config error:[/] {escape(str(e))}")
         advice = _after_error(run_dir, e) if lock is not None else None
         if advice:
-            console.print(advice)
+            console.print(escape(advice))
         return 2
     except HarnessError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         advice = _after_error(run_dir, e) if lock is not None else None
         if advice:
-            console.print(advice)
+            console.print(escape(advice))
+        return 1
+    except (OSError, sqlite3.Error) as e:  # the run directory cannot be written (full, read-only, a file)
+        console.print(f"[bold red]error:[/] {escape(explain_io_error(e, run_dir))}")
         return 1
     finally:
         if lock is not None:
@@ -486,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f" + {unknown} calls of unknown price" if unknown else "")
                   + (f"; {usage['unanswered_calls']} call{'s' if usage['unanswered_calls'] != 1 else ''} may have "
                      f"been billed without an answer (worst case "
-                     f"${usage.get('unanswered_cost_usd', 0):.4f}, see calls-in-flight.jsonl)"
+                     f"${usage.get('unanswered_cost_usd', 0):.4f}: {BOUND}; see calls-in-flight.jsonl)"
                      if usage.get("unanswered_calls") else "")
                   + (" (simulated prices)" if summary.simulated else ""))
     for warning in summary.warnings:

@@ -1,7 +1,9 @@
 """Model calls for the whole harness: AsyncOpenAI against any OpenAI-compatible endpoint, with
 pacing under rate limits, one retry layer, the run's response cache, a journal of requests in
-flight, usage/cost logging and the budget cap. See client.py (LLMClient), pacing.py, retry.py,
-journal.py, pricing.py, cache.py, usage.py; batch.py sends debate rounds through the Batch API.
+flight, usage/cost logging and the budget cap. See client.py (LLMClient), responses.py (one
+request each, and its checks), transport.py (the HTTP client), pacing.py, retry.py, ledger.py
+(usage, journal and budget together), journal.py, pricing.py, cache.py, usage.py; batch.py sends debate rounds through
+the Batch API.
 
 The names below are imported on first use (PEP 562), so that `python -m harness.llm.cache`
 runs its module once, not after the package has already imported it."""

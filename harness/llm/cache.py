@@ -110,6 +110,17 @@ class ResponseCache:
         except json.JSONDecodeError:
             return None
 
+    def usages_since(self, created: float) -> list[dict]:
+        """The usage records stored with the answers written at or after `created` (time.time())."""
+        found = []
+        for (text,) in self._db.execute("SELECT usage FROM responses WHERE created >= ? AND usage IS NOT NULL "
+                                        "ORDER BY created", (created,)):
+            try:
+                found.append(json.loads(text))
+            except json.JSONDecodeError:
+                continue
+        return found
+
     def put(self, key: str, kind: str, model: str, value: dict, usage: dict | None = None) -> None:
         self._db.execute(
             f"INSERT OR REPLACE INTO responses ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",

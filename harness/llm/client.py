@@ -16,24 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import hashlib
 import logging
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-import httpx2
 import openai
-from pydantic import BaseModel
 
 from harness.config import EndpointConfig, SamplingConfig
-from harness.errors import BudgetExceeded, ConfigError, HarnessError, LogprobsUnavailable
+from harness.errors import HarnessError
+from harness.llm import responses
 from harness.llm.cache import CACHE_NAME, ResponseCache, cache_key
-from harness.llm.journal import JOURNAL_NAME, CallJournal, JournalEntry
+from harness.llm.ledger import Ledger, outcome
 from harness.llm.pacing import Pacer
-from harness.llm.pricing import check_overrides, cost_usd, estimate_cost
+from harness.llm.pricing import check_overrides, estimate_cost
+from harness.llm.responses import ChatResult, PromptLogprobs, dump_messages, sample_seed
 from harness.llm.retry import (BACKOFF_BASE_S, BACKOFF_CAP_S, MalformedResponse, cannot_connect, final_error,
                                retrying)
+from harness.llm.transport import Sending, http_client, sending
 from harness.llm.usage import UsageLog, UsageTotals
 from harness.records import Message, SampleId, UsageRecord
 
@@ -42,53 +43,13 @@ log = logging.getLogger(__name__)
 # Inputs per /embeddings request: well under OpenAI's 2048 and small enough that one
 # request body stays modest; each chunk is cached on its own.
 EMBED_CHUNK = 256
-
-
-class ChatResult(BaseModel):
-    text: str
-    cached: bool  # answered from the run's cache: no call was made, nothing was paid
-    usage: UsageRecord  # the line written to usage.jsonl for this call
-    finish_reason: str | None = None  # "length" means max_tokens cut the answer
-
-
-class PromptLogprobs(BaseModel):
-    """Each token of a chat-rendered prompt and its log-probability under a model (None for the
-    first token, which nothing precedes)."""
-
-    token_ids: list[int]
-    logprobs: list[float | None]
-
-
-def sample_seed(client_seed: int, sample: SampleId) -> int:
-    """A stable 31-bit seed per (run seed, sample identity): each agent's sample is reproducible
-    and differs from the other agents'. sha256 rather than hash(): hash() of str is salted per
-    process, so it would change on every resume."""
-    digest = hashlib.sha256(f"{client_seed}|{sample.key()}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-def _usd(x: float) -> str:
-    return f"${x:.4f}" if abs(x) >= 0.01 else f"${x:.6f}"
-
-
-def _dump_messages(messages: list[Message] | list[dict]) -> list[dict[str, str]]:
-    out = []
-    for m in messages:
-        d = m.model_dump() if isinstance(m, BaseModel) else dict(m)
-        out.append({"role": d["role"], "content": d["content"]})
-    return out
+# At close, calls still in flight (a caller that stopped waiting for them) get this long to end
+# and be recorded before they are cancelled and the journal is closed.
+DRAIN_S = 10.0
 
 
 class _OwnerCancelled(Exception):
     """The call that identical in-flight requests were sharing was cancelled by its own caller."""
-
-
-def _journal_state(exc: BaseException) -> str:
-    """How a failed request ends in the journal: refused (the server answered with an error, or
-    no connection was made: not billed) or unanswered (it may have been billed)."""
-    if isinstance(exc, openai.APIStatusError) or cannot_connect(exc):
-        return "refused"
-    return "unanswered"
 
 
 class LLMClient:
@@ -114,37 +75,27 @@ class LLMClient:
         check_overrides(self.prices)  # a bad price entry fails now, not mid-run
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._usage = UsageLog(run_dir / "usage.jsonl")
         self._cache = ResponseCache(run_dir / CACHE_NAME)
-        self._restored = 0
-        self._journal = CallJournal(run_dir / JOURNAL_NAME, settle=self._settle)
-        self.notes: list[str] = []  # what the run should report once (calls lost in a crash)
-        self._report_recovery()
+        self._ledger = Ledger(run_dir, self._cache, budget_usd)  # usage, the journal, the budget; crash recovery
+        self.notes = self._ledger.notes  # what the run should report once (calls lost in a crash)
         # One pacer per server, shared by every caller: rate limits are per server (and key).
         self._pacers = {url: Pacer(url, max_in_flight=endpoint.concurrency, rpm_limit=endpoint.rpm_limit,
                                    tpm_limit=endpoint.tpm_limit) for url in self.base_urls}
         # The total cap over all servers; each pacer adapts its own share below it.
         self._sem = asyncio.Semaphore(endpoint.concurrency)
-        # The pool must hold at least `concurrency` connections, or it, not the semaphore, becomes
-        # the limit; keep-alive for all of them so bursts reuse connections instead of reopening.
         # The SDK's aiohttp transport (the `openai[aiohttp]` extra): at 64 calls in flight its
         # connection pool costs far less CPU per request than httpx2's, whose pool scans every
         # connection on each request (measured: ~1.2x vs ~1.5-2x the ideal wall time).
-        # keepalive_expiry 3 s: below the 5 s idle timeout of uvicorn (vLLM, the simulator). At the
-        # same 5 s, a connection reused just as the server closes it fails ("server disconnected",
-        # reported as a timeout) and the request would count as possibly billed.
-        self._http = openai.DefaultAioHttpClient(
-            limits=httpx2.Limits(max_connections=endpoint.concurrency + 16,
-                                 max_keepalive_connections=endpoint.concurrency, keepalive_expiry=3.0),
-            timeout=endpoint.timeout_s,
-        )
+        # `traced`: it signals when each request's body goes out (transport.py).
+        self._http, self._traced = http_client(concurrency=endpoint.concurrency, timeout_s=endpoint.timeout_s)
         # max_retries=0: the SDK would otherwise retry underneath our retry layer.
         self._clients = [openai.AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0,
                                             timeout=endpoint.timeout_s, http_client=self._http)
                          for url in self.base_urls]
         self._client = self._clients[0]
-        self._reserved_usd = 0.0  # budget estimates of calls in flight
         self._inflight: dict[str, asyncio.Future] = {}
+        self._callers: set[asyncio.Task] = set()  # tasks inside a network call (see aclose)
+        self._completed: set[int] = set()  # servers that gave a usable answer in this session
         self._reasoning: dict[str, bool] = {}
         if sampling.extra_body and endpoint.kind != "vllm":
             log.warning("sampling.extra_body %s is sent to vLLM endpoints only; endpoint.kind is %s, so it is ignored",
@@ -169,7 +120,7 @@ class LLMClient:
     def chat_request(self, model: str, messages: list[Message], sample: SampleId) -> tuple[str, dict[str, Any], int]:
         """(cache key, request body, prompt characters) of one chat call. The key is the same
         whether the call is sent directly or in a batch (harness.llm.batch)."""
-        msgs = _dump_messages(messages)
+        msgs = dump_messages(messages)
         params = self.request_params(sample)
         key = cache_key({"op": "chat", "model": model, "messages": msgs, "params": params,
                          "sample": sample.model_dump(mode="json")})
@@ -182,7 +133,8 @@ class LLMClient:
 
         async def call() -> tuple[dict, int, float, str]:
             return await self._network(key, model, purpose, server, prompt_chars, len(messages),
-                                       self.sampling.max_tokens, lambda client: self._chat_once(client, model, body))
+                                       self.sampling.max_tokens,
+                                       lambda client: responses.chat_once(client, model, body, self.prices))
 
         value, rec = await self._cached(key, "chat", model, sample, purpose, call)
         return ChatResult(text=value["text"], cached=rec.cached, usage=rec,
@@ -197,7 +149,7 @@ class LLMClient:
 
             async def call(chunk: list[str] = chunk, key: str = key) -> tuple[dict, int, float, str]:
                 return await self._network(key, model, "embed", 0, sum(len(t) for t in chunk), len(chunk), 0,
-                                           lambda client: self._embed_once(client, model, chunk))
+                                           lambda client: responses.embed_once(client, model, chunk, self.prices))
 
             value, _ = await self._cached(key, "embed", model, None, "embed", call)
             vectors.extend(value["vectors"])
@@ -243,15 +195,15 @@ class LLMClient:
         single generated token is thrown away. Cached, retried, budgeted and written to
         usage.jsonl like every call (`sample` only attributes that line to an iteration).
         Raises LogprobsUnavailable when the server sends no prompt log-probabilities."""
-        msgs = _dump_messages(messages)
+        msgs = dump_messages(messages)
         key = cache_key({"op": "prompt_logprobs", "model": model, "messages": msgs,
                          "add_generation_prompt": add_generation_prompt})
         prompt_chars = sum(len(m["content"]) for m in msgs)
 
         async def call() -> tuple[dict, int, float, str]:
             return await self._network(key, model, purpose, 0, prompt_chars, len(msgs), 1,
-                                       lambda client: self._prompt_logprobs_once(client, model, msgs,
-                                                                                add_generation_prompt))
+                                       lambda client: responses.prompt_logprobs_once(client, model, msgs,
+                                                                                     add_generation_prompt, self.prices))
 
         value, _ = await self._cached(key, "prompt_logprobs", model, sample, purpose, call)
         return PromptLogprobs(token_ids=value["token_ids"], logprobs=value["logprobs"])
@@ -259,10 +211,7 @@ class LLMClient:
     def totals(self) -> UsageTotals:
         """This run so far, earlier sessions included (read from usage.jsonl and the journal of
         requests in flight at start)."""
-        totals = self._usage.totals()
-        n, cost, unknown = self._journal.possibly_billed()
-        totals.unanswered_calls, totals.unanswered_cost_usd, totals.unanswered_unknown_cost_calls = n, cost, unknown
-        return totals
+        return self._ledger.totals()
 
     # The Batch API path (harness.llm.batch) answers chat calls itself, into the same cache and
     # usage log and under the same budget cap.
@@ -272,15 +221,15 @@ class LLMClient:
 
     @property
     def usage_log(self) -> UsageLog:
-        return self._usage
+        return self._ledger.usage
 
     def reserve_budget(self, model: str, est: float | None) -> float:
         """Reserve `est` USD of the budget cap for a call about to be sent (BudgetExceeded if it
         would pass the cap); give it back with `release_budget` once the call is recorded."""
-        return self._reserve(model, est)
+        return self._ledger.reserve(model, est)
 
     def release_budget(self, amount: float) -> None:
-        self._reserved_usd -= amount
+        self._ledger.release(amount)
 
     def pacing(self) -> dict[str, dict[str, float]]:
         """Per server: 429s met, seconds callers waited for the rate limit, the current window."""
@@ -288,11 +237,29 @@ class LLMClient:
                 for url, p in self._pacers.items()}
 
     async def aclose(self) -> None:
+        await self._drain()
         for client in self._clients:
             await client.close()  # the first also closes the shared http client
         self._cache.close()
-        self._usage.close()
-        self._journal.close_file()
+        self._ledger.close()
+
+    async def _drain(self) -> None:
+        """Let calls still in flight end and be recorded before the files close. A caller that
+        stopped waiting (e.g. asyncio.gather raising on a sibling's error) leaves its call running;
+        closing the journal under it lost the call's outcome (reported as possibly billed at the
+        next start) and printed a traceback per call."""
+        me = asyncio.current_task()
+        tasks = {t for t in self._callers if t is not me and not t.done()}
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=DRAIN_S)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        for task in tasks:  # their errors repeat the one the run stops with: not "never retrieved"
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("a call still in flight at close ended with: %s", task.exception())
 
     async def __aenter__(self) -> "LLMClient":
         return self
@@ -319,10 +286,13 @@ class LLMClient:
             rec = UsageRecord(ts=time.time(), model=model, sample=sample, purpose=purpose, prompt_tokens=0,
                               completion_tokens=0, cached_prompt_tokens=0, latency_s=0.0, cost_usd=0.0,
                               cached=True, attempts=0)
-            self._usage.append(rec)
+            self._ledger.record(rec)
             return hit, rec
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
+        task = asyncio.current_task()
+        if task is not None:
+            self._callers.add(task)
         try:
             value, attempts, latency, call_id = await call()
             rec = UsageRecord(ts=time.time(), model=model, sample=sample, purpose=purpose,
@@ -335,8 +305,8 @@ class LLMClient:
             # neither paid twice nor left unrecorded; a crash before the row leaves the request
             # open in the journal, counted as possibly billed.
             self._cache.put(key, kind, model, value, usage=rec.model_dump(mode="json"))
-            self._usage.append(rec)
-            self._journal.close(call_id, "answered")
+            self._ledger.record(rec)
+            self._ledger.ended(call_id, "answered")
         except BaseException as exc:
             # Followers must not inherit the owner's cancellation: they get a marker and retry.
             fut.set_exception(_OwnerCancelled() if isinstance(exc, asyncio.CancelledError) else exc)
@@ -344,179 +314,76 @@ class LLMClient:
             raise
         finally:
             del self._inflight[key]
+            self._callers.discard(task)
         fut.set_result(value)
         return value, rec
 
     async def _network(self, key: str, model: str, purpose: str, server: int, prompt_chars: int, messages: int,
                        max_output_tokens: int, once: Callable[[openai.AsyncOpenAI], Awaitable[tuple[dict, Any]]]
                        ) -> tuple[dict, int, float, str]:
-        """One logical call: attempts paced by the server's pacer, each journaled before it is sent,
-        under our retry layer (429s are waited out, not counted), with the budget reserved once.
-        Returns (value, attempts, latency of the successful attempt, its journal id)."""
+        """One logical call: attempts paced by the server's pacer, each journaled as its body goes
+        out (transport.py), under our retry layer (429s are waited out, not counted), with the
+        budget reserved once. Returns (value, attempts, latency of the successful attempt, its
+        journal id)."""
         url = self.base_urls[server]
         pacer, client = self._pacers[url], self._clients[server]
         est = estimate_cost(model, prompt_chars, max_output_tokens, self.prices)
         reserved: float | None = None
         attempts = 0
+
+        def give_up(exc: BaseException) -> bool:
+            # Nothing listening, or a page that is no completion, at a server that never answered
+            # in this session: a wrong URL, which more attempts would only make slower to report.
+            return ((cannot_connect(exc) and not pacer.answered)
+                    or (isinstance(exc, MalformedResponse) and exc.kind != "malformed" and server not in self._completed))
+
         try:
             async for attempt in retrying(self.endpoint.max_retries, **self._backoff,
                                           rate_limit_wait_s=self.endpoint.rate_limit_wait_s, stalled_s=pacer.stalled_s,
-                                          give_up=lambda exc: cannot_connect(exc) and not pacer.answered):
+                                          give_up=give_up):
                 with attempt:
                     async with pacer.slot(prompt_chars, messages, max_output_tokens) as ticket, self._sem:
                         if reserved is None:  # checked once a slot is ours, so queued calls do not count
-                            reserved = self._reserve(model, est)
+                            reserved = self._ledger.reserve(model, est)
                         attempts = attempt.retry_state.attempt_number
-                        call_id = self._journal.sent(key, model, purpose, est)
-                        t0 = time.monotonic()
-                        try:
-                            value, headers = await once(client)
-                        except BaseException as exc:
-                            self._journal.close(call_id, _journal_state(exc))
-                            raise
+                        ids: list[str] = []
+                        with sending(lambda: ids.append(self._ledger.sent(key, model, purpose, est))) as tx:
+                            if not self._traced:
+                                tx.transmit()
+                            t0 = time.monotonic()
+                            value, headers = await self._attempt(once, client, tx, ids)
                         latency = time.monotonic() - t0
+                        call_id = ids[0]
                         pacer.succeeded(ticket, headers, value.get("prompt_tokens"))
+                        self._completed.add(server)
             if value.get("prompt_tokens") is None and "cost_usd" not in value:
                 # The server sent no usage: charge the estimate so the budget stays conservative.
                 value["cost_usd"] = est
                 log.warning("no usage in the response of %s at %s: cost estimated", model, url)
             return value, attempts, latency, call_id
-        except HarnessError:
-            raise
+        except (HarnessError, OSError, sqlite3.Error):
+            raise  # our own decisions, and the run directory failing (harness.ioerrors explains it)
         except Exception as exc:
             raise final_error(exc, attempts=attempts, base_url=url, model=model,
                               api_key_env=self.endpoint.api_key_env, rate_limit_wait_s=self.endpoint.rate_limit_wait_s,
                               answered_before=pacer.answered) from exc
         finally:
             if reserved:
-                self._reserved_usd -= reserved
+                self._ledger.release(reserved)
 
-    def _reserve(self, model: str, est: float | None) -> float:
-        if self.budget_usd is None:
-            return 0.0
-        if est is None:
-            # Decision: refuse rather than run uncapped. A cap that silently ignores a model
-            # is no cap; the user can price it (even at 0 for a local server) in one line.
-            raise ConfigError(
-                f"budget.max_cost_usd is set but the price of model '{model}' is unknown, so the cap cannot be "
-                f"enforced: add it to the config, e.g. --set 'prices.{model}={{input: 0.15, output: 0.6}}' "
-                f"(USD per 1M tokens; 0 for a local server), or remove budget.max_cost_usd"
-            )
-        _, unanswered, _ = self._journal.possibly_billed()
-        spent = self._usage.spent_usd + unanswered
-        if spent + self._reserved_usd + est > self.budget_usd:
-            lost = f" (of which {_usd(unanswered)} worst case for calls that may have been billed without an answer)"
-            raise BudgetExceeded(
-                f"budget cap reached: {_usd(spent)} spent so far in this run (earlier sessions included"
-                f"{lost if unanswered else ''}) plus "
-                f"{_usd(self._reserved_usd)} for calls in flight, and the next call to '{model}' may cost up to "
-                f"{_usd(est)}, which would pass budget.max_cost_usd=${self.budget_usd:g}. Raise the cap with "
-                f"--set budget.max_cost_usd=<more> and start the run again: it resumes from where it stopped "
-                f"and finished calls come from the cache at no cost."
-            )
-        self._reserved_usd += est
-        return est
-
-    async def _chat_once(self, client: openai.AsyncOpenAI, model: str, body: dict) -> tuple[dict, Any]:
-        # The SDK's raw `post` rather than `chat.completions.create`: same auth, headers, timeouts
-        # and exception types, but it skips the recursive TypedDict transform of the parameters
-        # and the typed response model, which cost ~3 ms of CPU per call (profiled) and were the
-        # bottleneck at 64 calls in flight. Our messages are plain JSON and need no transform.
-        # cast_to=httpx2.Response: the raw response, whose rate-limit headers the pacer reads.
-        raw = await client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+    async def _attempt(self, once: Callable[[openai.AsyncOpenAI], Awaitable[tuple[dict, Any]]],
+                       client: openai.AsyncOpenAI, tx: Sending, ids: list[str]) -> tuple[dict, Any]:
+        """One HTTP request; its journal line is closed with its outcome if it went out."""
         try:
-            resp = raw.json()
-        except ValueError:
-            raise MalformedResponse(f"the answer of {model} is not JSON") from None
-        choices = resp.get("choices") if isinstance(resp, dict) else None
-        if not choices or not isinstance(choices[0], dict):
-            raise MalformedResponse(f"no choices in the answer of {model}")
-        choice = choices[0]
-        text = (choice.get("message") or {}).get("content")
-        value: dict[str, Any] = {"text": text or "", "finish_reason": choice.get("finish_reason")}
-        self._add_usage(value, model, resp.get("usage"))
-        return value, raw.headers
-
-    async def _prompt_logprobs_once(self, client: openai.AsyncOpenAI, model: str, msgs: list[dict],
-                                    add_generation_prompt: bool) -> tuple[dict, Any]:
-        body = {"model": model, "messages": msgs, "max_completion_tokens": 1, "temperature": 0, "prompt_logprobs": 0,
-                "add_generation_prompt": add_generation_prompt}
-        raw = await client.post("/chat/completions", body=body, cast_to=httpx2.Response)
-        try:
-            resp = raw.json()
-        except ValueError:
-            raise MalformedResponse(f"the answer of {model} is not JSON") from None
-        entries = resp.get("prompt_logprobs") if isinstance(resp, dict) else None
-        if not isinstance(entries, list) or not entries:
-            raise LogprobsUnavailable(f"{self.base_url} sent no prompt_logprobs for {model}: only vLLM servers "
-                                      f"score a given text (OpenAI and the simulator do not)")
-        ids: list[int] = []
-        logprobs: list[float | None] = []
-        for i, entry in enumerate(entries):
-            if entry is None and i == 0:  # nothing precedes the first token
-                continue
-            # prompt_logprobs=0: exactly the prompt's own token, keyed by its id
-            if not isinstance(entry, dict) or len(entry) != 1:
-                raise LogprobsUnavailable(f"prompt_logprobs entry {i} from {model} is not one token: {entry!r:.200}")
-            (tok, info), = entry.items()
-            ids.append(int(tok))
-            logprobs.append(float(info["logprob"]))
-        if entries[0] is None:  # the first token's id is not sent: mark it so positions line up
-            ids.insert(0, -1)
-            logprobs.insert(0, None)
-        value: dict[str, Any] = {"token_ids": ids, "logprobs": logprobs}
-        self._add_usage(value, model, resp.get("usage"))
-        return value, raw.headers
-
-    async def _embed_once(self, client: openai.AsyncOpenAI, model: str, chunk: list[str]) -> tuple[dict, Any]:
-        raw = await client.embeddings.with_raw_response.create(model=model, input=chunk)
-        resp = raw.parse()
-        data = sorted(getattr(resp, "data", None) or [], key=lambda d: d.index)
-        if len(data) != len(chunk):
-            raise MalformedResponse(f"{len(data)} embeddings for {len(chunk)} inputs from {model}")
-        value: dict[str, Any] = {"vectors": [list(d.embedding) for d in data]}
-        usage = getattr(resp, "usage", None)
-        self._add_usage(value, model, usage.model_dump() if usage is not None else None)
-        value.setdefault("completion_tokens", 0)
-        return value, raw.headers
-
-    # ------------------------------------------------------------------ crash recovery
-
-    def _settle(self, entry: JournalEntry) -> bool:
-        """An request an earlier session left open in the journal: True if its answer made it into
-        the cache (its usage line is appended if the crash came before it), False if it is lost."""
-        stored = self._cache.usage(entry.key) if entry.key else None
-        if stored is None or stored.get("call_id") != entry.id:
-            return False
-        if not self._usage.has_call(entry.id):
-            self._usage.append(UsageRecord.model_validate(stored))
-            self._restored += 1
-        return True
-
-    def _report_recovery(self) -> None:
-        if self._restored:
-            log.info("%d usage lines restored from the cache (a crash came between an answer and its line)",
-                     self._restored)
-        lost = self._journal.lost_now
-        if not lost:
-            return
-        known = [e.est_cost_usd for e in lost if e.est_cost_usd is not None]
-        worst = _usd(sum(known)) + (f" plus {len(lost) - len(known)} of unknown price" if len(known) < len(lost) else "")
-        note = (f"{len(lost)} model call(s) were in flight when an earlier session of this run stopped: the provider "
-                f"may have billed them although no answer was saved (worst case {worst}). They count against "
-                f"budget.max_cost_usd at that estimate and are listed in {JOURNAL_NAME}; their work is asked again.")
-        log.warning(note)
-        self.notes.append(note)
-
-    def _add_usage(self, value: dict, model: str, usage: Any) -> None:
-        """Token counts from an OpenAI-shaped `usage` dict (None or incomplete: left out)."""
-        if not isinstance(usage, dict) or usage.get("prompt_tokens") is None:
-            return
-        prompt = usage["prompt_tokens"]
-        completion = usage.get("completion_tokens") or 0
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-        value.update(prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=cached,
-                     cost_usd=cost_usd(model, prompt, cached, completion, self.prices))
+            value, headers = await once(client)
+        except BaseException as exc:
+            if tx.error is not None:  # the journal line could not be written, so nothing was sent
+                raise tx.error from None
+            if tx.sent:
+                self._ledger.ended(ids[0], outcome(exc))
+            raise
+        tx.transmit()  # answered without the send signal (not expected): journaled all the same
+        return value, headers
 
 
 __all__ = ["ChatResult", "LLMClient", "PromptLogprobs", "sample_seed"]

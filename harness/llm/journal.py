@@ -1,6 +1,7 @@
-"""run_dir/calls-in-flight.jsonl: every HTTP request to a model is written here *before* it is
-sent, and closed when its outcome is known, so money the provider may have billed without an
-answer reaching the run is never silently lost.
+"""run_dir/calls-in-flight.jsonl: every HTTP request to a model is written here just before its
+body goes out (transport.py: not while it waits for a connection or a slot), and closed when its
+outcome is known, so money the provider may have billed without an answer reaching the run is
+never silently lost, and a request that never left is never counted.
 
 Per request (attempt), in order:
 
@@ -9,10 +10,10 @@ Per request (attempt), in order:
     {"id": ..., "state": "answered" | "refused" | "unanswered"}
 
 * answered:   the reply is in cache.sqlite (with its usage record) and in usage.jsonl.
-* refused:    the server answered with an HTTP error (429, 4xx, 5xx) or the connection was never
-              made: nothing was billed.
-* unanswered: sent, but no usable reply came back (timeout, dropped connection, a malformed body,
-              the caller cancelled): the provider may have billed it.
+* refused:    the server answered with an HTTP error (429, 4xx, 5xx) or with a page that is no
+              completion (HTML, `{}`), or the connection was never made: nothing was billed.
+* unanswered: sent, but no reply came back (timeout, dropped connection, the caller cancelled):
+              the provider may have billed it.
 
 A `sent` without a closing line is a request in flight when the process died (SIGKILL, power).
 At the next start (`reconcile`), such a request whose reply made it into the cache is closed as
@@ -36,6 +37,9 @@ from harness.fileio import JsonlAppender, iter_jsonl, write_jsonl_atomic
 JOURNAL_NAME = "calls-in-flight.jsonl"
 State = Literal["sent", "answered", "refused", "unanswered", "lost"]
 COUNTED: tuple[str, ...] = ("unanswered", "lost")  # may have been billed without an answer
+# How the worst case of those is computed, as the run reports it.
+BOUND = ("each request whose body went out and got no answer, at its whole prompt plus max_tokens at list price; "
+         "requests that never left, or that the server refused, are not counted")
 
 
 class JournalEntry(BaseModel):
@@ -74,6 +78,7 @@ class CallJournal:
         if entries and len(kept) != len(entries) or self.lost_now:
             write_jsonl_atomic(self.path, kept)
         self._out = JsonlAppender(self.path)
+        self._closed = False
         self._open: dict[str, JournalEntry] = {}
 
     def sent(self, key: str, model: str, purpose: str, est_cost_usd: float | None) -> str:
@@ -85,7 +90,7 @@ class CallJournal:
 
     def close(self, call_id: str, state: State) -> None:
         entry = self._open.pop(call_id, None)
-        if entry is None:
+        if entry is None or self._closed:  # after close_file: left open, settled at the next start
             return
         self._out.append(JournalEntry(id=call_id, state=state, ts=time.time()).model_dump(exclude_none=True))
         if state in COUNTED:
@@ -98,7 +103,8 @@ class CallJournal:
         return len(self.counted), sum(known), len(self.counted) - len(known)
 
     def close_file(self) -> None:
+        self._closed = True
         self._out.close()
 
 
-__all__ = ["COUNTED", "CallJournal", "JOURNAL_NAME", "JournalEntry"]
+__all__ = ["BOUND", "COUNTED", "CallJournal", "JOURNAL_NAME", "JournalEntry", "State"]

@@ -58,7 +58,29 @@ _TRANSIENT_STATUS = {408, 429}
 
 class MalformedResponse(Exception):
     """The server answered 200 with a body we cannot use (no choices, no data). Retried:
-    seen from overloaded proxies; a persistent one ends as LLMError after the attempts."""
+    seen from overloaded proxies; a persistent one ends as LLMError after the attempts.
+
+    `kind`: "not_json" (an HTML page, garbage) or "not_completion" (JSON such as `{}` without
+    choices), the marks of a wrong base_url or a proxy / login page; "malformed" otherwise.
+    `content_type` and `body_start` show the user what came back."""
+
+    def __init__(self, message: str, *, kind: str = "malformed", content_type: str | None = None,
+                 body_start: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.content_type = content_type
+        self.body_start = body_start
+
+
+def not_an_api_message(exc: MalformedResponse, *, base_url: str, subject: str, attempts: int) -> str:
+    """A 200 answer that is no completion: almost always the wrong URL, or a page in between."""
+    what = "a body that is not JSON" if exc.kind == "not_json" else "JSON that is not a chat completion"
+    tries = f" ({attempts} attempts)" if attempts > 1 else ""
+    return (f"{subject} at {base_url}: the server answered HTTP 200 with {what}{tries}: content-type "
+            f"{exc.content_type or '(none)'}, body starting {exc.body_start or ''!r}. This is not an OpenAI-compatible "
+            f"API answering: check that endpoint.base_url is the API root, ending in /v1 (e.g. "
+            f"https://api.openai.com/v1, http://127.0.0.1:8000/v1 for vLLM), and that no proxy, login or captive "
+            f"page answers in its place (try: curl {base_url.rstrip('/')}/models)")
 
 
 def _status(exc: BaseException) -> int | None:
@@ -289,11 +311,12 @@ def cannot_connect_message(base_url: str, *, answered_before: bool = False) -> s
 
 def final_error(exc: BaseException, *, attempts: int, base_url: str, model: str | None = None,
                 api_key_env: str | None = None, what: str | None = None,
-                rate_limit_wait_s: float | None = None, answered_before: bool = False) -> LLMError:
+                rate_limit_wait_s: float | None = None, answered_before: bool | None = None) -> LLMError:
     """The LLMError a caller raises once retrying has stopped (terminal error, attempts used, or a
-    rate limit that did not lift within `rate_limit_wait_s`)."""
+    rate limit that did not lift within `rate_limit_wait_s`). `answered_before`: whether the server
+    gave any HTTP answer in this session (None: not known)."""
     if cannot_connect(exc):
-        return LLMError(cannot_connect_message(base_url, answered_before=answered_before))
+        return LLMError(cannot_connect_message(base_url, answered_before=bool(answered_before)))
     if rate_limit_wait_s is not None and is_rate_limited(exc):
         subject = what or (f"model '{model}'" if model else "the request")
         return LLMError(
@@ -306,6 +329,15 @@ def final_error(exc: BaseException, *, attempts: int, base_url: str, model: str 
         return LLMError(terminal_message(exc, base_url=base_url, model=model, api_key_env=api_key_env),
                         status=_status(exc), code=_code(exc))
     subject = what or (f"model '{model}'" if model else "the request")
+    if isinstance(exc, MalformedResponse) and exc.kind != "malformed":
+        return LLMError(not_an_api_message(exc, base_url=base_url, subject=subject, attempts=attempts))
+    if answered_before is False and isinstance(exc, openai.APIConnectionError):
+        # Not one HTTP answer in this session: the server is not failing, it is not there.
+        return LLMError(
+            f"{subject} at {base_url}: no answer in {attempts} attempt(s) ({short_error(exc)}), and the server has "
+            f"not answered once in this run: is it running and reachable from here, and is endpoint.base_url its "
+            f"address? (A host that silently drops connections looks like this.) If it is just slow to start or "
+            f"to answer, raise endpoint.timeout_s.")
     return LLMError(
         f"{subject} at {base_url} failed after {attempts} attempt(s); last error: {short_error(exc)}. "
         f"The server kept failing{' or rate-limiting' if is_rate_limited(exc) else ''}: try again later (finished "
@@ -341,6 +373,6 @@ async def with_retries(fn: Callable[[], Awaitable[T]], max_retries: int, *, base
 __all__ = [
     "BACKOFF_BASE_S", "BACKOFF_CAP_S", "MAX_RETRY_AFTER_S", "MalformedResponse", "backoff_s", "cannot_connect",
     "cannot_connect_message", "final_error", "is_rate_limited", "is_request_too_large", "is_terminal",
-    "is_transient", "parse_duration", "retry_after_s", "retrying", "short_error", "terminal_message",
+    "is_transient", "not_an_api_message", "parse_duration", "retry_after_s", "retrying", "short_error", "terminal_message",
     "with_retries",
 ]

@@ -49,6 +49,20 @@ class UsageTotals(BaseModel):
             self.cost_usd += rec.cost_usd
 
 
+def _torn_tail(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            if size == 0:
+                return None
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+    except FileNotFoundError:
+        return None
+    return None if tail.endswith(b"\n") else tail[tail.rfind(b"\n") + 1:]
+
+
 class UsageLog:
     """Appends UsageRecords to usage.jsonl and keeps the totals, seeded from the existing file."""
 
@@ -56,8 +70,13 @@ class UsageLog:
         self.path = Path(path)
         self._totals = UsageTotals()
         self._call_ids: set[str] = set()
+        self.last_ts: float | None = None  # of the last whole line
+        # The last line cut short by a kill or a full disk (it is skipped, then cut off): its call
+        # is restored from the response cache (ledger.py).
+        self.torn_tail: bytes | None = _torn_tail(self.path)
         for rec in iter_jsonl(self.path, UsageRecord):  # earlier sessions of this run
             self._totals.add(rec)
+            self.last_ts = rec.ts
             if rec.call_id:
                 self._call_ids.add(rec.call_id)
         self._out = JsonlAppender(self.path)
