@@ -288,7 +288,7 @@ async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Probl
     if k < cfg.finetune.iterations:
         assert run.provider is not None
         train_records = await run.debate(k, "train", train, run.society(k, cfg.debate.agents), cfg.debate.rounds)
-        splits["train"] = split_metrics(train_records, iteration=k, split="train", simulated=run.simulated)
+        metrics.splits["train"] = split_metrics(train_records, iteration=k, split="train", simulated=run.simulated)
         write_model(run.iter_dir(k) / "metrics.json", metrics)
         data_dir = run.iter_dir(k) / "ftdata"
         with run.stage(k, "ftdata"):
