@@ -239,6 +239,33 @@ def parse_markdown_tables(text: str) -> dict[str, Table]:
     return out
 
 
+def disagreements(readme: str, rows: list[ProblemRow], protocol: Protocol) -> list[str]:
+    """Where a README's tables (and headline) differ from what records.csv gives; [] when they agree."""
+    if not rows:
+        found = parse_markdown_tables(readme)
+        return ([] if NOT_RUN in readme else ["records.csv has no rows but the README does not say no seed has run"]) + \
+            [f"table {t!r} printed without any records" for t in found]
+    problems = []
+    printed, wanted = parse_markdown_tables(readme), tables(rows, protocol)
+    for title in printed.keys() - wanted.keys():
+        problems.append(f"table {title!r} is not one the records give")
+    for title, (header, body) in wanted.items():
+        if title not in printed:
+            problems.append(f"table {title!r} is missing")
+            continue
+        got_header, got_body = printed[title]
+        if got_header != header:
+            problems.append(f"table {title!r}: header {got_header} != {header}")
+        for i in range(max(len(body), len(got_body))):
+            want = body[i] if i < len(body) else None
+            got = got_body[i] if i < len(got_body) else None
+            if want != got:
+                problems.append(f"table {title!r}, row {i + 1}: printed {got}, records give {want}")
+    if f"**{headline(rows, protocol)}**" not in readme:
+        problems.append(f"headline missing or different; records give: {headline(rows, protocol)}")
+    return problems
+
+
 def main() -> None:
     protocol = load_protocol(RESULT / "protocol.yaml")
     write_atomic(RESULT / "README.md", render(read_rows(RESULT / "records.csv"), protocol))
