@@ -176,3 +176,28 @@ def test_tiny_simulated_protocol_end_to_end(tmp_path):
     rows = read_rows(tmp_path / "records.csv")
     assert {r.seed for r in rows} == {1} and len(rows) == 48 * (1 + 3 * 2)
     assert disagreements((tmp_path / "README.md").read_text(), rows, load_protocol(path)) == []
+
+
+@pytest.mark.slow
+async def test_max_steps_caps_a_local_training_job(tmp_path):
+    """The pooled job's step cap reaches the trainer: 20 examples, batch 2, 2 epochs would be 20 steps."""
+    pytest.importorskip("trl", reason="the `local` extra is not installed")
+    from harness.config import Hyperparameters, LocalFinetuneConfig
+    from harness.providers.base import FinetuneRequest, JobStatus
+    from harness.providers.local import LocalProvider
+    from harness.testing.tiny_model import build_tiny_model, write_chat_jsonl
+
+    model = build_tiny_model(tmp_path / "model")
+    data = write_chat_jsonl(tmp_path / "pooled.jsonl", n=20, first_turn_weight=0)
+    p = LocalProvider(tmp_path / "run", LocalFinetuneConfig(threads=1), base_model_path=str(model), max_lora_rank=8,
+                      base_names={"base"})
+    try:
+        state = await p.submit(FinetuneRequest(training_file=data, base_model="base", max_steps=3,
+                                               metadata={"run": "t", "iteration": "1", "role": "generator", "agent": "0"},
+                                               hyperparameters=Hyperparameters(n_epochs=2, batch_size=2)))
+        done = await p.wait(state.job_id, poll_interval_s=0.2, max_interval_s=1.0)
+    finally:
+        await p.close()
+    assert done.status == JobStatus.SUCCEEDED, done.error
+    status = json.loads((Path(done.artifact_path).parent / "status.json").read_text())
+    assert (status["step"], status["total_steps"]) == (3, 3)
