@@ -42,6 +42,9 @@ class Tuned(_Strict):
     rule: str  # how `chosen` follows from the dev numbers, written before they exist
     chosen: float | int | str | None = None  # None: to be filled by --tune before any test run
     dev_results: str | None = None  # the file --tune wrote, relative to the protocol file
+    # The numbers that justified `chosen`: pooled dev final-vote accuracy per candidate, as --tune
+    # printed them (checked against dev_results before a seed runs).
+    dev_accuracy: dict[str, float] | None = None
 
 
 class Method(_Strict):

@@ -118,8 +118,14 @@ def tune(protocol: Protocol, protocol_path: Path, runs: Path) -> None:
             print(f"  {c.key}={c.value}: dev accuracy {100 * c.accuracy:.1f}% (first round {100 * c.first_round_accuracy:.1f}%, "
                   f"final vote parsed {100 * c.final_vote_parsed:.1f}%, all agree {100 * c.all_agree:.1f}%), n={c.n}")
     for key, value in chosen.items():
+        acc = json.dumps(dev_accuracy(key, cells))
         print(f"\nthe rule picks {key} = {value}. Write into {protocol_path} under tuned.{key}:\n"
-              f"    chosen: {json.dumps(value)}\n    dev_results: {out.name}\nand commit both files before any seed.")
+              f"    chosen: {json.dumps(value)}\n    dev_results: {out.name}\n    dev_accuracy: {acc}\n"
+              f"and commit both files before any seed.")
+
+
+def dev_accuracy(key: str, cells: list[DevCell]) -> dict[str, float]:
+    return {str(c.value): round(c.accuracy, 4) for c in cells if c.key == key and c.seed is None}
 
 
 def check_tuned(protocol: Protocol, protocol_path: Path) -> None:
@@ -133,6 +139,9 @@ def check_tuned(protocol: Protocol, protocol_path: Path) -> None:
             raise ConfigError(f"{protocol_path}: tuned.{key}.dev_results {path} does not exist; run --tune")
         results = DevResults.model_validate_json(path.read_text(encoding="utf-8"))
         wanted = pick(protocol, key, results.cells)
+        if t.dev_accuracy is not None and t.dev_accuracy != dev_accuracy(key, results.cells):
+            raise ConfigError(f"{protocol_path}: tuned.{key}.dev_accuracy {t.dev_accuracy} is not what {path} holds: "
+                              f"{json.dumps(dev_accuracy(key, results.cells))}")
         if wanted != t.chosen:
             raise ConfigError(f"{protocol_path}: tuned.{key}.chosen is {t.chosen}, but its rule picks {wanted} from "
                               f"{path}; write chosen: {json.dumps(wanted)}")

@@ -168,7 +168,12 @@ def test_tiny_simulated_protocol_end_to_end(tmp_path):
     assert tuned.returncode == 0, tuned.stdout + tuned.stderr
     assert (tmp_path / "dev-results.json").is_file()
     chosen = json.loads((tmp_path / "dev-results.json").read_text())["chosen_by_rule"]["sampling.temperature"]
-    p["tuned"]["sampling.temperature"].update(chosen=chosen, dev_results="dev-results.json")
+    p["tuned"]["sampling.temperature"].update(chosen=chosen, dev_results="dev-results.json", dev_accuracy={"0.5": 0.1})
+    path.write_text(yaml.safe_dump(p, allow_unicode=True), encoding="utf-8")
+    wrong = subprocess.run([*script, "--seed-index", "1"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "dev_accuracy" in wrong.stdout  # numbers that are not the dev results'
+    p["tuned"]["sampling.temperature"]["dev_accuracy"] = json.loads(
+        tuned.stdout.split("dev_accuracy: ")[1].splitlines()[0])
     path.write_text(yaml.safe_dump(p, allow_unicode=True), encoding="utf-8")
     for k in ("1",):  # one seed of two: the synthetic round trip covers seeds added one at a time
         done = subprocess.run([*script, "--seed-index", k], capture_output=True, text=True)
