@@ -170,10 +170,10 @@ def run_seed(protocol: Protocol, protocol_path: Path, index: int, runs: Path, ou
 
 
 def run_protocol(args) -> int:
-    protocol = load_protocol(args.protocol)
-    runs = args.runs_dir / protocol.name
-    out = args.out or args.protocol.parent
     try:
+        protocol = load_protocol(args.protocol)
+        runs = args.runs_dir / protocol.name
+        out = args.out or args.protocol.parent
         if args.tune == (args.seed_index is not None):
             raise ConfigError("--protocol needs exactly one of --tune or --seed-index K")
         if args.tune:
