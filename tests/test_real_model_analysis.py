@@ -167,6 +167,13 @@ def test_tiny_simulated_protocol_end_to_end(tmp_path):
     tuned = subprocess.run([*script, "--tune"], capture_output=True, text=True)
     assert tuned.returncode == 0, tuned.stdout + tuned.stderr
     assert (tmp_path / "dev-results.json").is_file()
+    # Tuning debated dev problems only: none of them is a test problem of either seed.
+    tuned_ids = {json.loads(line)["problem"]["id"] for f in (tmp_path / "runs").rglob("debate-test.jsonl")
+                 for line in f.read_text().splitlines()}
+    proto = load_protocol(path)
+    test_ids = {q.id for s in proto.seeds
+                for q in load_split(proto.config(s, tuned={"sampling.temperature": 1.0}).task, "test")}
+    assert len(tuned_ids) == 2 * 4 and not tuned_ids & test_ids
     chosen = json.loads((tmp_path / "dev-results.json").read_text())["chosen_by_rule"]["sampling.temperature"]
     p["tuned"]["sampling.temperature"].update(chosen=chosen, dev_results="dev-results.json", dev_accuracy={"0.5": 0.1})
     path.write_text(yaml.safe_dump(p, allow_unicode=True), encoding="utf-8")
