@@ -161,6 +161,8 @@ class FinetuneStage:
         suffix = ft.suffix or f"{self.cfg.name[:24]}-i{target}-{role[0]}{agent}"
         request = FinetuneRequest(training_file=path, base_model=parent, hyperparameters=ft.hyperparameters,
                                   metadata=metadata, suffix=suffix, seed=self.cfg.seed, max_steps=self.max_steps)
+        if self.max_steps is not None:
+            entry.note = f"capped at {self.max_steps} optimizer steps, the mean per-agent job's (single_model_steps)"
         show(role, agent, "submitting")
         state = await self.provider.submit(request)
         self._record(entry, state)
