@@ -213,3 +213,44 @@ async def test_max_steps_caps_a_local_training_job(tmp_path):
     assert done.status == JobStatus.SUCCEEDED, done.error
     status = json.loads((Path(done.artifact_path).parent / "status.json").read_text())
     assert (status["step"], status["total_steps"]) == (3, 3)
+
+
+@pytest.mark.slow
+async def test_single_model_steps_reach_the_pooled_job(tmp_path):
+    """finetune.local.single_model_steps=mean_agent_job: the one pooled job runs as many steps as
+    the mean per-agent job of the same debates would have, and its registry entry says so."""
+    pytest.importorskip("trl", reason="the `local` extra is not installed")
+    from rich.console import Console
+
+    from harness.config import load_config
+    from harness.finetune import FinetuneStage
+    from harness.ftdata import build_ftdata
+    from harness.providers.local import LocalProvider
+    from harness.registry import Registry
+    from harness.testing.tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model")
+    cfg = load_config(None, ["finetune.provider=local", "finetune.iterations=1", "finetune.single_model=true",
+                             "finetune.local.single_model_steps=mean_agent_job", "finetune.min_examples=1",
+                             "finetune.hyperparameters.n_epochs=1", "finetune.hyperparameters.batch_size=2",
+                             "finetune.local.threads=1", f"serve.model={model}"])
+    # Six debates where all three agents agree on the right answer in both rounds.
+    records = [make_record(f"p{i}", str(i), [[str(i), str(i)]] * 3, split="train") for i in range(6)]
+    run_dir = tmp_path / "run"
+    stats = build_ftdata(records, n_agents=3, cfg=cfg.finetune, out_dir=run_dir / "ftdata", seed=0)
+    per_agent = [f.examples for f in stats.files]
+    expected = round(sum(-(-n // 2) for n in per_agent) / len(per_agent))
+    provider = LocalProvider(run_dir, cfg.finetune.local, base_model_path=str(model), max_lora_rank=8,
+                             base_names={"base", cfg.models.base})
+    registry = Registry(run="t", base_model=cfg.models.base)
+    try:
+        entries = await FinetuneStage(cfg, provider, registry, run_dir / "registry.json", run_dir,
+                                      Console(quiet=True)).run(stats, run_dir / "ftdata", target=1)
+    finally:
+        await provider.close()
+    trained = entries[0]
+    assert trained.status == "succeeded", trained.error
+    assert trained.n_examples == sum(per_agent) > expected
+    assert f"capped at {expected} optimizer steps" in trained.note
+    status = json.loads((next((run_dir / "local-jobs").iterdir()) / "status.json").read_text())
+    assert status["total_steps"] == expected
