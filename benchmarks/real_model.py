@@ -2,6 +2,17 @@
 finetuning (one model trained on the pooled debate data) vs debate without finetuning, with
 SmolLM2-135M-Instruct over several finetuning iterations.
 
+The committed result follows a pre-registered protocol (benchmarks/results/real-model/protocol.yaml,
+benchmarks/real_model_protocol.py); docs/real-model-protocol.md has the whole procedure:
+
+    P=benchmarks/results/real-model/protocol.yaml
+    python benchmarks/real_model.py --protocol $P --tune           # dev split only: the tuned settings
+    python benchmarks/real_model.py --protocol $P --seed-index 0   # then 1, 2: one seed each, any time
+    python benchmarks/real_model_analysis.py                       # the README again from records.csv
+
+The ad-hoc mode below (no --protocol) is the previous, non-preregistered benchmark; it writes to
+runs/real-model/adhoc-result unless --out says otherwise.
+
     python benchmarks/real_model.py --n-train 48 --n-test 48 --set sampling.temperature=0.3 \
         --set sampling.max_tokens=128     # the committed result: ~2 hours on a busy 2-core machine
     python benchmarks/real_model.py --n-train 24 --n-test 24 --iterations 1   # a quick look
@@ -43,6 +54,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.config import load_config  # noqa: E402
 from harness.fileio import write_atomic  # noqa: E402
@@ -79,14 +91,14 @@ def share_iteration_0(source: Path, run_dir: Path) -> None:
             shutil.copyfile(src, run_dir / "iter-0" / name)
 
 
-def run_method(name: str, sets: list[str], run_dir: Path, log: Path) -> float:
+def run_method(name: str, sets: list[str], run_dir: Path, log: Path, preset: str = "smollm2") -> float:
     """Run (or resume, or reuse) one method through the loop; returns this session's wall time."""
     summary = run_dir / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("finished"):
         print(f"== {name}: finished earlier, reused ({run_dir})", flush=True)
         return 0.0
     args = ["--resume", str(run_dir)] if (run_dir / "config.yaml").is_file() else \
-        ["--config", "smollm2", "--run-dir", str(run_dir)]
+        ["--config", preset, "--run-dir", str(run_dir)]
     cmd = [sys.executable, "-m", "harness.loop", *args, *[a for s in sets for a in ("--set", s)]]
     print(f"== {name}: {' '.join(cmd[1:])}  (log: {log})", flush=True)
     started = time.monotonic()
@@ -223,7 +235,14 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=60)
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "real-model")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real-model")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where results go (protocol mode: records.csv and README.md; default the protocol's "
+                        "folder; ad-hoc mode: runs/real-model/adhoc-result)")
+    p.add_argument("--protocol", type=Path, help="run the pre-registered protocol in this YAML file")
+    p.add_argument("--tune", action="store_true", help="with --protocol: debate the DEV problems (iteration 0) at "
+                   "every candidate of the tuned settings and write the dev results")
+    p.add_argument("--seed-index", type=int, help="with --protocol: run the protocol's seed at this index, then "
+                   "update records.csv and the README")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting for every method, on top of the smollm2 preset (repeatable), e.g. "
@@ -233,6 +252,13 @@ def main() -> None:
     args = p.parse_args()
     # `kill PID` must still reach the `finally` that stops the server.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if args.protocol is not None:
+        from real_model_run import run_protocol
+
+        raise SystemExit(run_protocol(args))
+    if args.tune or args.seed_index is not None:
+        raise SystemExit("--tune and --seed-index need --protocol FILE (e.g. benchmarks/results/real-model/protocol.yaml)")
+    args.out = args.out or REPO / "runs" / "real-model" / "adhoc-result"
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:

@@ -270,6 +270,10 @@ class LocalFinetuneConfig(_Strict):
     # shared with other work (or with max_parallel_jobs > 1), 1 avoids threads waiting on each
     # other: a SmolLM2 step took 85-120 s with 2 threads on a busy 2-core machine, 10 s with 1.
     threads: int | None = Field(None, ge=1)
+    # finetune.single_model only: "mean_agent_job" caps the pooled job at the mean optimizer steps
+    # (epochs x ceil(examples / batch)) of the per-agent jobs the same data would have given, so
+    # single-agent FT is compared at equal steps; "epochs": the epochs alone decide (more steps).
+    single_model_steps: Literal["epochs", "mean_agent_job"] = "epochs"
     python: str | None = None  # interpreter with the `local` extra (on every Ray node); None: the running one
     # Where jobs run: "subprocess" (this machine, the default) or "ray" (a Ray cluster, see `ray`).
     runner: Literal["subprocess", "ray"] = "subprocess"

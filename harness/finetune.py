@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from harness.config import RunConfig
+from harness.config import FinetuneConfig, RunConfig
 from harness.ftdata import FtDataStats, pool_one_model
 from harness.ftvalidate import validate_training_file
 from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus
@@ -35,6 +36,16 @@ from harness.registry import ModelEntry, Registry
 
 log = logging.getLogger(__name__)
 ROLES = ("generator", "critic")
+
+
+def mean_agent_job_steps(stats: FtDataStats, roles: tuple[str, ...], ft: FinetuneConfig) -> int | None:
+    """The mean optimizer steps of the per-agent jobs this data would give (each: epochs x
+    ceil(examples / batch), the trainer's count without gradient accumulation), over the files with
+    enough examples to train; None when no agent's file would train."""
+    hp = ft.hyperparameters
+    steps = [hp.n_epochs * math.ceil(f.examples / hp.batch_size) for f in stats.files
+             if f.role in roles and f.examples >= ft.min_examples]
+    return max(1, round(sum(steps) / len(steps))) if steps else None
 
 
 @dataclass
@@ -48,6 +59,7 @@ class FinetuneStage:
     # A failed job is retried on resume only while the next iteration has not debated yet:
     # after that, its debates were made with the fallback model and must stay consistent.
     retry_failed: bool = True
+    max_steps: int | None = None  # the pooled job's cap (finetune.local.single_model_steps), set by run()
 
     def _save(self, entry: ModelEntry) -> None:
         self.registry.upsert(entry)
@@ -63,7 +75,10 @@ class FinetuneStage:
         ft = self.cfg.finetune
         # With a single debate round the critics never speak: train generators only.
         roles = ROLES if self.cfg.debate.rounds > 1 and ft.train_critics else ("generator",)
+        self.max_steps = None
         if ft.single_model:
+            if ft.provider == "local" and ft.local.single_model_steps == "mean_agent_job":
+                self.max_steps = mean_agent_job_steps(stats, roles, ft)
             stats = await asyncio.to_thread(pool_one_model, stats, data_dir, roles)
             jobs = [("generator", 0)]
         else:
@@ -145,7 +160,9 @@ class FinetuneStage:
                     "agent": str(agent), "data_sha256": info.sha256[:16]}
         suffix = ft.suffix or f"{self.cfg.name[:24]}-i{target}-{role[0]}{agent}"
         request = FinetuneRequest(training_file=path, base_model=parent, hyperparameters=ft.hyperparameters,
-                                  metadata=metadata, suffix=suffix, seed=self.cfg.seed)
+                                  metadata=metadata, suffix=suffix, seed=self.cfg.seed, max_steps=self.max_steps)
+        if self.max_steps is not None:
+            entry.note = f"capped at {self.max_steps} optimizer steps, the mean per-agent job's (single_model_steps)"
         show(role, agent, "submitting")
         state = await self.provider.submit(request)
         self._record(entry, state)

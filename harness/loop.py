@@ -226,9 +226,12 @@ def _check_splits(cfg: RunConfig, train: list[Problem], test: list[Problem]) -> 
                           f"to finetune on; set task.n_train (e.g. --set task.n_train=100) or finetune.iterations=0")
 
 
-async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummary:
-    train = load_split(cfg.task, "train") if cfg.finetune.iterations > 0 else []
-    test = load_split(cfg.task, "test")
+async def run_loop(cfg: RunConfig, run_dir: Path, console: Console,
+                   splits: tuple[list[Problem], list[Problem]] | None = None) -> RunSummary:
+    """`splits`: (train, test) problems in place of the task's seeded splits; the real-model
+    benchmark's --tune debates its DEV problems this way, as the "test" split of a tuning run."""
+    train, test = splits or (load_split(cfg.task, "train") if cfg.finetune.iterations > 0 else [],
+                             load_split(cfg.task, "test"))
     _check_splits(cfg, train, test)
     iterations: list[IterationMetrics] = []
     tracker = Tracker.open(cfg, run_dir, say=console.print)  # tracking.backend; a missing extra stops here

@@ -56,6 +56,7 @@ class FinetuneRequest(BaseModel):
     metadata: dict[str, str]
     suffix: str | None = None
     seed: int | None = None
+    max_steps: int | None = None  # local provider: stop after this many optimizer steps (None: the epochs decide)
 
 
 class JobState(BaseModel):

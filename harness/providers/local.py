@@ -142,7 +142,7 @@ class LocalProvider(FinetuneProvider):
             lora=LoraSpec(r=self.cfg.r, alpha=self.cfg.alpha, dropout=self.cfg.dropout,
                           target_modules=self.cfg.target_modules),
             learning_rate=self.cfg.learning_rate * hp.learning_rate_multiplier, epochs=hp.n_epochs,
-            batch_size=hp.batch_size, max_length=self.cfg.max_length,
+            batch_size=hp.batch_size, max_steps=request.max_steps, max_length=self.cfg.max_length,
             seed=request.seed if request.seed is not None else self.seed, device=self.cfg.device,
             threads=self.cfg.threads, max_lora_rank=self.max_lora_rank)
         write_status(job_dir, JobFile(status="queued"))

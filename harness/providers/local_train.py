@@ -48,6 +48,7 @@ class JobSpec(BaseModel):
     learning_rate: float = 1e-4
     epochs: int = 2
     batch_size: int = 1
+    max_steps: int | None = None  # overrides epochs (finetune.local.single_model_steps)
     max_length: int = 2048
     seed: int = 0
     device: str = "auto"
@@ -269,7 +270,7 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
             write_status(job_dir, status)
 
     args = SFTConfig(
-        output_dir=str(job_dir / "checkpoints"), num_train_epochs=spec.epochs,
+        output_dir=str(job_dir / "checkpoints"), num_train_epochs=spec.epochs, max_steps=spec.max_steps or -1,
         per_device_train_batch_size=spec.batch_size, learning_rate=spec.learning_rate,
         lr_scheduler_type="linear", logging_steps=1, save_strategy="no",
         report_to=[], seed=spec.seed, use_cpu=device == "cpu", bf16=bf16,
