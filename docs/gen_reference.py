@@ -387,6 +387,11 @@ def _nested_lists(text: str) -> str:
     return re.sub(r"^((?:  )+)(?=[-*] |\d+\. )", lambda m: m.group(1) * 2, text, flags=re.M)
 
 
+def _readme_links(text: str) -> str:
+    """A result page's links to a README.md (what GitHub shows) point at its index.md on the site."""
+    return re.sub(r"\]\(((?:[^()\s]*/)?)README\.md(#[^)]*)?\)", lambda m: f"]({m.group(1)}index.md{m.group(2) or ''})", text)
+
+
 def results_index(files: dict[str, Path]) -> str:
     out = [
         "# Benchmark results",
@@ -436,7 +441,8 @@ def on_files(files: Any, config: Any) -> Any:
         files.append(File.generated(config, site, content=text))
     for site, path in result_files().items():
         if site.endswith(".md"):
-            files.append(File.generated(config, site, content=_nested_lists(path.read_text(encoding="utf-8"))))
+            text = _readme_links(_nested_lists(path.read_text(encoding="utf-8")))
+            files.append(File.generated(config, site, content=text))
         else:
             files.append(File.generated(config, site, abs_src_path=str(path)))
     return files
