@@ -350,6 +350,11 @@ class FinetuneConfig(_Strict):
     # the lowest-index agent training data nobody else supports. Such debates give no data
     # unless this is true (it is what taking the first most-common answer amounts to).
     use_tied_votes: bool = False
+    # A debate's vote selects training data only when at least this many agents gave a parseable
+    # final answer. The paper's authors' code takes the most common parsed answer whatever the
+    # count, so one parsed answer out of three is a "majority" there: their behaviour is 1 (the
+    # default). 2 with 3 agents asks for an actual agreement between parsed answers' voters.
+    min_voters: int = Field(1, ge=1)
     # Which examples a model learns from (harness/ftdata.py has both rules):
     #   vote: the paper's method — answers that agree with the debate's majority vote; the gold
     #         answer is never read.
