@@ -3,7 +3,7 @@
     python -m harness.compare --comparison paper-table1              # Table 1's six methods (simulator)
     python -m harness.compare --comparison paper-table2              # Table 2's ablations
     python -m harness.compare --comparison paper-table1 --base openai
-    python -m harness.compare --comparison paper-table2 --base vllm --set serve.model=microsoft/Phi-3-mini-4k-instruct
+    python -m harness.compare --comparison paper-table2 --base vllm --set serve.model=microsoft/Phi-3-mini-128k-instruct
 
 A comparison set is a YAML file under harness/presets/comparisons/ (or any path) listing method
 presets. Each method runs through the same loop (`harness.loop`) in <out>/<method>.
