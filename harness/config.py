@@ -70,8 +70,9 @@ class TaskConfig(_Strict):
     # The arithmetic task's difficulty (number of terms, operand range, operators).
     arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
     # "harness": prompts/<task>/ (numbered others, in order); "authors": the paper's authors' own
-    # prompts word for word, for arithmetic, gsm8k and math (anonymous others, shuffled, at most
-    # 5). See harness/prompts.py and prompts/authors/README.md.
+    # prompts word for word, for arithmetic, gsm8k and math, with their order of the others'
+    # answers: anonymous, shuffled, at most 5 for math; all, in agent order, for gsm8k and
+    # arithmetic (the authors' code did not shuffle there). See harness/prompts.py.
     prompt_set: Literal["harness", "authors"] = "harness"
 
 
