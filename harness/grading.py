@@ -151,10 +151,52 @@ def _as_number(s: str) -> tuple[Fraction, bool] | None:
     return None
 
 
+def _enclosed(s: str, left: str, right: str) -> str | None:
+    """The inside of `s` when `left` opens it and its matching `right` closes it at the very end
+    (so "(1,2)" is enclosed, "(1)+(2)" is not); else None."""
+    if not (s.startswith(left) and s.endswith(right)) or len(s) < len(left) + len(right):
+        return None
+    depth, i = 0, 0
+    while i < len(s):
+        if s.startswith(left, i):
+            depth, i = depth + 1, i + len(left)
+            continue
+        if s.startswith(right, i):
+            depth, i = depth - 1, i + len(right)
+            if depth == 0:
+                return s[len(left):-len(right)] if i == len(s) else None
+            continue
+        i += 1
+    return None
+
+
+def _top_level_comma(s: str) -> bool:
+    depth = 0
+    for c in s:
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 0:
+            return True
+    return False
+
+
+def _shape(s: str) -> str | None:
+    """"set" for \\{...\\}, "tuple" for (x, y, ...): a normalized answer's container, or None."""
+    if _enclosed(s, "\\{", "\\}") is not None:
+        return "set"
+    inner = _enclosed(s, "(", ")")
+    return "tuple" if inner is not None and _top_level_comma(inner) else None
+
+
 def _fast(a: str, b: str) -> bool | None:
     """Decide cheaply when possible; None means: ask math-verify."""
     if a == b:
         return True
+    # An ordered pair is not the set of its elements: math-verify accepts a tuple prediction for a
+    # set gold ((3,1) for \{1,3\}) and reads (1,3) as the open interval, equal to \{1,3\} too;
+    # as a symmetric equivalence that would make a pair equal to a set and so to its reversed pair.
+    if {_shape(a), _shape(b)} == {"set", "tuple"}:
+        return False
     na, nb = _as_number(a), _as_number(b)
     if na is not None and nb is not None:
         if na[0] == nb[0]:
