@@ -391,9 +391,14 @@ class AnalysisConfig(_Strict):
     # /embeddings route. "auto": sim-embed on the simulator; local:all-MiniLM-L6-v2 on OpenAI and
     # vLLM (offline, free, and the same model on both, so their numbers compare). null: skip.
     embedding_model: str | None = "auto"
-    # Held-out-critic NLL and KL divergences from vLLM prompt logprobs (vLLM endpoints only; about
-    # 4 (N+1) N scoring requests per problem for N agents).
+    # Held-out-critic NLL and KL divergences (the paper's likelihood measures) from prompt
+    # log-probabilities: about 4 (N+1) N scoring requests per problem for N agents.
     likelihood: bool = True
+    # Who computes them: "vllm" (the endpoint's prompt logprobs), "transformers" (in-process, the
+    # base weights + the local provider's saved LoRA adapters: any endpoint, e.g. on a CPU where
+    # vLLM cannot score adapters), "auto" (vllm on a vLLM endpoint, else transformers with the
+    # local provider, else off). harness/diversity/local_scoring.py.
+    likelihood_backend: Literal["auto", "vllm", "transformers"] = "auto"
     likelihood_max_problems: int | None = Field(100, ge=1)  # problems scored; None: all
     # Scoring requests in flight at once (vLLM's CPU build with LoRA needs 1: see vllm-tiny).
     logprob_concurrency: int = Field(16, ge=1)
