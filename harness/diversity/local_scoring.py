@@ -87,9 +87,22 @@ class LocalLogprobs:
 
     async def prompt_logprobs(self, model: str, messages: list[Message] | list[dict], *, add_generation_prompt: bool,
                               sample: SampleId | None = None, purpose: str = "score") -> PromptLogprobs:
-        msgs = [m.model_dump(include={"role", "content"}) if isinstance(m, Message) else
+        return await asyncio.to_thread(self._score, model, self._dicts(messages), add_generation_prompt)
+
+    @staticmethod
+    def _dicts(messages: list[Message] | list[dict]) -> list[dict]:
+        return [m.model_dump(include={"role", "content"}) if isinstance(m, Message) else
                 {"role": m["role"], "content": m["content"]} for m in messages]
-        return await asyncio.to_thread(self._score, model, msgs, add_generation_prompt)
+
+    async def prompt_token_ids(self, model: str, messages: list[Message] | list[dict], *,
+                               add_generation_prompt: bool) -> list[int]:
+        """The tokens `prompt_logprobs` would score, without running the model (every model here
+        shares the base tokenizer)."""
+        def tokens() -> list[int]:
+            with self._lock:  # a fast tokenizer is not safe to call from two threads at once
+                return self._tokens(self._dicts(messages), add_generation_prompt)
+
+        return await asyncio.to_thread(tokens)
 
     async def aclose(self) -> None:
         self._model = None
@@ -101,15 +114,20 @@ class LocalLogprobs:
             import torch
 
             net = self._select(model)
-            ids = self._tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=True)
-            if not isinstance(ids, list):  # a BatchEncoding in newer transformers
-                ids = list(ids["input_ids"])
+            ids = self._tokens(msgs, add_generation_prompt)
             x = torch.tensor([ids], device=self._device_name)
             with torch.inference_mode():
                 logits = net(input_ids=x).logits[0, :-1].float()
                 picked = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
             return PromptLogprobs(token_ids=ids, logprobs=[None, *picked.tolist()])
+
+    def _tokens(self, msgs: list[dict], add_generation_prompt: bool) -> list[int]:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.base_model_path)
+        ids = self._tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(ids if isinstance(ids, list) else ids["input_ids"])  # a BatchEncoding in newer transformers
 
     def _select(self, model: str):
         """The network that answers for `model`: the base (adapters disabled) or an adapter."""
@@ -143,7 +161,7 @@ class LocalLogprobs:
         if self._model is not None:
             return
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -151,7 +169,6 @@ class LocalLogprobs:
         self._device_name = "cuda" if cuda else "cpu"
         # float32 on a CPU: many have no native bf16 (see the smollm2 preset's serve.dtype).
         dtype = "auto" if cuda else torch.float32
-        self._tokenizer = AutoTokenizer.from_pretrained(self.base_model_path)
         self._model = AutoModelForCausalLM.from_pretrained(self.base_model_path, dtype=dtype).to(self._device_name)
         self._model.eval()
 
