@@ -28,9 +28,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from harness.config import RunConfig, load_config
 from harness.debate import Debater, DebateSettings, Society, problems_in_flight, run_debates
 from harness.diversity import DiversityMetrics, compute_diversity, sampling_note
-from harness.diversity.local_scoring import LocalLogprobs, likelihood_backend
+from harness.diversity.local_scoring import likelihood_scorer
 from harness.endpoints import open_endpoint
-from harness.errors import BudgetExceeded, ConfigError, DataError, HarnessError, LogprobsUnavailable
+from harness.errors import BudgetExceeded, ConfigError, DataError, HarnessError
 from harness.evaluate import print_results, split_metrics
 from harness.fileio import CorruptRecordError, DirLock, JsonlAppender, remove_stale_temps, write_model
 from harness.finetune import FinetuneStage
@@ -154,27 +154,18 @@ class Run:
             except ValueError as e:  # damaged (a disk error, an edit): computed again, as if missing
                 log.warning("%s is damaged (%s); computing it again", path, str(e).splitlines()[0])
         cfg = self.cfg
-        backend, why = likelihood_backend(cfg)
-        scorer = None
-        if backend == "transformers":
-            try:
-                scorer = LocalLogprobs.for_run(cfg, self.provider, {m for r in records for t in r.agents
-                                                                    for m in t.models})
-            except LogprobsUnavailable as e:
-                backend, why = None, str(e)
+        on, scorer, why = likelihood_scorer(cfg, self.provider, records)
         try:
             with self.stage(k, "diversity", "test"):
                 div = await compute_diversity(
                     records, iteration=k, split="test", client=self.client,
                     embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
-                    logprobs=backend is not None, base_model=cfg.models.base, scorer=scorer, logprobs_off=why,
+                    logprobs=on, base_model=cfg.models.base, scorer=scorer, logprobs_note=why,
                     logprob_max_problems=cfg.analysis.likelihood_max_problems,
                     logprob_concurrency=cfg.analysis.logprob_concurrency, sampling_note=sampling_note(cfg.sampling))
         finally:
             if scorer is not None:
                 await scorer.aclose()
-        if backend is not None:
-            div.notes.append(f"log-probability measures: {why}")
         write_model(path, div)
 
     def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> RunSummary:

@@ -86,7 +86,7 @@ async def compute_diversity(records: Sequence[DebateRecord], *, iteration: int, 
                             embedding_model: str | None = None, logprobs: bool = False, base_model: str | None = None,
                             logprob_max_problems: int | None = 100, logprob_concurrency: int = 16,
                             sampling_note: str | None = None, scorer=None,
-                            logprobs_off: str | None = None) -> DiversityMetrics:
+                            logprobs_note: str | None = None) -> DiversityMetrics:
     """Every diversity measure of one split's debate records.
 
     `embedding_model`: `local:NAME` (sentence-transformers here) or a model of `client`'s
@@ -94,7 +94,8 @@ async def compute_diversity(records: Sequence[DebateRecord], *, iteration: int, 
     object with LLMClient's `prompt_logprobs`, e.g. local_scoring.LocalLogprobs; default
     `client`, which must then reach a vLLM server that still serves the agents' models), and
     `base_model` for KL vs base, at most `logprob_concurrency` requests at a time, on the first
-    `logprob_max_problems` problems; `logprobs_off`: why they are not computed, for the notes. `sampling_note`: why replies were not plain temperature-1
+    `logprob_max_problems` problems; `logprobs_note`: which backend scores them, or why they are
+    not computed, for the notes. `sampling_note`: why replies were not plain temperature-1
     samples, if they were not (the KL estimates then describe the sampling distributions).
     Missing inputs or endpoint errors leave a measure None with the reason in `notes`; a
     diversity measure never breaks a run that paid for its debates."""
@@ -117,12 +118,14 @@ async def compute_diversity(records: Sequence[DebateRecord], *, iteration: int, 
         except Exception as e:  # noqa: BLE001 - reported in notes, never fatal
             out.notes.append(f"embedding dissimilarity ({embedding_model}): {e}")
     if not logprobs:
-        out.notes.append("held-out-critic NLL and KL divergences: " + (logprobs_off or (
+        out.notes.append("held-out-critic NLL and KL divergences: " + (logprobs_note or (
             "not computed; they need prompt log-probabilities: a vLLM endpoint, or "
             "analysis.likelihood_backend=transformers with the local provider's adapters")))
     elif records:
         await _logprob_measures(out, records, scorer or client, base_model, n_agents, logprob_max_problems,
                                 logprob_concurrency, sampling_note)
+        if logprobs_note:
+            out.notes.append(f"log-probability measures: {logprobs_note}")
     return out
 
 

@@ -51,6 +51,18 @@ def likelihood_backend(cfg) -> tuple[str | None, str]:
     return want, f"scored with {want}"
 
 
+def likelihood_scorer(cfg, provider, records) -> tuple[bool, "LocalLogprobs | None", str]:
+    """For the loop: (compute the measures?, the in-process scorer or None for the endpoint's,
+    which backend or why none) for a RunConfig, its provider and the debate records to score."""
+    backend, why = likelihood_backend(cfg)
+    if backend != "transformers":
+        return backend is not None, None, why
+    try:
+        return True, LocalLogprobs.for_run(cfg, provider, {m for r in records for t in r.agents for m in t.models}), why
+    except LogprobsUnavailable as e:
+        return False, None, str(e)
+
+
 class LocalLogprobs:
     """s_M(y | c) for the base model and this run's adapters, in-process (see the module
     docstring). `adapters`: {model id: adapter directory}; `base_names`: the ids that mean the
@@ -173,4 +185,4 @@ class LocalLogprobs:
         self._model.eval()
 
 
-__all__ = ["LocalLogprobs", "likelihood_backend"]
+__all__ = ["LocalLogprobs", "likelihood_backend", "likelihood_scorer"]
