@@ -166,13 +166,15 @@ class Run:
             except ValueError as e:  # damaged (a disk error, an edit): computed again, as if missing
                 log.warning("%s is damaged (%s); computing it again", path, str(e).splitlines()[0])
         cfg = self.cfg
+        # With endpoint.batch an endpoint embedding model's calls go through the Batch API too.
         with self.stage(k, "diversity", "test"):
-            div = await compute_diversity(
-                records, iteration=k, split="test", client=self.client,
-                embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
-                logprobs=cfg.endpoint.kind == "vllm" and cfg.analysis.likelihood, base_model=cfg.models.base,
-                logprob_max_problems=cfg.analysis.likelihood_max_problems,
-                logprob_concurrency=cfg.analysis.logprob_concurrency, sampling_note=sampling_note(cfg.sampling))
+            async with debate_client(cfg.endpoint, self.client, self.dir, self.registry.run, self.urls[0]) as calls:
+                div = await compute_diversity(
+                    records, iteration=k, split="test", client=calls,
+                    embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
+                    logprobs=cfg.endpoint.kind == "vllm" and cfg.analysis.likelihood, base_model=cfg.models.base,
+                    logprob_max_problems=cfg.analysis.likelihood_max_problems,
+                    logprob_concurrency=cfg.analysis.logprob_concurrency, sampling_note=sampling_note(cfg.sampling))
         write_model(path, div)
 
     def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> RunSummary:
