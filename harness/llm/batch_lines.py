@@ -86,7 +86,8 @@ def value_of(endpoint: str, body: dict[str, Any], model: str, prices: dict, inpu
         value: dict[str, Any] = {"vectors": _vectors(body, inputs)}
     else:
         choice = body["choices"][0]
-        value = {"text": (choice.get("message") or {}).get("content") or "", "finish_reason": choice.get("finish_reason")}
+        value = {"text": (choice.get("message") or {}).get("content") or "",
+                 "finish_reason": choice.get("finish_reason")}
     usage = body.get("usage")
     if isinstance(usage, dict) and usage.get("prompt_tokens") is not None:
         prompt, completion = usage["prompt_tokens"], usage.get("completion_tokens") or 0

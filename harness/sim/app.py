@@ -222,7 +222,8 @@ def embeddings_body(req: EmbeddingRequest) -> dict[str, Any]:
             value = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode()
         data.append({"object": "embedding", "index": i, "embedding": value})
     tokens = sum(estimate_tokens(t) for t in inputs)
-    return {"object": "list", "data": data, "model": req.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {"object": "list", "data": data, "model": req.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def answer_request(sim: Sim, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

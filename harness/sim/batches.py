@@ -12,7 +12,8 @@ finalizing, then completed (or failed at 10% when the input file is invalid; or,
 `simulator.batch_expire_rate` of batches, expired with half its lines answered). Its lines are
 answered when it completes, by the same code as /v1/chat/completions or /v1/embeddings (the
 batch's endpoint; without the chat endpoint's faults: a batch has its own quota), so a seeded
-request gets the same answer either way; `simulator.batch_error_rate` answers that share of lines with a 500 in the error file.
+request gets the same answer either way; `simulator.batch_error_rate` answers that share of
+lines with a 500 in the error file.
 Batches persist under the state directory, so a restarted simulator still has them.
 """
 
