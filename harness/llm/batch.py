@@ -49,7 +49,7 @@ from typing import Any, AsyncIterator
 
 import openai
 
-from harness.errors import HarnessError, LLMError
+from harness.errors import BatchUnfinished, HarnessError, LLMError
 from harness.llm.batch_api import EMBEDDINGS, ENDPOINT, TERMINAL, BatchApi
 from harness.llm.batch_lines import Failure, Outcome, cache_kind, parse_lines, turnaround, value_of
 from harness.llm.batch_records import BatchBook, BatchRecord, BatchRequest
@@ -286,7 +286,7 @@ class BatchChat:
             if batch.status in TERMINAL:
                 return batch
             if time.monotonic() - started > limit:
-                raise LLMError(
+                raise BatchUnfinished(
                     f"batch {rec.batch_id} is still {batch.status} after {limit:.0f}s of waiting "
                     f"(endpoint.batch_settings.max_wait_s). Nothing is lost: resume the run later with --resume and "
                     f"it polls the same batch, which is never submitted again.")
