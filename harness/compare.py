@@ -3,7 +3,7 @@
     python -m harness.compare --comparison paper-table1              # Table 1's six methods (simulator)
     python -m harness.compare --comparison paper-table2              # Table 2's ablations
     python -m harness.compare --comparison paper-table1 --base openai
-    python -m harness.compare --comparison paper-table2 --base vllm --set serve.model=microsoft/Phi-3-mini-4k-instruct
+    python -m harness.compare --comparison paper-table2 --base vllm --set serve.model=microsoft/Phi-3-mini-128k-instruct
 
 A comparison set is a YAML file under harness/presets/comparisons/ (or any path) listing method
 presets. Each method runs through the same loop (`harness.loop`) in <out>/<method>.
@@ -14,7 +14,9 @@ How a method's configuration is made, in order:
    fields laid over it (METHOD_FIELDS: name, debate, evaluation and the finetune fields that
    define a method), so one preset plus e.g. `--set serve.model=...` sets up every method;
 2. on the built-in simulator only, the set's `simulator` fields (smaller sizes, faster jobs);
-3. the user's --set overrides, for every method;
+3. the method's own `overrides` in the set, then the user's --set overrides for every method,
+   then the user's --method-set overrides for that method alone (e.g. `--method-set
+   star:finetune.iterations=3`: STaR iterates three times while the others keep theirs);
 4. the method's `pin` fields again, so an override never turns one method into another (e.g.
    debate.agents=5 leaves the single agent single).
 The resolved config is written to <out>/configs/<method>.yaml and the loop runs from it.
@@ -59,6 +61,10 @@ class MethodSpec(BaseModel):
     preset: str  # a preset name or a YAML path
     label: str | None = None  # how the table describes it; default: the run's config name
     pin: dict[str, object] = Field(default_factory=dict)  # dotted.key: value, applied after --set
+    # dotted.key: value for this method alone, set before the user's --set (which still wins), e.g.
+    # STaR's own iteration count: {finetune.iterations: 3}. `--method-set star:KEY=VALUE` does the
+    # same from the command line, after --set.
+    overrides: dict[str, object] = Field(default_factory=dict)
 
 
 class ComparisonSet(BaseModel):
@@ -113,13 +119,33 @@ def _overlay(base: dict, method: dict) -> dict:
     return out
 
 
-def resolve_method(spec: MethodSpec, cs: ComparisonSet, overrides: list[str], base: str | None) -> RunConfig:
-    """The method's full configuration (the module docstring's steps 1-4)."""
+def method_overrides(items: list[str], specs: list[MethodSpec]) -> dict[str, list[str]]:
+    """--method-set METHOD:KEY=VALUE items grouped by method key. A method that is not run, or a
+    field the method pins (it would turn it into another method), is a ConfigError."""
+    by_key = {method_key(s): s for s in specs}
+    out: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, assignment = item.partition(":")
+        if not sep or "=" not in assignment or key not in by_key:
+            raise ConfigError(f"--method-set {item!r}: write METHOD:KEY=VALUE with METHOD one of "
+                              f"{', '.join(by_key)}, e.g. --method-set star:finetune.iterations=3")
+        field = assignment.partition("=")[0].strip()
+        if field in by_key[key].pin:
+            raise ConfigError(f"--method-set {item!r}: {key} pins {field} (it defines the method); "
+                              f"choose another method instead")
+        out.setdefault(key, []).append(assignment)
+    return out
+
+
+def resolve_method(spec: MethodSpec, cs: ComparisonSet, overrides: list[str], base: str | None,
+                   own: list[str] | None = None) -> RunConfig:
+    """The method's full configuration (the module docstring's steps 1-4); `own`: the user's
+    overrides for this method alone (--method-set)."""
     data, label = read_yaml_source(spec.preset)
     if base is not None:
         base_data, base_label = read_yaml_source(base)
         data, label = _overlay(base_data, data), f"{base_label} with method {label}"
-    after = [*overrides, *_as_sets(spec.pin)]
+    after = [*_as_sets(spec.overrides), *overrides, *(own or []), *_as_sets(spec.pin)]
     cfg = config_from_data(data, label, after)
     if cfg.endpoint.kind == "simulator" and cs.simulator:
         cfg = config_from_data(data, label + f" and comparison set {cs.name!r}'s simulator sizes",
@@ -249,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", help="comma-separated subset (or extra presets), e.g. debate,multiagent-ft")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of every method (repeatable)")
+    p.add_argument("--method-set", dest="method_overrides", action="append", default=[],
+                   metavar="METHOD:KEY=VALUE",
+                   help="override a config field of one method, after --set (repeatable), e.g. "
+                        "star:finetune.iterations=3")
     p.add_argument("--out", type=Path, help="output directory (default: runs/<comparison name>)")
     p.add_argument("--no-report", action="store_true", help="write the table only, not the full report")
     args = p.parse_args(argv)
@@ -260,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--methods: a method is listed twice: {keys}")
         out = args.out or Path("runs") / cs.name
         # Every method's config and plan first: a bad override or a stale run fails before anything is spent.
-        cfgs = [resolve_method(spec, cs, args.overrides, args.base) for spec in specs]
+        own = method_overrides(args.method_overrides, specs)
+        cfgs = [resolve_method(spec, cs, args.overrides, args.base, own.get(key)) for spec, key in zip(specs, keys)]
         out.mkdir(parents=True, exist_ok=True)
         plans = [plan_method(key, cfg, out) for key, cfg in zip(keys, cfgs)]
         rows = []

@@ -84,8 +84,9 @@ class TaskConfig(_Strict):
     # The arithmetic task's difficulty (number of terms, operand range, operators).
     arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
     # "harness": prompts/<task>/ (numbered others, in order); "authors": the paper's authors' own
-    # prompts word for word, for arithmetic, gsm8k and math (anonymous others, shuffled, at most
-    # 5). See harness/prompts.py and prompts/authors/README.md.
+    # prompts word for word, for arithmetic, gsm8k and math, with their order of the others'
+    # answers: anonymous, shuffled, at most 5 for math; all, in agent order, for gsm8k and
+    # arithmetic (the authors' code did not shuffle there). See harness/prompts.py.
     prompt_set: Literal["harness", "authors"] = "harness"
 
 
@@ -383,6 +384,11 @@ class FinetuneConfig(_Strict):
     # the lowest-index agent training data nobody else supports. Such debates give no data
     # unless this is true (it is what taking the first most-common answer amounts to).
     use_tied_votes: bool = False
+    # A debate's vote selects training data only when at least this many agents gave a parseable
+    # final answer. The paper's authors' code takes the most common parsed answer whatever the
+    # count, so one parsed answer out of three is a "majority" there: their behaviour is 1 (the
+    # default). 2 with 3 agents asks for an actual agreement between parsed answers' voters.
+    min_voters: int = Field(1, ge=1)
     # Which examples a model learns from (harness/ftdata.py has both rules):
     #   vote: the paper's method — answers that agree with the debate's majority vote; the gold
     #         answer is never read.
@@ -420,9 +426,14 @@ class AnalysisConfig(_Strict):
     # /embeddings route. "auto": sim-embed on the simulator; local:all-MiniLM-L6-v2 on OpenAI and
     # vLLM (offline, free, and the same model on both, so their numbers compare). null: skip.
     embedding_model: str | None = "auto"
-    # Held-out-critic NLL and KL divergences from vLLM prompt logprobs (vLLM endpoints only; about
-    # 4 (N+1) N scoring requests per problem for N agents).
+    # Held-out-critic NLL and KL divergences (the paper's likelihood measures) from prompt
+    # log-probabilities: about 4 (N+1) N scoring requests per problem for N agents.
     likelihood: bool = True
+    # Who computes them: "vllm" (the endpoint's prompt logprobs), "transformers" (in-process, the
+    # base weights + the local provider's saved LoRA adapters: any endpoint, e.g. on a CPU where
+    # vLLM cannot score adapters), "auto" (vllm on a vLLM endpoint, else transformers with the
+    # local provider, else off). harness/diversity/local_scoring.py.
+    likelihood_backend: Literal["auto", "vllm", "transformers"] = "auto"
     likelihood_max_problems: int | None = Field(100, ge=1)  # problems scored; None: all
     # Scoring requests in flight at once (vLLM's CPU build with LoRA needs 1: see vllm-tiny).
     logprob_concurrency: int = Field(16, ge=1)

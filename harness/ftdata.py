@@ -95,6 +95,9 @@ class FtDataStats(BaseModel):
     n_records: int
     n_records_with_vote: int
     n_records_tied_skipped: int = 0  # tied final votes, left out (finetune.use_tied_votes: false)
+    # Votes with fewer parsed final answers than finetune.min_voters, left out (vote rule only).
+    min_voters: int = 1
+    n_records_few_voters_skipped: int = 0
     n_agents: int
     seed: int
     critic_weight: float
@@ -194,6 +197,7 @@ def build_ftdata(records: Sequence[DebateRecord], *, n_agents: int, cfg: Finetun
     unparsed_final = [0] * n_agents
     with_vote = 0
     tied_skipped = 0
+    few_voters = 0
 
     for r, rec in enumerate(records):
         y_hat = rec.vote.answer if rec.round_votes else None
@@ -202,6 +206,9 @@ def build_ftdata(records: Sequence[DebateRecord], *, n_agents: int, cfg: Finetun
         with_vote += 1
         if rec.vote.tie and not cfg.use_tied_votes:
             tied_skipped += 1
+            continue
+        if rec.vote.n_voters < cfg.min_voters:
+            few_voters += 1
             continue
         seen: set[int] = set()
         for t in rec.agents:
@@ -228,7 +235,8 @@ def build_ftdata(records: Sequence[DebateRecord], *, n_agents: int, cfg: Finetun
                     (plus if first_ok else minus)[n].append((r, ex))
 
     stats = FtDataStats(n_records=len(records), n_records_with_vote=with_vote, n_agents=n_agents,
-                        n_records_tied_skipped=tied_skipped,
+                        n_records_tied_skipped=tied_skipped, min_voters=cfg.min_voters,
+                        n_records_few_voters_skipped=few_voters,
                         seed=seed, critic_weight=cfg.critic_weight,
                         critic_first_turn_loss=cfg.critic_first_turn_loss)
     for n in range(n_agents):

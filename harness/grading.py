@@ -151,10 +151,79 @@ def _as_number(s: str) -> tuple[Fraction, bool] | None:
     return None
 
 
+def _enclosed(s: str, left: str, right: str) -> str | None:
+    """The inside of `s` when `left` opens it and its matching `right` closes it at the very end
+    (so "(1,2)" is enclosed, "(1)+(2)" is not); else None."""
+    if not (s.startswith(left) and s.endswith(right)) or len(s) < len(left) + len(right):
+        return None
+    depth, i = 0, 0
+    while i < len(s):
+        if s.startswith(left, i):
+            depth, i = depth + 1, i + len(left)
+            continue
+        if s.startswith(right, i):
+            depth, i = depth - 1, i + len(right)
+            if depth == 0:
+                return s[len(left):-len(right)] if i == len(s) else None
+            continue
+        i += 1
+    return None
+
+
+def _top_level_comma(s: str) -> bool:
+    depth = 0
+    for c in s:
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 0:
+            return True
+    return False
+
+
+def _shape(s: str) -> str | None:
+    """"set" for \\{...\\} (or {x, y, ...}, as models write sets), "tuple" for (x, y, ...): a
+    normalized answer's container, or None."""
+    if _enclosed(s, "\\{", "\\}") is not None:
+        return "set"
+    braced = _enclosed(s, "{", "}")
+    if braced is not None and _top_level_comma(braced):
+        return "set"
+    inner = _enclosed(s, "(", ")")
+    return "tuple" if inner is not None and _top_level_comma(inner) else None
+
+
+_OTHER_RELATION_RE = re.compile(r"\\(?:le|ge|leq|geq|neq|ne|lt|gt)(?![a-zA-Z])|[<>!,]")
+
+
+def _names_a_quantity(lhs: str) -> bool:
+    """Whether an equation's left side only names what its right side gives (x, f(x), |AB|,
+    V_1:V_2, \\frac{NO}{BO}) rather than being an expression to solve (a+3z, 7): a sum or a
+    number makes the equation a condition, not an answer."""
+    return not re.search(r"[+-]", lhs) and _as_number(lhs) is None
+
+
+def _equation_lhs(s: str) -> str | None:
+    """The left side of `s` when it is one equation lhs=rhs (no other relation, no list)."""
+    if s.count("=") != 1 or _OTHER_RELATION_RE.search(s):
+        return None
+    return s.split("=")[0]
+
+
 def _fast(a: str, b: str) -> bool | None:
     """Decide cheaply when possible; None means: ask math-verify."""
     if a == b:
         return True
+    # An ordered pair is not the set of its elements: math-verify accepts a tuple prediction for a
+    # set gold ((3,1) for \{1,3\}) and reads (1,3) as the open interval, equal to \{1,3\} too;
+    # as a symmetric equivalence that would make a pair equal to a set and so to its reversed pair.
+    if {_shape(a), _shape(b)} == {"set", "tuple"}:
+        return False
+    # An equation is not one of its sides: math-verify compares a gold value with the right side of
+    # a predicted equation, so asked both ways "a+3z=0" would equal "0". "x=5" or "f(x)=1" (a left
+    # side that only names the answer) still goes to math-verify, which reads it as its value.
+    la, lb = _equation_lhs(a), _equation_lhs(b)
+    if (la is None) != (lb is None) and not _names_a_quantity(la if la is not None else lb):
+        return False
     na, nb = _as_number(a), _as_number(b)
     if na is not None and nb is not None:
         if na[0] == nb[0]:
@@ -342,6 +411,7 @@ def shutdown() -> None:
 
 # ----------------------------------------------------------------------------- equivalence
 
+_SPACED_LIST_RE = re.compile(r"\d,\s+\d")
 _MEMO_MAX = 200_000
 _memo: OrderedDict[tuple[str, str], tuple[bool, float | None]] = OrderedDict()
 _memo_lock = threading.Lock()
@@ -355,6 +425,11 @@ def equivalent(a: str | None, b: str | None, *, timeout_s: float = 5.0) -> bool:
     the event loop must stay responsive."""
     na, nb = _normalize(a or ""), _normalize(b or "")  # None (unparseable) never equals anything
     if not na or not nb:
+        return False
+    # "32, 349" is a list of two numbers (math-verify reads it so), not 32,349 with a thousands
+    # separator; normalizing drops the space, so tell them apart here.
+    spaced_a, spaced_b = bool(_SPACED_LIST_RE.search(a or "")), bool(_SPACED_LIST_RE.search(b or ""))
+    if spaced_a != spaced_b and _as_number(nb if spaced_a else na) is not None:
         return False
     fast = _fast(na, nb)
     if fast is not None:

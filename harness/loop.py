@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from harness.config import RunConfig, load_config
 from harness.debate import Debater, DebateSettings, Society, problems_in_flight, run_debates
 from harness.diversity import DiversityMetrics, compute_diversity, sampling_note
+from harness.diversity.local_scoring import likelihood_scorer
 from harness.endpoints import open_endpoint
 from harness.errors import BudgetExceeded, ConfigError, DataError, HarnessError
 from harness.evaluate import print_results, split_metrics
@@ -166,15 +167,22 @@ class Run:
             except ValueError as e:  # damaged (a disk error, an edit): computed again, as if missing
                 log.warning("%s is damaged (%s); computing it again", path, str(e).splitlines()[0])
         cfg = self.cfg
-        # With endpoint.batch an endpoint embedding model's calls go through the Batch API too.
-        with self.stage(k, "diversity", "test"):
-            async with debate_client(cfg.endpoint, self.client, self.dir, self.registry.run, self.urls[0]) as calls:
-                div = await compute_diversity(
-                    records, iteration=k, split="test", client=calls,
-                    embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
-                    logprobs=cfg.endpoint.kind == "vllm" and cfg.analysis.likelihood, base_model=cfg.models.base,
-                    logprob_max_problems=cfg.analysis.likelihood_max_problems,
-                    logprob_concurrency=cfg.analysis.logprob_concurrency, sampling_note=sampling_note(cfg.sampling))
+        on, scorer, why = likelihood_scorer(cfg, self.provider, records)
+        try:
+            # With endpoint.batch an endpoint embedding model's calls go through the Batch API too.
+            with self.stage(k, "diversity", "test"):
+                async with debate_client(cfg.endpoint, self.client, self.dir, self.registry.run,
+                                         self.urls[0]) as calls:
+                    div = await compute_diversity(
+                        records, iteration=k, split="test", client=calls,
+                        embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
+                        logprobs=on, base_model=cfg.models.base, scorer=scorer, logprobs_note=why,
+                        logprob_max_problems=cfg.analysis.likelihood_max_problems,
+                        logprob_concurrency=cfg.analysis.logprob_concurrency,
+                        sampling_note=sampling_note(cfg.sampling))
+        finally:
+            if scorer is not None:
+                await scorer.aclose()
         write_model(path, div)
 
     def write_summary(self, iterations: list[IterationMetrics], finished: bool) -> RunSummary:

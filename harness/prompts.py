@@ -6,7 +6,9 @@ Two prompt sets ship with the harness (`task.prompt_set`):
 - `authors`: the authors' own prompts, word for word (prompts/authors/README.md says where each
   comes from): `prompts/authors/<task>/<role>.txt`, falling back to `prompts/authors/default/`
   and then to the harness's `prompts/default/` for a role the authors never wrote. Other agents
-  are anonymous, shuffled and at most 5, as in the authors' code (harness.debate does that).
+  are anonymous, shuffled and at most 5 for MATH, as in the authors' code (harness.debate does
+  that); for GSM8K and arithmetic their code shows every other agent in agent order, and so
+  does this set.
 A user's `task.prompts_dir/<role>.txt` overrides either set.
 
 A template is the file's exact text less its final line break (leading and trailing spaces
@@ -22,7 +24,7 @@ stays as the model wrote it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -66,14 +68,18 @@ class PromptSet:
     strip: bool  # strip surrounding whitespace from answers and summaries before inserting them
     shuffle_others: bool  # others in a seeded random order (per problem, agent and round)
     max_others: int | None  # show at most this many others
+    # Tasks whose others are shown all and in agent order whatever shuffle_others/max_others say.
+    ordered_tasks: tuple[str, ...] = ()
 
 
 PROMPT_SETS: dict[str, PromptSet] = {
     "harness": PromptSet("harness", ("{task}", "default"), None, "\n\n", True, False, None),
-    # The authors' code shuffles the other agents, shows at most 5 and inserts their responses as
-    # they are; each response template starts with its own "\n\n", hence no joiner.
+    # The authors' MATH code (multiagent-ft original_gen.py) shuffles the other agents, shows at
+    # most 5 and inserts their responses as they are; each response template starts with its own
+    # "\n\n", hence no joiner. Their GSM8K and arithmetic code (llm_multiagent_debate gen_gsm.py,
+    # gen_math.py) neither shuffles nor caps: every other agent, in agent order.
     "authors": PromptSet("authors", ("authors/{task}", "authors/default", "default"),
-                         ("arithmetic", "gsm8k", "math"), "", False, True, 5),
+                         ("arithmetic", "gsm8k", "math"), "", False, True, 5, ("arithmetic", "gsm8k")),
 }
 
 # `{{name}}` (a literal `{name}`) or `{name}` (a placeholder).
@@ -89,6 +95,8 @@ class Prompts:
         if prompt_set not in PROMPT_SETS:
             raise ConfigError(f"task.prompt_set: unknown prompt set {prompt_set!r}; known: {', '.join(PROMPT_SETS)}")
         self.set = PROMPT_SETS[prompt_set]
+        if task in self.set.ordered_tasks:
+            self.set = replace(self.set, shuffle_others=False, max_others=None)
         if self.set.tasks is not None and task not in self.set.tasks:
             raise ConfigError(f"task.prompt_set: the {prompt_set!r} prompts exist for {', '.join(self.set.tasks)} "
                               f"only, not {task!r}; use task.prompt_set=harness (or task.prompts_dir) for {task}")

@@ -86,8 +86,8 @@ async def diversity_on_demand(runs: Sequence[RunData], cache_dir: Path, *, embed
                     await client.aclose()
             d.notes = [n for n in d.notes if not (note and n.startswith("embedding dissimilarity"))]
             d.notes += [note] if note else []
-            d.notes.append("computed by harness.report after the run (log-probability measures need the run's "
-                           "served models)")
+            d.notes.append("computed by harness.report after the run; the log-probability measures are the run's "
+                           "own (analysis.likelihood), in its iter-<k>/diversity.json")
             out_runs.append(run)
             out.append(d)
     finally:

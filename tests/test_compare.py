@@ -128,3 +128,34 @@ def test_paper_table2_end_to_end_on_the_simulator_and_rerun_reuses(cli, tmp_path
     again = cli(*args, module="harness.compare", timeout=120)
     assert again.returncode == 0, again.stderr
     assert {r["status"] for r in _table(out / "table2.csv").values()} == {"reused"}
+
+
+def test_star_iterations_set_for_star_alone(tmp_path):
+    """STaR's iteration count apart from the other methods': from the command line
+    (--method-set, after --set) or in the set's file (a method's `overrides`, before --set)."""
+    from harness.compare import method_overrides
+
+    t1 = load_comparison("paper-table1")
+    own = method_overrides(["star:finetune.iterations=3"], t1.methods)
+    cfgs = {method_key(s): resolve_method(s, t1, ["finetune.iterations=2"], None, own.get(method_key(s)))
+            for s in t1.methods}
+    assert cfgs["star"].finetune.iterations == 3
+    assert cfgs["multiagent-ft"].finetune.iterations == cfgs["majority-ft"].finetune.iterations == 2
+    assert cfgs["debate"].finetune.iterations == 0  # pinned: the baseline never finetunes
+
+    path = tmp_path / "set.yaml"
+    path.write_text("name: s\nmethods:\n  - preset: star\n    overrides: {finetune.iterations: 4}\n"
+                    "  - preset: multiagent-ft\n")
+    cs = load_comparison(str(path))
+    star, ours = (resolve_method(s, cs, [], None) for s in cs.methods)
+    assert (star.finetune.iterations, ours.finetune.iterations) == (4, 1)
+    assert resolve_method(cs.methods[0], cs, ["finetune.iterations=2"], None).finetune.iterations == 2
+
+
+@pytest.mark.parametrize("item, says", [("nosuch:finetune.iterations=3", "METHOD one of"),
+                                        ("star:finetune.selection=vote", "star pins finetune.selection"),
+                                        ("star-finetune.iterations=3", "METHOD:KEY=VALUE")])
+def test_bad_method_override_fails_before_anything_runs(cli, tmp_path, item, says):
+    proc = cli("--out", "out", "--method-set", item, "--no-report", module="harness.compare")
+    assert proc.returncode == 2 and says in proc.stderr
+    assert not (tmp_path / "out").exists()

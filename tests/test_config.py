@@ -100,3 +100,22 @@ def test_exponent_numbers_are_floats_at_any_depth():
 def test_a_full_finetune_cannot_be_served_as_an_adapter():
     with pytest.raises(ConfigError, match="full_finetune.*LoRA adapters"):
         load_config("vllm", ["finetune.local.full_finetune=true"])
+
+
+def test_real_model_presets_follow_the_paper():
+    """The paper's reply length (2048 tokens, the config default) on the real endpoints, and
+    its Phi-3: the 128k-context model."""
+    from harness.config import SamplingConfig
+
+    for name in ("vllm", "openai"):
+        assert load_config(name).sampling.max_tokens == SamplingConfig().max_tokens == 2048
+    cfg = load_config("vllm")
+    assert cfg.serve.model == "microsoft/Phi-3-mini-128k-instruct"
+    assert cfg.serve.max_model_len > cfg.sampling.max_tokens * 2
+
+
+def test_min_voters_defaults_to_the_authors_rule_and_rejects_zero():
+    assert load_config("demo").finetune.min_voters == 1
+    assert load_config("demo", ["finetune.min_voters=2"]).finetune.min_voters == 2
+    with pytest.raises(ConfigError, match="min_voters"):
+        load_config("demo", ["finetune.min_voters=0"])

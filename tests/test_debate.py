@@ -193,3 +193,18 @@ async def test_a_debate_with_the_authors_prompts(tmp_path, mode):
                 assert later.startswith("Here is a summary of solutions from several other agents: ")
                 assert f"can solve {r.problem.question} and give your updated answer?" in later
     assert all(len(t.answers) == 2 for r in records for t in r.agents)
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "arithmetic"])
+def test_the_authors_set_keeps_agent_order_for_gsm8k_and_arithmetic(task):
+    """The authors' GSM8K and arithmetic code shows every other agent in agent order (no shuffle,
+    no cap of 5): so does their prompt set there, for any seed, problem, agent and round."""
+    society = Society(generators=["m"] * 8, critics=["m"] * 8, summarizer="m")
+    for seed in (0, 1):
+        debater = Debater(None, society, Prompts(task, prompt_set="authors"), str, DebateSettings(seed=seed),
+                          iteration=0, split="test")
+        for problem in PROBLEMS[:2]:
+            for agent in (0, 3, 7):
+                for rnd in (1, 2):
+                    shown = debater.others_shown(problem, agent, rnd, [f"answer {j}" for j in range(8)])
+                    assert [j for j, _ in shown] == [j for j in range(8) if j != agent]

@@ -68,7 +68,8 @@ async def test_consensus_and_all_agree_on_hand_built_votes():
     assert d.consensus == pytest.approx((3 + 2 + 1 + 1) / (3 + 3 + 3 + 1))  # pooled, as the authors' list
     assert d.agreement == pytest.approx(1 / 4)  # all agree: p1 only
     assert d.embedding_dissimilarity is None and any("embedding" in n for n in d.notes)
-    assert d.heldout_critic_nll is None and any("vLLM endpoint" in n for n in d.notes)
+    assert d.heldout_critic_nll is None
+    assert any("not computed" in n and "likelihood_backend=transformers" in n for n in d.notes)
     single = await compute_diversity([make_record("p1", "5", [["5"]])], iteration=0, split="test",
                                      embedding_model="sim-embed")
     assert single.agreement is None and single.consensus is None and "undefined" in single.notes[0]
@@ -281,4 +282,4 @@ async def test_an_endpoint_without_prompt_logprobs_leaves_the_measures_none_with
     async with client_for(sim.base_url, tmp_path) as client:
         d = await compute_diversity(recs, iteration=0, split="test", client=client, logprobs=True, base_model="sim-base")
     assert d.heldout_critic_nll is None and d.kl_between_generators is None
-    assert any("could not score" in n and "only vLLM" in n for n in d.notes)
+    assert any("could not be scored" in n and "only vLLM" in n for n in d.notes)

@@ -263,3 +263,23 @@ def test_a_tied_vote_gives_no_data_unless_asked(tmp_path):
     assert all(a.generator_examples == 0 and a.critic_examples == 0 for a in stats.agents)
     stats = build_ftdata([rec], n_agents=3, cfg=cfg(use_tied_votes=True), out_dir=tmp_path / "use", seed=0)
     assert [a.generator_examples for a in stats.agents] == [1, 0, 0]
+
+
+def test_min_voters_keeps_a_lone_parsed_answer_from_selecting_data(tmp_path):
+    """One parsed final answer out of three is the authors' "majority" (min_voters 1, the
+    default) and trains its agent; with finetune.min_voters=2 that debate trains nobody, and
+    stats.json says how many debates were left out and under which setting."""
+    from harness.grading import majority_vote
+
+    answers = {0: ["5", "5"], 1: [None, None], 2: ["6", None]}
+    rec = record("p", answers, "5")
+    rec.round_votes = [majority_vote([answers[a][m] for a in range(3)]) for m in range(2)]
+    assert rec.vote.answer == "5" and rec.vote.n_voters == 1 and not rec.vote.tie
+    authors = build_ftdata([rec], n_agents=3, cfg=cfg(), out_dir=tmp_path / "authors", seed=0)
+    assert [a.generator_examples for a in authors.agents] == [1, 0, 0]
+    assert [a.critic_examples for a in authors.agents] == [1, 0, 0]
+    assert authors.min_voters == 1 and authors.n_records_few_voters_skipped == 0
+    strict = build_ftdata([rec], n_agents=3, cfg=cfg(min_voters=2), out_dir=tmp_path / "strict", seed=0)
+    assert all(a.generator_examples == 0 and a.critic_examples == 0 for a in strict.agents)
+    saved = FtDataStats.model_validate_json((tmp_path / "strict" / "stats.json").read_text())
+    assert saved.min_voters == 2 and saved.n_records_few_voters_skipped == 1

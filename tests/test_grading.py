@@ -232,3 +232,18 @@ def test_a_pmatrix_with_and_without_spaces_around_its_separators():
     # Two rows are not one row of two: the separator is kept, not dropped.
     assert not equivalent(r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix} 12 \end{pmatrix}")
     assert majority_vote([spaced, r"\begin{pmatrix}-1&0\\0&-1\end{pmatrix}", "7"]).count == 2
+
+
+@pytest.mark.parametrize("pair, other, equal", [
+    ("(3,1)", r"\{1,3\}", False),  # a pair is not the set of its elements (either order)
+    ("(1,3)", r"\{1,3\}", False),  # nor is it an open interval equal to that set
+    (r"\left(1, 3\right)", r"\left\{1, 3\right\}", False),
+    ("(1,3)", "(3,1)", False),
+    (r"\{1,3\}", r"\{3,1\}", True),  # a set's order does not matter
+    ("(1,3)", r"\left( 1, 3 \right)", True),
+    ("(1)+(2)", "3", True),  # parentheses that hold no tuple are arithmetic
+])
+def test_an_ordered_pair_is_not_a_set(pair, other, equal):
+    assert equivalent(pair, other) is equal and equivalent(other, pair) is equal
+    vote = majority_vote([pair, other, pair])
+    assert (vote.count == 3) is equal

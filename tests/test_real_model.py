@@ -189,3 +189,16 @@ def test_next_iteration_debates_with_the_adapters(run_dir):
     assert served <= calls  # every adapter answered real requests
     stages = {(s["iteration"], s["stage"]) for s in _records(run_dir / "stages.jsonl")}
     assert {(0, "debate"), (0, "ftdata"), (0, "finetune"), (1, "load_adapters"), (1, "debate")} <= stages
+
+
+def test_likelihood_diversity_is_measured_on_the_cpu(run_dir):
+    """The paper's likelihood measures, computed in-process from the saved adapters (the preset's
+    analysis.likelihood_backend: transformers), for the base society and the finetuned one."""
+    base = json.loads((run_dir / "iter-0" / "diversity.json").read_text())
+    tuned = json.loads((run_dir / "iter-1" / "diversity.json").read_text())
+    for d in (base, tuned):
+        assert d["heldout_critic_nll"] is not None and d["heldout_critic_nll"] > 0, d["notes"]
+        assert d["logprob_problems"] and any("scored with transformers" in n for n in d["notes"])
+    assert base["kl_generators_vs_base"] == 0.0 and base["kl_between_generators"] == 0.0  # one model
+    trained = [v for v in tuned["kl_generators_vs_base_per_agent"] if v is not None]
+    assert trained and any(abs(v) > 1e-6 for v in trained), tuned  # the adapters moved the agents

@@ -9,9 +9,10 @@ code that computes it:
   agree) and **pairwise agreement**; no calls;
 - **embedding dissimilarity** of the final responses (embeddings.py): a local
   sentence-transformers model or an endpoint's embeddings, on every endpoint by default;
-- from vLLM prompt log-probabilities (logprobs.py): the **held-out-critic NLL** of the other
-  critics' replies, and **KL divergence** between agents (generators; critics) and of each agent
-  vs the base model, estimated by Monte Carlo from the replies.
+- from prompt log-probabilities (logprobs.py; computed by a vLLM endpoint or in-process by
+  transformers + PEFT on the saved adapters, local_scoring.py): the **held-out-critic NLL** of
+  the other critics' replies, and **KL divergence** between agents (generators; critics) and of
+  each agent vs the base model, estimated by Monte Carlo from the replies.
 A measure that cannot be computed is None with the reason in `notes`: never a made-up number.
 
     metrics = await compute_diversity(records, iteration=k, split="test", client=client,
@@ -84,14 +85,17 @@ LOGPROB_FIELDS = ("heldout_critic_nll", "kl_between_generators", "kl_between_cri
 async def compute_diversity(records: Sequence[DebateRecord], *, iteration: int, split: str, client=None,
                             embedding_model: str | None = None, logprobs: bool = False, base_model: str | None = None,
                             logprob_max_problems: int | None = 100, logprob_concurrency: int = 16,
-                            sampling_note: str | None = None) -> DiversityMetrics:
+                            sampling_note: str | None = None, scorer=None,
+                            logprobs_note: str | None = None) -> DiversityMetrics:
     """Every diversity measure of one split's debate records.
 
     `embedding_model`: `local:NAME` (sentence-transformers here) or a model of `client`'s
-    /embeddings route; None skips the measure. `logprobs`: score replies through `client`, which
-    must reach a vLLM server that still serves the agents' models (and `base_model`, for KL vs
-    base), at most `logprob_concurrency` requests at a time, on the first
-    `logprob_max_problems` problems. `sampling_note`: why replies were not plain temperature-1
+    /embeddings route; None skips the measure. `logprobs`: score replies through `scorer` (an
+    object with LLMClient's `prompt_logprobs`, e.g. local_scoring.LocalLogprobs; default
+    `client`, which must then reach a vLLM server that still serves the agents' models), and
+    `base_model` for KL vs base, at most `logprob_concurrency` requests at a time, on the first
+    `logprob_max_problems` problems; `logprobs_note`: which backend scores them, or why they are
+    not computed, for the notes. `sampling_note`: why replies were not plain temperature-1
     samples, if they were not (the KL estimates then describe the sampling distributions).
     Missing inputs or endpoint errors leave a measure None with the reason in `notes`; a
     diversity measure never breaks a run that paid for its debates."""
@@ -116,11 +120,14 @@ async def compute_diversity(records: Sequence[DebateRecord], *, iteration: int, 
         except Exception as e:  # noqa: BLE001 - reported in notes, never fatal
             out.notes.append(f"embedding dissimilarity ({embedding_model}): {e}")
     if not logprobs:
-        out.notes.append("held-out-critic NLL and KL divergences: need a vLLM endpoint with prompt logprobs "
-                         "(the simulator and OpenAI give none)")
+        out.notes.append("held-out-critic NLL and KL divergences: " + (logprobs_note or (
+            "not computed; they need prompt log-probabilities: a vLLM endpoint, or "
+            "analysis.likelihood_backend=transformers with the local provider's adapters")))
     elif records:
-        await _logprob_measures(out, records, client, base_model, n_agents, logprob_max_problems,
+        await _logprob_measures(out, records, scorer or client, base_model, n_agents, logprob_max_problems,
                                 logprob_concurrency, sampling_note)
+        if logprobs_note:
+            out.notes.append(f"log-probability measures: {logprobs_note}")
     return out
 
 
@@ -134,7 +141,7 @@ async def _logprob_measures(out: DiversityMetrics, records: list[DebateRecord], 
         gen = await round_measures(scorer, chosen, 0, base_model, n_agents)
         crit = await round_measures(scorer, chosen, rounds - 1, base_model, n_agents) if rounds > 1 else None
     except Exception as e:  # noqa: BLE001 - reported in notes, never fatal
-        out.notes.append(f"held-out-critic NLL and KL divergences: the endpoint could not score replies ({e})")
+        out.notes.append(f"held-out-critic NLL and KL divergences: the replies could not be scored ({e})")
         return
     out.logprob_problems = gen.problems
     out.kl_between_generators = gen.between_agents if n_agents >= 2 else None

@@ -86,11 +86,17 @@ class Scorer:
     async def score(self, model: str, reply: Reply, problem_id: str) -> float:
         sample = SampleId(iteration=self.iteration, split=self.split, problem_id=problem_id, agent=reply.agent,
                           round=reply.round)
-        prefix = await self._logprobs(model, reply.context, True, sample)
+        # Only the prefix's tokens are needed: a scorer that can tokenize without a forward pass
+        # (local_scoring.LocalLogprobs) saves half the work; vLLM gives tokens with logprobs only.
+        tokenize = getattr(self.client, "prompt_token_ids", None)
+        if tokenize is not None:
+            prefix_ids = await tokenize(model, reply.context, add_generation_prompt=True)
+        else:
+            prefix_ids = (await self._logprobs(model, reply.context, True, sample)).token_ids
         full = await self._logprobs(model, [*reply.context, Message(role="assistant", content=reply.text)], False,
                                     sample)
-        n = len(prefix.token_ids)
-        if full.token_ids[:n] != prefix.token_ids:
+        n = len(prefix_ids)
+        if full.token_ids[:n] != prefix_ids:
             raise LogprobsUnavailable(f"{model}'s chat template does not render a conversation as a prefix of the same "
                                       f"conversation with the reply added, so the reply's tokens cannot be found")
         scores = full.logprobs[n:]

@@ -126,6 +126,10 @@ class BatchChat:
         chunks = [list(texts[i:i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)]
         return [v for vectors in await asyncio.gather(*map(chunk_vectors, chunks)) for v in vectors]
 
+    async def prompt_logprobs(self, *args, **kwargs):
+        """vLLM's prompt log-probabilities have no Batch API form: asked directly."""
+        return await self.client.prompt_logprobs(*args, **kwargs)
+
     async def _ask(self, call: _Call) -> tuple[dict[str, Any], UsageRecord]:
         """The call's cached answer, or the answer of the batch it goes out in."""
         hit = self._cached(call)
