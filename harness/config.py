@@ -132,7 +132,7 @@ class EndpointConfig(_Strict):
     # The name of the output-length limit in chat requests: OpenAI's current name (vLLM accepts it
     # too); "max_tokens" only for an older OpenAI-compatible server that ignores the new name.
     max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
-    # Send debate rounds through OpenAI's Batch API (half price, answers within 24 h; see
+    # Send debate rounds (and an endpoint embedding model's calls) through OpenAI's Batch API (half price; see
     # docs/howto/batch.md and harness/llm/batch.py); batch_settings: polling, waiting, retries.
     batch: bool = False
     batch_settings: BatchSettings = Field(default_factory=BatchSettings)

@@ -37,6 +37,11 @@ class LogprobsUnavailable(LLMError):
     not), or they cannot be lined up with the text scored. Never retried: asking again cannot help."""
 
 
+class BatchUnfinished(LLMError):
+    """A Batch API batch still running after endpoint.batch_settings.max_wait_s. The run stops
+    and resumes by polling the same batch, whichever stage sent it (diversity included)."""
+
+
 class BudgetExceeded(HarnessError):
     """The next call would pass the configured cost cap. The run stops cleanly and can resume."""
 

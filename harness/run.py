@@ -152,13 +152,17 @@ class Run:
         cfg = self.cfg
         on, scorer, why = likelihood_scorer(cfg, self.provider, records)
         try:
+            # With endpoint.batch an endpoint embedding model's calls go through the Batch API too.
             with self.stage(k, "diversity", "test"):
-                div = await compute_diversity(
-                    records, iteration=k, split="test", client=self.client,
-                    embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
-                    logprobs=on, base_model=cfg.models.base, scorer=scorer, logprobs_note=why,
-                    logprob_max_problems=cfg.analysis.likelihood_max_problems,
-                    logprob_concurrency=cfg.analysis.logprob_concurrency, sampling_note=sampling_note(cfg.sampling))
+                async with debate_client(cfg.endpoint, self.client, self.dir, self.registry.run,
+                                         self.urls[0]) as calls:
+                    div = await compute_diversity(
+                        records, iteration=k, split="test", client=calls,
+                        embedding_model=cfg.analysis.resolve_embedding_model(cfg.endpoint.kind),
+                        logprobs=on, base_model=cfg.models.base, scorer=scorer, logprobs_note=why,
+                        logprob_max_problems=cfg.analysis.likelihood_max_problems,
+                        logprob_concurrency=cfg.analysis.logprob_concurrency,
+                        sampling_note=sampling_note(cfg.sampling))
         finally:
             if scorer is not None:
                 await scorer.aclose()

@@ -5,9 +5,11 @@ lines sent again, and the simulator's shapes as OpenAI's spec has them."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import jsonschema
 import pytest
 
 from harness.config import EndpointConfig, SamplingConfig, SimulatorConfig
+from harness.diversity import DiversityMetrics
 from harness.fileio import read_jsonl
 from harness.llm import LLMClient
 from harness.llm.batch import debate_client
@@ -50,8 +53,8 @@ def _records(run_dir: Path) -> dict[str, dict[str, dict]]:
             for p in sorted(run_dir.glob("iter-*/debate-*.jsonl"))}
 
 
-def _debate_cost(run_dir: Path) -> tuple[float, list[UsageRecord]]:
-    lines = [u for u in read_jsonl(run_dir / "usage.jsonl", UsageRecord) if u.purpose in ("debate", "summary")]
+def _debate_cost(run_dir: Path, purposes: tuple[str, ...] = ("debate", "summary")) -> tuple[float, list[UsageRecord]]:
+    lines = [u for u in read_jsonl(run_dir / "usage.jsonl", UsageRecord) if u.purpose in purposes]
     return sum(u.cost_usd or 0.0 for u in lines), lines
 
 
@@ -67,23 +70,35 @@ def test_batch_debates_give_the_direct_results_at_half_the_price(cli, tmp_path):
     for k in (0, 1):
         metrics = [IterationMetrics.model_validate_json((r / f"iter-{k}" / "metrics.json").read_text()) for r in (d, b)]
         assert metrics[0] == metrics[1]
+        # The diversity stage's embeddings (the simulator's sim-embed) went out in a batch too.
+        diversity = [DiversityMetrics.model_validate_json((r / f"iter-{k}" / "diversity.json").read_text())
+                     for r in (d, b)]
+        assert diversity[0].embedding_dissimilarity is not None and diversity[0] == diversity[1]
+    d_embed, d_embed_lines = _debate_cost(d, ("embed",))
+    b_embed, b_embed_lines = _debate_cost(b, ("embed",))
+    assert len(b_embed_lines) == len(d_embed_lines) == 2 and all(u.batch_id and not u.cached for u in b_embed_lines)
+    assert d_embed > 0 and b_embed == pytest.approx(0.5 * d_embed, rel=1e-9)
     d_cost, d_lines = _debate_cost(d)
     b_cost, b_lines = _debate_cost(b)
     assert len(b_lines) == len(d_lines) and all(u.batch_id and not u.cached for u in b_lines)
     assert not any(u.batch_id for u in d_lines)
     assert b_cost == pytest.approx(0.5 * d_cost, rel=1e-9)
-    assert f"{len(b_lines)} through the Batch API at half price" in " ".join(batched.stdout.split())
+    batched_calls = len(b_lines) + len(b_embed_lines)
+    assert f"{batched_calls} through the Batch API at half price" in " ".join(batched.stdout.split())
     # One batch per model and round: 3 rounds of batches (answers, summaries, answers) per debated split.
     sim = _sim_batches(b)
     assert all(s.status_at(time.time()) == "completed" and s.failed == 0 for s in sim)
     ids = [cid for s in sim for cid in _custom_ids(b, s)]
-    assert len(ids) == len(set(ids)) == len(b_lines)  # each call in exactly one batch
+    assert len(ids) == len(set(ids)) == len(b_lines) + len(b_embed_lines)  # each call in exactly one batch
+    assert sorted(s.endpoint for s in sim).count("/v1/embeddings") == 2  # one per iteration's diversity stage
     book = [BatchRecord.model_validate_json(p.read_bytes()) for p in (b / "batches").glob("*.json")]
     assert sorted(r.batch_id for r in book) == sorted(s.id for s in sim)
     assert all(r.state == "done" for r in book)
 
 
-def test_a_run_killed_while_its_batch_is_in_flight_resumes_by_polling_it(tmp_path):
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/embeddings"])
+def test_a_run_killed_while_its_batch_is_in_flight_resumes_by_polling_it(tmp_path, endpoint):
+    """Killed while a debate round's batch, or the diversity stage's embeddings batch, is out."""
     args = [sys.executable, "-m", "harness.loop", "--run-dir", "run", *SMALL, *BATCH,
             "--set", "endpoint.simulator.batch_seconds=2"]
     env = {**os.environ, "COLUMNS": "200"}
@@ -95,7 +110,7 @@ def test_a_run_killed_while_its_batch_is_in_flight_resumes_by_polling_it(tmp_pat
         while submitted is None and time.monotonic() < deadline and proc.poll() is None:
             for p in (run_dir / "batches").glob("*.json"):
                 rec = BatchRecord.model_validate_json(p.read_bytes())
-                if rec.batch_id is not None:
+                if rec.batch_id is not None and rec.endpoint == endpoint:
                     submitted = rec
             time.sleep(0.05)
     finally:
@@ -103,7 +118,10 @@ def test_a_run_killed_while_its_batch_is_in_flight_resumes_by_polling_it(tmp_pat
         proc.wait()
     assert submitted is not None, "the run submitted no batch"
     debated = run_dir / "iter-0" / "debate-test.jsonl"
-    assert not debated.exists() or not read_jsonl(debated, DebateRecord)  # killed mid-debate
+    if endpoint == "/v1/chat/completions":
+        assert not debated.exists() or not read_jsonl(debated, DebateRecord)  # killed mid-debate
+    else:
+        assert not (run_dir / "iter-0" / "diversity.json").exists()  # killed in the diversity stage
 
     resumed = subprocess.run([sys.executable, "-m", "harness.loop", "--resume", "run"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=240, env=env)
@@ -114,10 +132,13 @@ def test_a_run_killed_while_its_batch_is_in_flight_resumes_by_polling_it(tmp_pat
     assert sum(s.id == submitted.batch_id for s in sim) == 1
     assert {cid for cid in _custom_ids(run_dir, next(s for s in sim if s.id == submitted.batch_id))} == \
         {r.custom_id for r in submitted.requests}
-    assert len(sim) == 3  # round 0, its summaries, round 1: the first one adopted, not sent again
+    # Round 0, its summaries, round 1, the embeddings: the one in flight adopted, not sent again.
+    assert sorted(s.endpoint for s in sim) == ["/v1/chat/completions"] * 3 + ["/v1/embeddings"]
     usage = [u for u in read_jsonl(run_dir / "usage.jsonl", UsageRecord) if u.batch_id]
     assert len(usage) == len({u.call_id for u in usage}) == len(ids)  # each answer recorded once
     assert len(read_jsonl(run_dir / "iter-0" / "debate-test.jsonl", DebateRecord)) == 4
+    diversity = DiversityMetrics.model_validate_json((run_dir / "iter-0" / "diversity.json").read_bytes())
+    assert diversity.embedding_dissimilarity is not None
 
 
 def test_failed_and_expired_lines_go_out_again_in_the_next_batch(cli, tmp_path):
@@ -249,6 +270,53 @@ def test_the_simulators_batches_have_the_spec_shapes():
             failed = http.get(f"/batches/{failed['id']}").json()
         _valid(failed, "batch")
         assert failed["status"] == "failed" and failed["errors"]["data"][0]["code"] == "duplicate_custom_id"
+
+
+def _floats(embedding: list[float] | str) -> list[float]:
+    if isinstance(embedding, list):
+        return embedding
+    raw = base64.b64decode(embedding)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+def test_the_simulators_embeddings_batches_have_the_spec_shapes():
+    lines = [{"custom_id": "e0", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "sim-embed", "input": ["two plus two is four", "the answer is 4"],
+                       "encoding_format": "base64"}},
+             {"custom_id": "e1", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "sim-embed", "input": ["a third text"], "encoding_format": "float"}},
+             {"custom_id": "bad", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "sim-embed", "input": [""]}}]  # refused: an empty input
+    for line in lines:
+        _valid(line, "request-input", only_named=False)
+    content = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    with SimServer(SimulatorConfig(batch_seconds=0.3)) as server, httpx2.Client(base_url=server.base_url) as http:
+        file_id = http.post("/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"}).json()["id"]
+        create = {"input_file_id": file_id, "endpoint": "/v1/embeddings", "completion_window": "24h"}
+        jsonschema.validate(create, _schema("create-request"))
+        batch = http.post("/batches", json=create).json()
+        while batch["status"] != "completed":
+            time.sleep(0.05)
+            batch = http.get(f"/batches/{batch['id']}").json()
+        _valid(batch, "batch")
+        assert batch["endpoint"] == "/v1/embeddings"
+        assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+        out = [json.loads(x) for x in http.get(f"/files/{batch['output_file_id']}/content").content.splitlines()]
+        err = [json.loads(x) for x in http.get(f"/files/{batch['error_file_id']}/content").content.splitlines()]
+        for line in out + err:
+            _valid(line, "request-output")
+        for line in out:
+            body = line["response"]["body"]
+            # The spec types `embedding` as numbers only; with encoding_format base64 (what the SDK
+            # asks for) it is their little-endian float32 bytes in base64: checked decoded.
+            decoded = {**body, "data": [{**d, "embedding": _floats(d["embedding"])} for d in body["data"]]}
+            _valid(decoded, "embedding-response")
+            assert all(set(d) <= {"index", "object", "embedding"} for d in body["data"])
+            # The same request asked directly gets the same vectors.
+            direct = http.post("/embeddings", json=next(x["body"] for x in lines if x["custom_id"] == line["custom_id"]))
+            assert direct.json()["data"] == body["data"]
+        assert sorted(len(x["response"]["body"]["data"]) for x in out) == [1, 2]
+        assert err[0]["custom_id"] == "bad" and err[0]["response"]["status_code"] == 400
 
 
 # ----------------------------------------------------------------------------- records of an earlier session

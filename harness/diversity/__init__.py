@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from harness.diversity.embeddings import (DEFAULT_LOCAL, Embedder, EndpointEmbedder, LocalEmbedder,
                                           dissimilarity_of, embedding_dissimilarity, final_response, make_embedder)
 from harness.diversity.logprobs import Scorer, round_measures
-from harness.errors import LogprobsUnavailable
+from harness.errors import BatchUnfinished, LogprobsUnavailable
 from harness.evaluate import split_metrics
 from harness.records import DebateRecord
 
@@ -115,6 +115,8 @@ async def compute_diversity(records: Sequence[DebateRecord], *, iteration: int, 
             embedder = make_embedder(embedding_model, client)
             out.embedding_dissimilarity = await embedding_dissimilarity(records, embedder)
             out.embedding_model = embedder.name
+        except BatchUnfinished:
+            raise  # its answers are still coming: the run stops and --resume waits for them, not a note
         except Exception as e:  # noqa: BLE001 - reported in notes, never fatal
             out.notes.append(f"embedding dissimilarity ({embedding_model}): {e}")
     if not logprobs:

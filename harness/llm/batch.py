@@ -1,5 +1,5 @@
-"""Debate rounds through OpenAI's Batch API (`endpoint.batch: true`): half the price, answers
-within the completion window instead of seconds.
+"""Debate rounds, and the diversity stage's embeddings, through OpenAI's Batch API
+(`endpoint.batch: true`): half the price, answers within the completion window instead of seconds.
 
 `BatchChat` is a chat client for the debate (the same `chat(model, messages, sample)` as
 LLMClient), so the debate protocol is one implementation whichever way its calls travel. In
@@ -15,6 +15,11 @@ Each answer goes into the run's cache and usage.jsonl (one line per call, `batch
 at batch price, latency = the batch's turnaround) exactly as a direct call's would, so a run
 can switch between batch and direct on --resume and keep every answer. The budget cap reserves
 each batch's worst case at batch price before it is submitted.
+
+`embed(model, texts)` is LLMClient.embed's twin for an endpoint embedding model: the same chunks
+under the same cache keys, each chunk one line of a /v1/embeddings batch (a batch holds one
+endpoint's requests, as OpenAI requires), so the diversity stage too is paid at batch price and
+resumes like a debate round. What each result line means is harness.llm.batch_lines.
 
 Resuming: every batch is recorded in run_dir/batches/ before it is sent (batch_records.py). A
 resumed run rebuilds the same calls (the debate is deterministic up to the answers, which come
@@ -44,49 +49,37 @@ from typing import Any, AsyncIterator
 
 import openai
 
-from harness.errors import HarnessError, LLMError
-from harness.llm.batch_api import ENDPOINT, TERMINAL, BatchApi
+from harness.errors import BatchUnfinished, HarnessError, LLMError
+from harness.llm.batch_api import EMBEDDINGS, ENDPOINT, TERMINAL, BatchApi
+from harness.llm.batch_lines import Failure, Outcome, cache_kind, parse_lines, turnaround, value_of
 from harness.llm.batch_records import BatchBook, BatchRecord, BatchRequest
 from harness.llm.batch_settings import BatchSettings
 from harness.config import EndpointConfig
-from harness.llm.client import ChatResult, LLMClient
-from harness.llm.pricing import cost_usd, estimate_cost
+from harness.llm.client import EMBED_CHUNK, ChatResult, LLMClient
+from harness.llm.pricing import estimate_cost
 from harness.records import Message, SampleId, UsageRecord
 
 log = logging.getLogger(__name__)
-
-_TRANSIENT = {408, 429}
 
 
 @dataclass
 class _Call:
     key: str
+    endpoint: str  # ENDPOINT (chat) or EMBEDDINGS
     model: str
-    sample: SampleId
+    sample: SampleId | None
     purpose: str
     body: dict[str, Any]
     prompt_chars: int
-    future: asyncio.Future
+    max_output: int  # tokens, for the worst-case cost
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     attempts: int = 0  # batches this call has failed in (this session)
 
 
-@dataclass
-class _Failure:
-    status: int | None
-    code: str | None
-    message: str
-    transient: bool
-
-
-@dataclass
-class _Outcome:
-    answers: dict[str, dict[str, Any]] = field(default_factory=dict)  # custom_id -> the output line
-    failures: dict[str, _Failure] = field(default_factory=dict)
-
-
 class BatchChat:
-    """The debate's chat client in batch mode. Use as `async with BatchChat(...) as chat:`;
-    leaving it cancels the waiting (batches already submitted stay recorded for --resume)."""
+    """The debate's chat client (and the diversity stage's embedder) in batch mode. Use as
+    `async with BatchChat(...) as chat:`; leaving it cancels the waiting (batches already
+    submitted stay recorded for --resume)."""
 
     def __init__(self, client: LLMClient, api: BatchApi, settings: BatchSettings, run_dir: Path, run: str):
         self.client = client
@@ -119,31 +112,50 @@ class BatchChat:
     async def chat(self, model: str, messages: list[Message], sample: SampleId, *,
                    purpose: str = "debate") -> ChatResult:
         key, body, prompt_chars = self.client.chat_request(model, messages, sample)
-        hit = self._cached(key, model, sample, purpose)
+        value, rec = await self._ask(_Call(key, ENDPOINT, model, sample, purpose, body, prompt_chars,
+                                           self.client.sampling.max_tokens))
+        return ChatResult(text=value["text"], cached=rec.cached, usage=rec, finish_reason=value.get("finish_reason"))
+
+    async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
+        """LLMClient.embed through the Batch API: every chunk at once, so they share a batch."""
+        async def chunk_vectors(chunk: list[str]) -> list[list[float]]:
+            key, body, chars = self.client.embed_request(model, chunk)
+            value, _ = await self._ask(_Call(key, EMBEDDINGS, model, None, "embed", body, chars, 0))
+            return value["vectors"]
+
+        chunks = [list(texts[i:i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)]
+        return [v for vectors in await asyncio.gather(*map(chunk_vectors, chunks)) for v in vectors]
+
+    async def prompt_logprobs(self, *args, **kwargs):
+        """vLLM's prompt log-probabilities have no Batch API form: asked directly."""
+        return await self.client.prompt_logprobs(*args, **kwargs)
+
+    async def _ask(self, call: _Call) -> tuple[dict[str, Any], UsageRecord]:
+        """The call's cached answer, or the answer of the batch it goes out in."""
+        hit = self._cached(call)
         if hit is not None:
             return hit
-        call = self._waiting.get(key)
-        if call is None:
-            call = _Call(key, model, sample, purpose, body, prompt_chars, asyncio.get_running_loop().create_future())
-            self._waiting[key] = call
-            self._enqueue(key)
+        waiting = self._waiting.get(call.key)
+        if waiting is None:
+            self._waiting[call.key] = call
+            self._enqueue(call.key)
             return await call.future
         # The same request twice at once (a re-entered stage): one line in the batch, and the
         # second caller is logged as a cache hit, as LLMClient does.
-        await asyncio.shield(call.future)
-        hit = self._cached(key, model, sample, purpose)
+        await asyncio.shield(waiting.future)
+        hit = self._cached(call)
         assert hit is not None
         return hit
 
-    def _cached(self, key: str, model: str, sample: SampleId, purpose: str) -> ChatResult | None:
-        value = self.client.cache.get(key)
+    def _cached(self, call: _Call) -> tuple[dict[str, Any], UsageRecord] | None:
+        value = self.client.cache.get(call.key)
         if value is None:
             return None
-        rec = UsageRecord(ts=time.time(), model=model, sample=sample, purpose=purpose, prompt_tokens=0,
+        rec = UsageRecord(ts=time.time(), model=call.model, sample=call.sample, purpose=call.purpose, prompt_tokens=0,
                           completion_tokens=0, cached_prompt_tokens=0, latency_s=0.0, cost_usd=0.0, cached=True,
                           attempts=0)
         self.client.usage_log.append(rec)
-        return ChatResult(text=value["text"], cached=True, usage=rec, finish_reason=value.get("finish_reason"))
+        return value, rec
 
     # ------------------------------------------------------------------ gathering a round
 
@@ -173,7 +185,7 @@ class BatchChat:
         """Calls held by an unfinished batch wait for it; the others go out in new batches."""
         held = self.book.open_for()
         records: dict[str, BatchRecord] = {}
-        fresh: dict[str, list[_Call]] = {}
+        fresh: dict[tuple[str, str], list[_Call]] = {}  # (endpoint, model) -> calls
         for key in keys:
             call = self._waiting.get(key)
             if call is None or call.future.done():
@@ -182,25 +194,24 @@ class BatchChat:
             if rec is not None:
                 records[rec.id] = rec
             else:
-                fresh.setdefault(call.model, []).append(call)
-        for model, calls in fresh.items():
+                fresh.setdefault((call.endpoint, call.model), []).append(call)
+        for (endpoint, model), calls in fresh.items():
             for start in range(0, len(calls), self.settings.max_requests):
-                rec = self._prepare(model, calls[start:start + self.settings.max_requests])
+                rec = self._prepare(endpoint, model, calls[start:start + self.settings.max_requests])
                 if rec is not None:
                     records[rec.id] = rec
         await asyncio.gather(*(self._see_through(rec) for rec in records.values()))
 
-    def _prepare(self, model: str, calls: list[_Call]) -> BatchRecord | None:
+    def _prepare(self, endpoint: str, model: str, calls: list[_Call]) -> BatchRecord | None:
         """Writes the batch's input and record (state prepared) before anything is sent."""
         requests, lines = [], []
         for c in calls:
-            est = estimate_cost(c.model, c.prompt_chars, self.client.sampling.max_tokens, self.client.prices,
-                                batch=True)
+            est = estimate_cost(c.model, c.prompt_chars, c.max_output, self.client.prices, batch=True)
             requests.append(BatchRequest(custom_id=c.key, model=c.model, sample=c.sample, purpose=c.purpose,
                                          est_cost_usd=est))
-            lines.append(json.dumps({"custom_id": c.key, "method": "POST", "url": ENDPOINT, "body": c.body},
+            lines.append(json.dumps({"custom_id": c.key, "method": "POST", "url": endpoint, "body": c.body},
                                     ensure_ascii=False, separators=(",", ":")))
-        rec = BatchRecord(id=uuid.uuid4().hex[:20], run=self.run, model=model, requests=requests)
+        rec = BatchRecord(id=uuid.uuid4().hex[:20], run=self.run, model=model, endpoint=endpoint, requests=requests)
         try:
             # The whole batch's worst case at batch price, reserved before it is submitted.
             reserved = self.client.reserve_budget(model, sum(r.est_cost_usd or 0.0 for r in requests)
@@ -210,7 +221,7 @@ class BatchChat:
             return None
         self._reserved[rec.id] = reserved
         self.book.prepare(rec, ("\n".join(lines) + "\n").encode("utf-8"))
-        log.info("batch %s: %d requests to %s prepared", rec.id, len(requests), model)
+        log.info("batch %s: %d requests to %s (%s) prepared", rec.id, len(requests), model, endpoint)
         return rec
 
     def _see_through(self, rec: BatchRecord) -> asyncio.Task:
@@ -261,7 +272,7 @@ class BatchChat:
             rec = rec.model_copy(update={"state": "uploaded", "input_file_id": file_id})
             self.book.save(rec)
         batch = await self.api.submit(rec.id, rec.run, rec.input_file_id, self.settings.completion_window,
-                                      rec.created_at)
+                                      rec.created_at, rec.endpoint)
         rec = rec.model_copy(update={"state": "submitted", "batch_id": batch.id, "status": batch.status})
         self.book.save(rec)
         log.info("batch %s submitted as %s (%d requests)", rec.id, batch.id, len(rec.requests))
@@ -279,48 +290,57 @@ class BatchChat:
             if batch.status in TERMINAL:
                 return batch
             if time.monotonic() - started > limit:
-                raise LLMError(
+                raise BatchUnfinished(
                     f"batch {rec.batch_id} is still {batch.status} after {limit:.0f}s of waiting "
                     f"(endpoint.batch_settings.max_wait_s). Nothing is lost: resume the run later with --resume and "
                     f"it polls the same batch, which is never submitted again.")
             await asyncio.sleep(self.settings.poll_interval_s)
 
     async def _read(self, rec: BatchRecord, batch: Any) -> None:
-        outcome = _Outcome()
+        outcome = Outcome()
         for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:
-                _parse_lines(await self.api.content(file_id), outcome)
+                parse_lines(await self.api.content(file_id), outcome)
         requests = {r.custom_id: r for r in rec.requests}
         if batch.status == "failed":  # the whole file was refused at validation
             errors = getattr(getattr(batch, "errors", None), "data", None) or []
             detail = "; ".join(f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "") for e in errors)
-            failure = _Failure(None, "batch_failed", f"batch {batch.id} failed validation: {detail or 'no detail'}",
+            failure = Failure(None, "batch_failed", f"batch {batch.id} failed validation: {detail or 'no detail'}",
                                transient=False)
         else:
             why = {"expired": "the batch expired before answering it",
                    "cancelled": "the batch was cancelled before answering it"}.get(batch.status,
                                                                                   "the batch returned no line for it")
-            failure = _Failure(None, batch.status, why, transient=batch.status == "expired")
+            failure = Failure(None, batch.status, why, transient=batch.status == "expired")
         for cid in requests:
             if cid not in outcome.answers and cid not in outcome.failures:
                 outcome.failures[cid] = failure
-        turnaround = _turnaround(batch)
-        for cid, line in outcome.answers.items():
+        latency = turnaround(batch)
+        for cid, line in list(outcome.answers.items()):
             req = requests.get(cid)
-            if req is not None:
-                self._record_answer(req, line, batch.id, turnaround)
+            if req is None:
+                continue
+            call = self._waiting.get(cid)
+            inputs = len(call.body["input"]) if call is not None and rec.endpoint == EMBEDDINGS else None
+            try:
+                value = value_of(rec.endpoint, line["response"]["body"], req.model, self.client.prices, inputs)
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                del outcome.answers[cid]
+                outcome.failures[cid] = Failure(200, "malformed", f"an answer that does not fit its request ({e})",
+                                                transient=False)
+                continue
+            self._record_answer(req, rec.endpoint, value, batch.id, latency)
         self._handle_failures(batch.id, outcome.failures, requests)
         self.book.save(rec.model_copy(update={"state": "done", "status": batch.status,
                                               "output_file_id": batch.output_file_id,
                                               "error_file_id": batch.error_file_id,
                                               "answered": len(outcome.answers), "failed": len(outcome.failures)}))
 
-    def _record_answer(self, req: BatchRequest, line: dict[str, Any], batch_id: str, latency_s: float) -> None:
+    def _record_answer(self, req: BatchRequest, endpoint: str, value: dict[str, Any], batch_id: str,
+                       latency_s: float) -> None:
         """usage.jsonl first, then the cache (which serves it): a crash between the two leaves a
         usage line whose answer a resumed run reads again from the batch's output, not twice."""
         call_id = f"{batch_id}/{req.custom_id}"
-        body = line["response"]["body"]
-        value = _value(body, req.model, self.client.prices)
         rec = UsageRecord(ts=time.time(), model=req.model, sample=req.sample, purpose=req.purpose,
                           prompt_tokens=value.get("prompt_tokens"), completion_tokens=value.get("completion_tokens"),
                           cached_prompt_tokens=value.get("cached_prompt_tokens"), latency_s=round(latency_s, 3),
@@ -328,13 +348,12 @@ class BatchChat:
                           batch_id=batch_id)
         if not self.client.usage_log.has_call(call_id):
             self.client.usage_log.append(rec)
-        self.client.cache.put(req.custom_id, "chat", req.model, value, usage=rec.model_dump(mode="json"))
+        self.client.cache.put(req.custom_id, cache_kind(endpoint), req.model, value, usage=rec.model_dump(mode="json"))
         call = self._waiting.pop(req.custom_id, None)
         if call is not None and not call.future.done():
-            call.future.set_result(ChatResult(text=value["text"], cached=False, usage=rec,
-                                              finish_reason=value.get("finish_reason")))
+            call.future.set_result((value, rec))
 
-    def _handle_failures(self, batch_id: str, failures: dict[str, _Failure], requests: dict[str, BatchRequest]) -> None:
+    def _handle_failures(self, batch_id: str, failures: dict[str, Failure], requests: dict[str, BatchRequest]) -> None:
         again: list[str] = []
         for cid, f in failures.items():
             call = self._waiting.get(cid)
@@ -347,8 +366,9 @@ class BatchChat:
             batches = f"{call.attempts} batch" + ("es" if call.attempts != 1 else "")
             tries = (f" (failed in {batches}; endpoint.batch_settings.retries={self.settings.retries})"
                      if f.transient else "")
+            what = call.sample.key() if call.sample is not None else f"{len(call.body['input'])} embeddings"
             self._fail([cid], LLMError(
-                f"batch {batch_id}: the request for {call.sample.key()} ({call.model}) failed: {f.message}{tries}. "
+                f"batch {batch_id}: the request for {what} ({call.model}) failed: {f.message}{tries}. "
                 f"The run can be resumed with --resume: it is sent again.", status=f.status, code=f.code))
         if again:
             log.warning("batch %s: %d request(s) failed (e.g. %s); they go out again in the next batch", batch_id,
@@ -368,57 +388,11 @@ class BatchChat:
                 call.future.set_exception(error)
 
 
-def _parse_lines(data: bytes, outcome: _Outcome) -> None:
-    """Sorts a batch output or error file's lines (OpenAI's BatchRequestOutput) into answers and
-    failures by custom_id."""
-    for raw in data.splitlines():
-        if not raw.strip():
-            continue
-        try:
-            line = json.loads(raw)
-        except json.JSONDecodeError:
-            log.warning("an unreadable line in a batch result file: %r", raw[:200])
-            continue
-        cid = line.get("custom_id")
-        if not isinstance(cid, str):
-            continue
-        response = line.get("response") or {}
-        status = response.get("status_code")
-        body = response.get("body") if isinstance(response.get("body"), dict) else {}
-        if status == 200 and isinstance(body.get("choices"), list) and body["choices"]:
-            outcome.answers[cid] = line
-            outcome.failures.pop(cid, None)
-            continue
-        err = body.get("error") if isinstance(body.get("error"), dict) else (line.get("error") or {})
-        message = err.get("message") or f"HTTP {status}"
-        transient = status is None or status in _TRANSIENT or status >= 500
-        if cid not in outcome.answers:
-            outcome.failures[cid] = _Failure(status, err.get("code"), message, transient)
-
-
-def _value(body: dict[str, Any], model: str, prices: dict) -> dict[str, Any]:
-    """The cache value of one answer, as LLMClient stores a direct call's, costed at batch price."""
-    choice = body["choices"][0]
-    value: dict[str, Any] = {"text": (choice.get("message") or {}).get("content") or "",
-                             "finish_reason": choice.get("finish_reason")}
-    usage = body.get("usage")
-    if isinstance(usage, dict) and usage.get("prompt_tokens") is not None:
-        prompt, completion = usage["prompt_tokens"], usage.get("completion_tokens") or 0
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-        value.update(prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=cached,
-                     cost_usd=cost_usd(model, prompt, cached, completion, prices, batch=True))
-    return value
-
-
-def _turnaround(batch: Any) -> float:
-    end = batch.completed_at or batch.expired_at or batch.cancelled_at or batch.failed_at
-    return float(end - batch.created_at) if end and batch.created_at else 0.0
-
-
 @contextlib.asynccontextmanager
 async def debate_client(endpoint: EndpointConfig, client: LLMClient, run_dir: Path, run: str,
                         base_url: str) -> AsyncIterator[Any]:
-    """The chat client a debate uses: `client` itself, or with endpoint.batch a BatchChat over it."""
+    """The client a debate's chats (and the diversity stage's endpoint embeddings) go through:
+    `client` itself, or with endpoint.batch a BatchChat over it."""
     if not endpoint.batch:
         waiting = [r.batch_id for r in BatchBook(run_dir).records.values() if r.state == "submitted"]
         if waiting:

@@ -15,7 +15,8 @@ from harness.llm.retry import with_retries
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ENDPOINT = "/v1/chat/completions"
+ENDPOINT = "/v1/chat/completions"  # the debate's calls
+EMBEDDINGS = "/v1/embeddings"  # the diversity stage's calls (an endpoint embedding model)
 TAG = "harness_batch"  # metadata key holding the harness's own id of a batch
 RUN_TAG = "harness_run"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -60,13 +61,14 @@ class BatchApi:
             return None
         return await self._call(f"looking up batch {tag}", lookup)
 
-    async def submit(self, tag: str, run: str, input_file_id: str, window: str, since: float) -> Any:
+    async def submit(self, tag: str, run: str, input_file_id: str, window: str, since: float,
+                     endpoint: str = ENDPOINT) -> Any:
         async def find_or_create() -> Any:
             found = await self.find(tag, since)
             if found is not None:
                 log.info("batch %s was already created as %s: adopted, not submitted again", tag, found.id)
                 return found
-            return await self._client.batches.create(input_file_id=input_file_id, endpoint=ENDPOINT,
+            return await self._client.batches.create(input_file_id=input_file_id, endpoint=endpoint,
                                                      completion_window=window, metadata={TAG: tag, RUN_TAG: run})
         return await self._call(f"creating batch {tag}", find_or_create)
 
@@ -79,4 +81,4 @@ class BatchApi:
         return await self._call(f"reading batch file {file_id}", read)
 
 
-__all__ = ["BatchApi", "ENDPOINT", "RUN_TAG", "TAG", "TERMINAL"]
+__all__ = ["BatchApi", "EMBEDDINGS", "ENDPOINT", "RUN_TAG", "TAG", "TERMINAL"]

@@ -38,7 +38,7 @@ class BatchRequest(BaseModel):
 
     custom_id: str  # the call's cache key
     model: str
-    sample: SampleId
+    sample: SampleId | None = None  # None: not one sample's call (the diversity stage's embeddings)
     purpose: str
     est_cost_usd: float | None = None  # worst case at batch price (budget reservation)
 
@@ -47,6 +47,7 @@ class BatchRecord(BaseModel):
     id: str  # the harness's own id, also in the batch's metadata and the input file's name
     run: str  # the run id, in the batch's metadata
     model: str  # a batch holds one model's requests, as OpenAI requires
+    endpoint: str = "/v1/chat/completions"  # and one endpoint's: chat (debates) or /v1/embeddings (diversity)
     state: BatchState = "prepared"
     created_at: float = Field(default_factory=time.time)
     requests: list[BatchRequest]

@@ -140,12 +140,19 @@ class LLMClient:
         return ChatResult(text=value["text"], cached=rec.cached, usage=rec,
                           finish_reason=value.get("finish_reason"))
 
+    def embed_request(self, model: str, chunk: list[str]) -> tuple[str, dict[str, Any], int]:
+        """(cache key, request body, input characters) of one /embeddings call of at most
+        EMBED_CHUNK inputs. The key is the same whether the call is sent directly or in a batch;
+        the body is what the SDK sends for `embeddings.create` (it asks for base64, float32)."""
+        key = cache_key({"op": "embed", "model": model, "input": chunk})
+        return key, {"model": model, "input": chunk, "encoding_format": "base64"}, sum(len(t) for t in chunk)
+
     async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
         """Embeddings via the OpenAI-compatible /embeddings route, cached per chunk of inputs."""
         vectors: list[list[float]] = []
         for start in range(0, len(texts), EMBED_CHUNK):
             chunk = list(texts[start:start + EMBED_CHUNK])
-            key = cache_key({"op": "embed", "model": model, "input": chunk})
+            key, _, _ = self.embed_request(model, chunk)
 
             async def call(chunk: list[str] = chunk, key: str = key) -> tuple[dict, int, float, str]:
                 return await self._network(key, model, "embed", 0, sum(len(t) for t in chunk), len(chunk), 0,

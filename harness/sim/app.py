@@ -202,10 +202,36 @@ def complete(sim: Sim, req: ChatRequest, params: ModelParams, messages: list[dic
     return body, c_tokens
 
 
-def answer_request(sim: Sim, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """One request of a batch: (HTTP status, response body) as /v1/chat/completions answers it,
-    without the chat endpoint's faults."""
+def embeddings_body(req: EmbeddingRequest) -> dict[str, Any]:
+    """The embeddings list answering a request: the same whether asked directly or in a batch."""
+    inputs: list[str]
+    if isinstance(req.input, str):
+        inputs = [req.input]
+    elif req.input and isinstance(req.input[0], int):
+        inputs = [" ".join(str(t) for t in req.input)]  # token ids: hash them as words
+    else:
+        inputs = [x if isinstance(x, str) else " ".join(map(str, x)) for x in req.input]
+    if not inputs or any(x == "" for x in inputs):
+        raise ApiError(400, "'input' must be a non-empty string or a list of non-empty strings.", param="input")
+    dim = req.dimensions or EMBEDDING_DIM
+    data = []
+    for i, text in enumerate(inputs):
+        vec = embed(text, dim)
+        value: Any = vec
+        if req.encoding_format == "base64":
+            value = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = sum(estimate_tokens(t) for t in inputs)
+    return {"object": "list", "data": data, "model": req.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def answer_request(sim: Sim, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """One request of a batch: (HTTP status, response body) as `endpoint` (/v1/chat/completions
+    or /v1/embeddings) answers it, without the chat endpoint's faults."""
     try:
+        if endpoint == "/v1/embeddings":
+            return 200, embeddings_body(EmbeddingRequest.model_validate(body))
         req = ChatRequest.model_validate(body)
         if req.stream:
             raise ApiError(400, "Streaming is not available in a batch.", param="stream")
@@ -229,7 +255,7 @@ def create_app(
     app.include_router(make_router(sim))
     app.include_router(make_together_router(sim))
     app.include_router(make_arm_router(sim.azure))  # Azure's management plane: deployments
-    app.include_router(make_batch_router(sim, lambda body: answer_request(sim, body)))
+    app.include_router(make_batch_router(sim, lambda endpoint, body: answer_request(sim, endpoint, body)))
 
     @app.get("/health")
     async def health():
@@ -267,31 +293,7 @@ def create_app(
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
-        req = await parse_body(request, EmbeddingRequest)
-        inputs: list[str]
-        if isinstance(req.input, str):
-            inputs = [req.input]
-        elif req.input and isinstance(req.input[0], int):
-            inputs = [" ".join(str(t) for t in req.input)]  # token ids: hash them as words
-        else:
-            inputs = [x if isinstance(x, str) else " ".join(map(str, x)) for x in req.input]
-        if not inputs or any(x == "" for x in inputs):
-            raise ApiError(400, "'input' must be a non-empty string or a list of non-empty strings.", param="input")
-        dim = req.dimensions or EMBEDDING_DIM
-        data = []
-        for i, text in enumerate(inputs):
-            vec = embed(text, dim)
-            value: Any = vec
-            if req.encoding_format == "base64":
-                value = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode()
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        tokens = sum(estimate_tokens(t) for t in inputs)
-        return {
-            "object": "list",
-            "data": data,
-            "model": req.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
+        return embeddings_body(await parse_body(request, EmbeddingRequest))
 
     def _models() -> list[dict[str, Any]]:
         out = [{"id": m, "object": "model", "created": 0, "owned_by": "simulator"} for m in BASE_MODELS]

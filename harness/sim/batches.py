@@ -10,9 +10,10 @@ A batch's status is a function of the time since its creation, as a fine-tuning 
 (store.py): validating for the first 10% of `simulator.batch_seconds`, in_progress until 90%,
 finalizing, then completed (or failed at 10% when the input file is invalid; or, for the share
 `simulator.batch_expire_rate` of batches, expired with half its lines answered). Its lines are
-answered when it completes, by the same code as /v1/chat/completions (without the chat
-endpoint's faults: a batch has its own quota), so a seeded request gets the same answer either
-way; `simulator.batch_error_rate` answers that share of lines with a 500 in the error file.
+answered when it completes, by the same code as /v1/chat/completions or /v1/embeddings (the
+batch's endpoint; without the chat endpoint's faults: a batch has its own quota), so a seeded
+request gets the same answer either way; `simulator.batch_error_rate` answers that share of
+lines with a 500 in the error file.
 Batches persist under the state directory, so a restarted simulator still has them.
 """
 
@@ -36,12 +37,12 @@ from harness.sim.store import FileRecord
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/chat/completions",)  # what the simulator answers (the spec lists more)
+ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings")  # what the simulator answers (the spec lists more)
 MAX_LINES = 50_000
 WINDOW_S = 24 * 3600
 _IN_PROGRESS, _FINALIZING = 0.1, 0.9  # phase boundaries as shares of batch_seconds
 
-Answer = Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]
+Answer = Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]  # (endpoint, body) -> (status, body)
 
 
 class BatchCreate(BaseModel):
@@ -206,7 +207,8 @@ def _new_id(prefix: str, existing, *parts: object) -> str:
 
 
 def make_router(sim, answer: Answer) -> APIRouter:
-    """`sim`: the app's state (cfg, store); `answer(body)`: (status, response body) of one request."""
+    """`sim`: the app's state (cfg, store); `answer(endpoint, body)`: (status, response body) of
+    one request."""
     router = APIRouter(prefix="/v1")
     store = sim.store
     book = BatchStore(store.state_dir)
@@ -231,13 +233,13 @@ def make_router(sim, answer: Answer) -> APIRouter:
                                                         "(simulated fault).", "type": "server_error",
                                              "param": None, "code": None}}
             else:
-                code, body = answer(item["body"])
+                code, body = answer(batch.endpoint, item["body"])
             line = {"id": f"batch_req_{request_id[4:]}", "custom_id": cid,
                     "response": {"status_code": code, "request_id": request_id, "body": body}, "error": None}
             (out if code == 200 else err).append(line)
             if code == 200:
                 usage["input_tokens"] += body["usage"]["prompt_tokens"]
-                usage["output_tokens"] += body["usage"]["completion_tokens"]
+                usage["output_tokens"] += body["usage"].get("completion_tokens", 0)  # embeddings have none
         ids: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
         for name, rows in (("output_file_id", out), ("error_file_id", err)):
             if rows:
