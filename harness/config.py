@@ -71,7 +71,7 @@ class TaskConfig(_Strict):
     arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
     # "harness": prompts/<task>/ (numbered others, in order); "authors": the paper's authors' own
     # prompts word for word, for arithmetic, gsm8k and math (anonymous others, shuffled, at most
-    # 5). See harness/prompts.py and prompts/authors/README.md.
+    # 5). See harness/prompts.py and harness/resources/prompts/authors/README.md.
     prompt_set: Literal["harness", "authors"] = "harness"
 
 

@@ -281,7 +281,7 @@ def test_bundled_fixtures_load_with_correct_answers():
     for p in by_task["mmlu"]:
         assert p.gold in "ABCD" and "\nA) " in p.question
     # ids match what loading the same fixture as a task source gives
-    fixture = Path(__file__).resolve().parents[1] / "data" / "gsm8k-sample.jsonl"
+    fixture = Path(__file__).resolve().parents[1] / "harness" / "resources" / "data" / "gsm8k-sample.jsonl"
     gsm = load_split(cfg(name="gsm8k", source=str(fixture), n_train=0, n_test=100), "test")
     assert {p.id for p in gsm} == {p.id for p in by_task["gsm8k"]}
 
