@@ -20,9 +20,8 @@ def _only_run_dir(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_default_command_runs_the_demo_end_to_end(cli, tmp_path):
-    started = time.monotonic()
+    # How long it takes is measured in benchmarks/demo_time.py, not here (a loaded machine).
     result = cli()
-    elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "SIMULATED" in out and "accuracy" in out
@@ -35,7 +34,6 @@ def test_default_command_runs_the_demo_end_to_end(cli, tmp_path):
     assert summary.finished and summary.simulated
     test0 = summary.iterations[0].splits["test"]
     assert test0.n == 100 and 0.0 < test0.accuracy <= 1.0
-    assert elapsed < 60
 
 
 def test_bad_config_fails_before_any_call_naming_the_field(cli, tmp_path):
