@@ -37,6 +37,7 @@ from harness.ftdata import FtDataStats, build_ftdata, build_star_ftdata
 from harness.identity import (RESUMABLE_FIELDS, establish, finished_work, flat, frozen_changes, header_run_id,
                               load_identity, write_config)
 from harness.llm import LLMClient
+from harness.llm.usage import usage_line
 from harness.plan import estimate_plan, plan_table
 from harness.prompts import Prompts
 from harness.providers.base import FinetuneProvider
@@ -433,18 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         if lock is not None:
             lock.release()
     print_results([m for it in summary.iterations for m in it.splits.values()], console)
-    usage = summary.usage
-    cost = usage.get("cost_usd")
-    unknown = usage.get("unknown_cost_calls", 0)
-    console.print(f"calls {usage.get('calls', 0)} (cache hits {usage.get('cache_hits', 0)}), tokens "
-                  f"{usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, inference cost "
-                  + (f"${cost:.4f}" if cost is not None else "unknown")
-                  + (f" + {unknown} calls of unknown price" if unknown else "")
-                  + (f"; {usage['unanswered_calls']} call{'s' if usage['unanswered_calls'] != 1 else ''} may have "
-                     f"been billed without an answer (worst case "
-                     f"${usage.get('unanswered_cost_usd', 0):.4f}, see calls-in-flight.jsonl)"
-                     if usage.get("unanswered_calls") else "")
-                  + (" (simulated prices)" if summary.simulated else ""))
+    console.print(usage_line(summary.usage, local=cfg.endpoint.kind == "vllm", simulated=summary.simulated),
+                  markup=False)
     for warning in summary.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}")
     console.print(f"finished in {time.monotonic() - started:.1f}s · run directory: {run_dir}")
