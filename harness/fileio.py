@@ -8,9 +8,8 @@ line stops with a `CorruptRecordError` naming the file and line and the repair c
 Written on the standard json module, not the `jsonlines` package (declared once but never
 imported, now dropped): its reader either stops at any invalid line or skips every one
 (skip_invalid), where a run must skip only a torn last line and stop at a damaged one in the
-middle, naming file and line; and its writer serializes dicts, where our records are pydantic
-models that pydantic serializes. What it would do for appends (a dump and a flush per line) is
-two lines here."""
+middle, naming file and line; and what its writer would add to the appends (a dump and a flush
+per line) is two lines here."""
 
 from __future__ import annotations
 
