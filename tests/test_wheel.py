@@ -31,11 +31,12 @@ def _build_wheel(out: Path) -> Path:
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "harness", src / "harness", ignore=shutil.ignore_patterns("__pycache__"))
-    # Without build isolation when setuptools is already here: offline, and much faster.
+    # Without build isolation when a setuptools new enough for pyproject.toml is here (offline,
+    # and much faster); else pip fetches one into an isolated build environment.
     try:
-        import setuptools  # noqa: F401
+        import setuptools
 
-        isolation = ["--no-build-isolation"]
+        isolation = ["--no-build-isolation"] if int(setuptools.__version__.split(".")[0]) >= 77 else []
     except ImportError:
         isolation = []
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(out), str(src)],
