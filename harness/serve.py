@@ -9,6 +9,10 @@ waits for /health, loads the adapters and blocks until Ctrl-C, then stops the se
 workers. The loop uses the same pieces: `serving()` starts the managed servers (serve.manage) or
 checks the one(s) the user runs, and `load_adapters()` registers each agent's adapter under its
 name and unloads stale ones.
+
+With VLLM_API_KEY set in its environment the command's server requires that key (attach the loop
+with endpoint.api_key_env: VLLM_API_KEY); servers the loop starts always require a key of the
+run's own (see `serving()`).
 """
 
 from __future__ import annotations
@@ -271,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             if adapters:
                 await load_adapters(url, adapters, api_key=key)
         print(f"serving {serve.model} as '{serve.served_name}' at {', '.join(servers.urls)}"
-              f"{' with ' + ', '.join(adapters) if adapters else ''}; Ctrl-C stops it", flush=True)
+              f"{' with ' + ', '.join(adapters) if adapters else ''}"
+              f"{' for clients sending $VLLM_API_KEY' if key else ''}; Ctrl-C stops it", flush=True)
         while True:
             servers.check_alive()
             await asyncio.sleep(1.0)

@@ -475,6 +475,34 @@ async def test_a_managed_server_answers_only_its_run(tmp_path):
     assert files_holding(tmp_path / "run", key) == [] and files_holding(tmp_path / "run", second) == []
 
 
+def test_the_serve_command_requires_the_key_it_is_given(tmp_path):
+    """`VLLM_API_KEY=... python -m harness.serve`: the server refuses requests without that key,
+    and the key is not printed."""
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "harness.serve", "--model", "x", "--port", str(port),
+           "--python", str(fake_vllm_python(tmp_path / "py"))]
+    proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_API_KEY": "the-owners-key"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("serving"):
+                break
+        assert "for clients sending $VLLM_API_KEY" in line
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+        assert refused.value.code == 401
+        keyed = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
+                                       headers={"Authorization": "Bearer the-owners-key"})
+        assert urllib.request.urlopen(keyed, timeout=10).status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate()
+    assert proc.returncode == 0 and "the-owners-key" not in out
+
+
 def test_a_managed_server_dies_with_its_owner_even_when_the_owner_is_killed(tmp_path):
     """SIGKILL leaves a process no chance to stop its server: the server must end by itself
     (it once lived on, orphaned with parent PID 1, holding its port and memory)."""
