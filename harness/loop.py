@@ -20,6 +20,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Coroutine, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -379,6 +380,38 @@ def _terminate(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+T = TypeVar("T")
+
+
+async def _until_terminated(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`; a SIGTERM cancels it (as asyncio does for Ctrl-C), so its finally blocks stop
+    the servers it started, then ends as KeyboardInterrupt. Raising KeyboardInterrupt from a
+    plain signal handler, as before, lands wherever Python happens to be: inside a destructor
+    (an aiohttp connection's __del__) it is printed as "Exception ignored" and lost, and the run
+    went on as if never told to stop."""
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    terminated: list[bool] = []
+
+    def on_term() -> None:
+        terminated.append(True)
+        task.cancel()
+
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signals here
+        return await work
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if terminated:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
@@ -408,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold]run[/] {cfg.name} → {run_dir}"
                       + ("  [yellow](simulated models: a test double)[/]" if cfg.endpoint.kind == "simulator" else ""))
         started = time.monotonic()
-        summary = asyncio.run(run_loop(cfg, run_dir, console))
+        summary = asyncio.run(_until_terminated(run_loop(cfg, run_dir, console)))
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted.[/]"
                       + (f" Finished work is saved; continue with: python -m harness.loop --resume {run_dir}"

@@ -88,6 +88,26 @@ def test_a_run_killed_mid_debate_resumes_without_repeating_finished_problems(tmp
 
 
 @pytest.mark.slow
+def test_sigterm_mid_debate_stops_the_run_like_ctrl_c(tmp_path):
+    """`kill PID` cancels the run (its servers stopped, its directory unlocked): exit 130 and the
+    resume command, whatever Python was running when the signal came (a KeyboardInterrupt raised
+    inside a destructor used to be swallowed, and the run went on)."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "harness.loop", "--run-dir", str(run_dir), "--set", "task.n_test=60",
+            "--set", "finetune.iterations=0", "--set", "endpoint.simulator.latency_ms=100",
+            "--set", "endpoint.concurrency=2"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    records_path = run_dir / "iter-0" / "debate-test.jsonl"
+    while proc.poll() is None and not (records_path.exists() and records_path.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate()
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "--resume" in out
+    assert len(read_jsonl(records_path, DebateRecord)) < 60
+
+
+@pytest.mark.slow
 def test_a_run_killed_while_jobs_run_resumes_without_a_second_job(tmp_path):
     import asyncio
 
