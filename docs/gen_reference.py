@@ -352,7 +352,7 @@ def layout_reference() -> str:
             continue
         first = " ".join(doc.split("\n\n")[0].split())
         out.append(f"| `{rel.as_posix()}` | {_md(first)} |")
-    out += ["", "Besides the package: `prompts/` (templates), `data/` (small sample files), "
+    out += ["", "Besides the package: `harness/resources/` (prompt templates and small sample files, inside the package), `data/` (notes on the data sets), "
                 "`notebooks/` (analysis), `tests/`, `benchmarks/` (scripts and their committed results).", ""]
     return "\n".join(out)
 

@@ -30,6 +30,7 @@ from harness.diversity import DiversityMetrics
 from harness.errors import DataError
 from harness.fileio import read_jsonl
 from harness.llm.pricing import training_price_for
+from harness.llm.usage import is_local
 from harness.records import DebateRecord, IterationMetrics, RunSummary, UsageRecord
 from harness.registry import Registry
 
@@ -275,6 +276,7 @@ def runs_frame(runs: Sequence[RunData], usage: pd.DataFrame | None = None, split
         known = float(u["cost_known_usd"].sum())
         rows.append({
             "method": run.method, "run": str(run.dir), "simulated": run.simulated, "finished": run.finished,
+            "local": is_local(run.config),  # vLLM-served models: no API price
             "accuracy": last.accuracy if last else math.nan, "stderr": last.stderr if last else math.nan,
             "n": last.n if last else 0, "truncated_rate": last.truncated_rate if last else math.nan,
             "iterations": max((it.iteration for it in run.iterations), default=0),

@@ -218,7 +218,7 @@ def write_table(rows: list[tuple[MethodSpec, Path, str]], out: Path, cs: Compari
     it = iter(frame.to_dict("records"))
     for (spec, run_dir, status), run in zip(rows, runs):
         base = next(it) if run is not None else {"method": method_key(spec), "run": str(run_dir), "simulated": None,
-                                                 "finished": False, "accuracy": math.nan, "stderr": math.nan, "n": 0,
+                                                 "finished": False, "local": False, "accuracy": math.nan, "stderr": math.nan, "n": 0,
                                                  "iterations": None, "agents": None, "rounds": None,
                                                  "truncated_rate": math.nan, "calls": None, "cache_hits": None,
                                                  "tokens": None, "trained_tokens": None, "cost_known_usd": 0.0,
@@ -254,7 +254,8 @@ def write_table(rows: list[tuple[MethodSpec, Path, str]], out: Path, cs: Compari
     lines += [md_table(shown), "",
               "s.e. = sqrt(p(1-p)/n) over all n test problems (an unparseable vote counts as wrong). "
               "truncated = share of agent replies cut off by max_tokens (they count as unparseable). "
-              "Cost = inference + finetuning; 'unknown' or '≥' where some prices are unknown."]
+              "Cost = inference + finetuning; 'unknown' or '≥' where some prices are unknown; 'local (no API price)' "
+              "for models served by vLLM."]
     if reference:
         lines += ["",
                   f"Δ = accuracy of the method − accuracy of {reference} ({ref_label}) in percentage points, on the "

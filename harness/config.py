@@ -75,7 +75,8 @@ class TaskConfig(_Strict):
     # "harness": prompts/<task>/ (numbered others, in order); "authors": the paper's authors' own
     # prompts word for word, for arithmetic, gsm8k and math, with their order of the others'
     # answers: anonymous, shuffled, at most 5 for math; all, in agent order, for gsm8k and
-    # arithmetic (the authors' code did not shuffle there). See harness/prompts.py.
+    # arithmetic (the authors' code did not shuffle there). See harness/prompts.py and
+    # harness/resources/prompts/authors/README.md.
     prompt_set: Literal["harness", "authors"] = "harness"
 
 

@@ -3,7 +3,13 @@ flushed line at a time. Every persisted file of a run goes through here.
 
 Reading is just as careful: a torn last line (a kill mid-append) is skipped, and any other bad
 line stops with a `CorruptRecordError` naming the file and line and the repair command
-(`python -m harness.repair RUN_DIR`, which keeps every whole record)."""
+(`python -m harness.repair RUN_DIR`, which keeps every whole record).
+
+Written on the standard json module, not the `jsonlines` package (declared once but never
+imported, now dropped): its reader either stops at any invalid line or skips every one
+(skip_invalid), where a run must skip only a torn last line and stop at a damaged one in the
+middle, naming file and line; and what its writer would add to the appends (a dump and a flush
+per line) is two lines here."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Coroutine, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -32,7 +33,7 @@ from harness.fileio import CorruptRecordError, DirLock, remove_stale_temps
 from harness.identity import (RESUMABLE_FIELDS, finished_work, flat, frozen_changes, header_run_id, load_identity,
                               write_config)
 from harness.ioerrors import explain as explain_io_error
-from harness.llm.journal import BOUND
+from harness.llm.usage import usage_line
 from harness.plan import batch_wait_note, estimate_plan, plan_table
 from harness.providers.factory import make_provider
 from harness.run import Run, run_iteration, run_loop
@@ -161,6 +162,38 @@ def _terminate(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+T = TypeVar("T")
+
+
+async def _until_terminated(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`; a SIGTERM cancels it (as asyncio does for Ctrl-C), so its finally blocks stop
+    the servers it started, then ends as KeyboardInterrupt. Raising KeyboardInterrupt from a
+    plain signal handler, as before, lands wherever Python happens to be: inside a destructor
+    (an aiohttp connection's __del__) it is printed as "Exception ignored" and lost, and the run
+    went on as if never told to stop."""
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    terminated: list[bool] = []
+
+    def on_term() -> None:
+        terminated.append(True)
+        task.cancel()
+
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signals here
+        return await work
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if terminated:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
@@ -190,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold]run[/] {cfg.name} → {run_dir}"
                       + ("  [yellow](simulated models: a test double)[/]" if cfg.endpoint.kind == "simulator" else ""))
         started = time.monotonic()
-        summary = asyncio.run(run_loop(cfg, run_dir, console))
+        summary = asyncio.run(_until_terminated(run_loop(cfg, run_dir, console)))
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted.[/]"
                       + (f" Finished work is saved; continue with: python -m harness.loop --resume {run_dir}"
@@ -219,20 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         if lock is not None:
             lock.release()
     print_results([m for it in summary.iterations for m in it.splits.values()], console)
-    usage = summary.usage
-    cost = usage.get("cost_usd")
-    unknown = usage.get("unknown_cost_calls", 0)
-    batched = usage.get("batched_calls", 0)
-    console.print(f"calls {usage.get('calls', 0)} (cache hits {usage.get('cache_hits', 0)}"
-                  + (f"; {batched} through the Batch API at half price" if batched else "") + "), tokens "
-                  f"{usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, inference cost "
-                  + (f"${cost:.4f}" if cost is not None else "unknown")
-                  + (f" + {unknown} calls of unknown price" if unknown else "")
-                  + (f"; {usage['unanswered_calls']} call{'s' if usage['unanswered_calls'] != 1 else ''} may have "
-                     f"been billed without an answer (worst case "
-                     f"${usage.get('unanswered_cost_usd', 0):.4f}: {BOUND}; see calls-in-flight.jsonl)"
-                     if usage.get("unanswered_calls") else "")
-                  + (" (simulated prices)" if summary.simulated else ""))
+    console.print(usage_line(summary.usage, local=cfg.endpoint.kind == "vllm", simulated=summary.simulated),
+                  markup=False)
     for warning in summary.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}")
     console.print(f"finished in {time.monotonic() - started:.1f}s · run directory: {run_dir}")

@@ -1,4 +1,6 @@
-"""Prompt templates: plain text files in `prompts/`, one per task and role, loaded by name.
+"""Prompt templates: plain text files in `harness/resources/prompts/` (`prompts/` below), one per
+task and role, loaded by name. They live inside the package, read through importlib.resources,
+so an installed wheel has them too (a top-level `prompts/` folder was left out of the wheel).
 
 Two prompt sets ship with the harness (`task.prompt_set`):
 - `harness` (default): `prompts/<task>/<role>.txt`, falling back to `prompts/default/<role>.txt`;
@@ -26,11 +28,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from harness.errors import ConfigError
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# An installed wheel is unpacked, so this is a real folder; Traversable keeps zip imports working too.
+PROMPTS_DIR: Traversable = resources.files("harness") / "resources" / "prompts"
 
 # role -> the placeholders it may use
 ROLES: dict[str, tuple[str, ...]] = {
@@ -103,7 +108,7 @@ class Prompts:
         if self.user_dir is not None and not self.user_dir.is_dir():
             raise ConfigError(f"task.prompts_dir: {self.user_dir} is not a directory")
         self.templates: dict[str, str] = {}
-        self.paths: dict[str, Path] = {}  # where each role's template came from
+        self.paths: dict[str, Path | Traversable] = {}  # where each role's template came from
         for role in ROLES:
             found = self._find(role)
             if found is None and role in OPTIONAL:
@@ -116,11 +121,12 @@ class Prompts:
             if role not in self.templates:
                 self.templates[role], self.paths[role] = self.templates[instead], self.paths[instead]
 
-    def _candidates(self, role: str) -> list[Path]:
-        out = [self.user_dir / f"{role}.txt"] if self.user_dir is not None else []
-        return out + [PROMPTS_DIR / folder.format(task=self.task) / f"{role}.txt" for folder in self.set.folders]
+    def _candidates(self, role: str) -> list[Path | Traversable]:
+        out: list[Path | Traversable] = [self.user_dir / f"{role}.txt"] if self.user_dir is not None else []
+        return out + [PROMPTS_DIR.joinpath(*folder.format(task=self.task).split("/"), f"{role}.txt")
+                      for folder in self.set.folders]
 
-    def _find(self, role: str) -> Path | None:
+    def _find(self, role: str) -> Path | Traversable | None:
         return next((p for p in self._candidates(role) if p.is_file()), None)
 
     def render(self, role: str, **values: object) -> str:
@@ -158,13 +164,13 @@ class Prompts:
         return self.render("debate_summary", summary=self._text(summary), question=question)
 
 
-def read_template(path: Path, role: str) -> str:
+def read_template(path: Path | Traversable | str, role: str) -> str:
     """The template in `path` for `role`, checked (see the module docstring)."""
-    return _read_checked(Path(path), role)
+    return _read_checked(Path(path) if isinstance(path, str) else path, role)
 
 
 @lru_cache(maxsize=128)
-def _read_checked(path: Path, role: str) -> str:
+def _read_checked(path: Path | Traversable, role: str) -> str:
     text = path.read_text(encoding="utf-8")
     text = text[:-1] if text.endswith("\n") else text
     text = text[:-1] if text.endswith("\r") else text

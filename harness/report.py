@@ -31,6 +31,7 @@ from harness.diversity import DEFAULT_LOCAL, DiversityMetrics, compute_diversity
 from harness.diversity.embeddings import LOCAL_PREFIX
 from harness.errors import HarnessError
 from harness.fileio import write_atomic
+from harness.llm.usage import LOCAL
 # The plots live in harness.plots; re-exported because notebooks import them from here.
 from harness.plots import (DIVERSITY_PANELS, PLOTS, method_colors, plot_accuracy, plot_diversity,
                            plot_per_agent, plot_usage, save_plots)
@@ -98,8 +99,11 @@ async def diversity_on_demand(runs: Sequence[RunData], cache_dir: Path, *, embed
 
 # ----------------------------------------------------------------------------- markdown
 
-def fmt_cost(known: float, unknown_items: int, simulated: bool) -> str:
+def fmt_cost(known: float, unknown_items: int, simulated: bool, local: bool = False) -> str:
+    """`local`: the run's models are served by vLLM, so what has no price costs no API money."""
     sim = " (simulated)" if simulated else ""
+    if unknown_items and local:
+        return f"${known:.4f} + {LOCAL}" if known else LOCAL
     if unknown_items and not known:
         return "unknown"
     if unknown_items:
@@ -130,8 +134,8 @@ def table1(runs: pd.DataFrame) -> pd.DataFrame:
         "n": runs["n"], "iterations": runs["iterations"], "agents × rounds": [
             f"{a} × {r}" for a, r in zip(runs["agents"], runs["rounds"])],
         "calls": runs["calls"], "tokens": runs["tokens"],
-        "cost": [fmt_cost(k, u, s) for k, u, s in zip(runs["cost_known_usd"], runs["unknown_cost_items"],
-                                                     runs["simulated"])],
+        "cost": [fmt_cost(k, u, s, loc) for k, u, s, loc in zip(runs["cost_known_usd"], runs["unknown_cost_items"],
+                                                                runs["simulated"], runs["local"])],
         "finished": ["yes" if f else "no" for f in runs["finished"]]})
 
 
@@ -153,7 +157,8 @@ DEFINITIONS = """\
   log p_i(y) (resp. − log p_base(y)); mean over pairs and problems; 0 when the models are the same.
   Log-probability measures are n/a where the endpoint gives no logprobs (the simulator, OpenAI).
 - **cost**: inference (usage.jsonl) + finetuning (registry trained tokens × training price);
-  "≥" marks a lower bound when some calls or jobs are of unknown price.
+  "≥" marks a lower bound when some calls or jobs are of unknown price; "local (no API price)"
+  marks models served by vLLM (their calls and local LoRA jobs cost compute, not an API bill).
 """
 
 DIVERSITY_COLUMNS = {"consensus": "consensus", "agreement": "all agree", "embedding_dissimilarity": "embedding dissim.",

@@ -87,7 +87,7 @@ class Run:
 
         with self.stage(k, "load_adapters"):
             for url in self.urls:
-                await load_adapters(url, adapters, stale_prefix=self.registry.run + "-")
+                await load_adapters(url, adapters, stale_prefix=self.registry.run + "-", api_key=self.client.api_key)
 
     async def debate(self, k: int, split: str, problems: list[Problem], society: Society,
                      rounds: int) -> list[DebateRecord]:
@@ -214,8 +214,8 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console,
 
 async def _run_iterations(cfg: RunConfig, run_dir: Path, console: Console, train: list[Problem], test: list[Problem],
                           iterations: list[IterationMetrics], tracker: Tracker) -> RunSummary:
-    async with open_endpoint(cfg, run_dir, [*train, *test]) as urls:
-        async with LLMClient(base_url=urls, api_key=cfg.endpoint.api_key(), run_dir=run_dir,
+    async with open_endpoint(cfg, run_dir, [*train, *test]) as (urls, api_key):
+        async with LLMClient(base_url=urls, api_key=api_key, run_dir=run_dir,
                              endpoint=cfg.endpoint, sampling=cfg.sampling, budget_usd=cfg.budget.max_cost_usd,
                              prices=cfg.prices, seed=cfg.seed) as client:
             # A local provider is needed even with nothing left to train: it knows the adapters

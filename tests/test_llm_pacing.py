@@ -81,17 +81,20 @@ async def test_a_limit_that_never_lifts_ends_with_a_clear_message(tmp_path):
             elapsed = time.monotonic() - t0
     msg = str(info.value)
     assert "rate limit (HTTP 429)" in msg and "none got through for 1.5s" in msg and "endpoint.rate_limit_wait_s" in msg
-    assert 1.5 <= elapsed < 5 and len(server.requests) > 7  # more 429s than max_retries allowed, all waited out
+    # more 429s than max_retries allowed, all waited out, for the whole 1.5 s (a lower bound: a
+    # loaded machine only waits longer)
+    assert elapsed >= 1.5 and len(server.requests) > 7
 
 
-async def test_a_request_larger_than_the_whole_tpm_limit_fails_at_once(tmp_path):
+async def test_a_request_larger_than_the_whole_tpm_limit_fails_at_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="harness.llm.retry")
     with SimServer(SimulatorConfig(tpm_limit=1000)) as sim:
         async with make_client(sim.base_url, tmp_path, kind="simulator",
                                sampling=SamplingConfig(max_tokens=2000)) as c:
-            t0 = time.monotonic()
             with pytest.raises(LLMError, match="larger than the whole tokens-per-minute limit.*sampling.max_tokens"):
                 await c.chat("sim-base", Q, sid())
-            assert time.monotonic() - t0 < 2
+            waited = c.pacing()[sim.base_url]["waited_s"]
+    assert waited == 0 and "retrying" not in caplog.text  # refused before waiting for a budget it can never get
 
 
 async def test_the_configured_rpm_is_respected(tmp_path):
@@ -103,7 +106,6 @@ async def test_the_configured_rpm_is_respected(tmp_path):
     assert len(t) == 9
     # A burst of one second's worth (2), then one every 0.5 s: never ahead of the configured rate.
     assert all(t[i] >= (i - 2) * 0.5 - 0.02 for i in range(9)), t
-    assert t[-1] < 4.5
 
 
 async def test_the_servers_rate_limit_headers_are_read_and_obeyed(tmp_path):
@@ -123,22 +125,22 @@ async def test_the_servers_rate_limit_headers_are_read_and_obeyed(tmp_path):
             results = await asyncio.gather(*(c.chat("gpt-4.1-mini", Q, sid(a)) for a in range(6)))
     t = [x - server.times[0] for x in server.times]
     assert len(results) == 6 and all(r.usage.attempts == 1 for r in results)
-    assert t[2] < 0.5 and t[-1] >= 2.5, t  # three at once, then paced at about one a second
+    # The three announced at once, then about one a second (lower bounds: load only adds delay).
+    assert t[-1] >= 2.5 and c.pacing()[server.base_url]["waited_s"] > 0, t
 
 
 # ----------------------------------------------------------------------------- nothing listening
 
-async def test_nothing_listening_says_cannot_connect_at_once(tmp_path):
+async def test_nothing_listening_says_cannot_connect_at_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="harness.llm.retry")
     url = f"http://127.0.0.1:{free_port()}/v1"
     async with make_client(url, tmp_path, max_retries=6) as c:
-        t0 = time.monotonic()
         with pytest.raises(LLMError) as info:
             await c.chat("gpt-4.1-mini", Q, sid())
-        elapsed = time.monotonic() - t0
     msg = str(info.value)
     assert msg == (f"cannot connect to {url}: nothing is listening there; is the server running / is "
                    f"endpoint.base_url right?")
-    assert elapsed < 2  # not minutes of backoff
+    assert "retrying" not in caplog.text  # not minutes of backoff: no retry at all
 
 
 def test_the_loop_says_cannot_connect(cli, tmp_path):

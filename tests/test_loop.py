@@ -20,9 +20,8 @@ def _only_run_dir(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_default_command_runs_the_demo_end_to_end(cli, tmp_path):
-    started = time.monotonic()
+    # How long it takes is measured in benchmarks/demo_time.py, not here (a loaded machine).
     result = cli()
-    elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "SIMULATED" in out and "accuracy" in out
@@ -35,7 +34,6 @@ def test_default_command_runs_the_demo_end_to_end(cli, tmp_path):
     assert summary.finished and summary.simulated
     test0 = summary.iterations[0].splits["test"]
     assert test0.n == 100 and 0.0 < test0.accuracy <= 1.0
-    assert elapsed < 60
 
 
 def test_bad_config_fails_before_any_call_naming_the_field(cli, tmp_path):
@@ -87,6 +85,26 @@ def test_a_run_killed_mid_debate_resumes_without_repeating_finished_problems(tmp
     assert resumed, "the resumed session made the remaining calls"
     debate_calls = [u for u in resumed if u.sample is not None]  # embeddings for diversity carry none
     assert not any(u.sample.problem_id in finished for u in debate_calls), "finished problems were debated again"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_debate_stops_the_run_like_ctrl_c(tmp_path):
+    """`kill PID` cancels the run (its servers stopped, its directory unlocked): exit 130 and the
+    resume command, whatever Python was running when the signal came (a KeyboardInterrupt raised
+    inside a destructor used to be swallowed, and the run went on)."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "harness.loop", "--run-dir", str(run_dir), "--set", "task.n_test=60",
+            "--set", "finetune.iterations=0", "--set", "endpoint.simulator.latency_ms=100",
+            "--set", "endpoint.concurrency=2"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    records_path = run_dir / "iter-0" / "debate-test.jsonl"
+    while proc.poll() is None and not (records_path.exists() and records_path.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate()
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "--resume" in out
+    assert len(read_jsonl(records_path, DebateRecord)) < 60
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ exercised by tests/test_real_model.py (and by CI before it)."""
 from __future__ import annotations
 
 import json
-import time
 import zipfile
 from pathlib import Path
 
@@ -68,11 +67,10 @@ def test_a_cached_model_is_returned_at_once_and_configs_can_name_it(tmp_path):
     folder = tmp_path / "cache" / "models" / "smollm2"
     folder.mkdir(parents=True)
     (folder / RECORD).write_text(json.dumps({"name": "smollm2"}))
-    started = time.monotonic()
+    # Offline, with no wheel to convert: only the cached folder can answer.
     done = run_cli("harness.models", "smollm2", "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path,
                    env=_offline(tmp_path / "no-wheels"))
     assert done.returncode == 0 and done.stdout.strip() == str(folder)
-    assert time.monotonic() - started < 30  # no download, no conversion
     listing = run_cli("harness.models", "list", "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
     assert f"cached at {folder}" in listing.stdout
     assert resolve("harness:smollm2", tmp_path / "cache") == str(folder)

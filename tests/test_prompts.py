@@ -62,7 +62,7 @@ def test_missing_prompts_dir_is_a_config_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the authors' prompts
-# The expected strings are the authors' (see prompts/authors/README.md), written out in full.
+# The expected strings are the authors' (see harness/resources/prompts/authors/README.md), written out in full.
 
 Q = "What is $1+2$?"
 ANSWERS = [(0, "First \\boxed{3}."), (2, " So \\boxed{4}\n")]

@@ -254,7 +254,7 @@ def test_dry_run_prices_a_500_500_math_run_with_hosting(tmp_path):
     from harness.plan import estimate_plan
     from harness.tasks import load_split
 
-    sample = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / "math-sample.jsonl").open()]
+    sample = [json.loads(line) for line in (Path(__file__).parent.parent / "harness" / "resources" / "data" / "math-sample.jsonl").open()]
     sample = [r for r in sample if r["level"] in ("Level 1", "Level 2", "Level 3")]
     source = tmp_path / "math.jsonl"  # MATH-shaped: the sample's problems, repeated to 1000
     source.write_text("".join(json.dumps({**sample[i % len(sample)], "problem": f"{sample[i % len(sample)]['problem']} "

@@ -353,7 +353,7 @@ def test_the_demo_runs_on_together_and_survives_a_kill_and_a_lost_registry_and_r
 def _math_like(path: Path, split: str, n: int = 500) -> Path:
     """n MATH-shaped problems (levels 1-3 of the bundled sample, each made distinct), so the plan of
     a 500/500 MATH run can be priced offline."""
-    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "data" / "math-sample.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "harness" / "resources" / "data" / "math-sample.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r.get("level") in ("Level 1", "Level 2", "Level 3")]
     with path.open("w") as f:
         for i in range(n):

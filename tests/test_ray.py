@@ -103,6 +103,9 @@ async def test_an_unreachable_cluster_is_a_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------- a real cluster
 
+RAY_KEY = "ray-test-key-5f0c9a"  # a key of a "run"; real runs make a random one (harness.serve.serving)
+
+
 @pytest.mark.slow
 def test_resources_abandoned_runs_and_ray_managed_servers(cluster, tmp_path):
     """On the cluster: a job asking for a GPU the cluster lacks is refused, naming what it has;
@@ -162,12 +165,15 @@ def test_resources_abandoned_runs_and_ray_managed_servers(cluster, tmp_path):
             again = LocalProvider.from_config(RunConfig.model_validate(data), run)
             print("RELAUNCHED", json.dumps((await again.refresh(states[2].job_id)).status.value))
             assert (await again.submit(request(2))).job_id == states[2].job_id
-            servers = RayServers(cfg.serve, agents=2, log_path=run / "serve" / "vllm.log")
+            servers = RayServers(cfg.serve, agents=2, log_path=run / "serve" / "vllm.log", api_key="{RAY_KEY}")
             servers.start()
             await servers.wait_healthy()
             async with httpx2.AsyncClient() as client:
                 seen = [(await client.get(u.replace("/v1", "/health"))).json() for u in servers.urls]
-            print("SERVERS", json.dumps({{"urls": servers.urls, "seen": seen}}))
+                keyless = [(await client.get(u + "/models")).status_code for u in servers.urls]
+                keyed = [(await client.get(u + "/models", headers={{"Authorization": "Bearer {RAY_KEY}"}})).status_code
+                         for u in servers.urls]
+            print("SERVERS", json.dumps({{"urls": servers.urls, "seen": seen, "keyless": keyless, "keyed": keyed}}))
             # and exits without stopping anything: a loop killed outright
 
         asyncio.run(main())
@@ -185,6 +191,9 @@ def test_resources_abandoned_runs_and_ray_managed_servers(cluster, tmp_path):
     assert servers["urls"] == ["http://127.0.0.1:8431/v1", "http://127.0.0.1:8432/v1"]
     assert [s["port"] for s in servers["seen"]] == [8431, 8432]
     assert all(s["lora_updating"] == "True" for s in servers["seen"])
+    # Listening on a cluster node, each server answers only the holder of the run's key.
+    assert servers["keyless"] == [401, 401] and servers["keyed"] == [200, 200]
+    assert not [f for f in run.rglob("*") if f.is_file() and RAY_KEY.encode() in f.read_bytes()]
 
     jobs = {j["submission_id"]: j for j in cluster.jobs() if str(tmp_path) in j["entrypoint"]}  # this test's
     training = [j for j in jobs.values() if "local_train" in j["entrypoint"]]

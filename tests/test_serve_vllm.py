@@ -12,9 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +30,7 @@ from harness.serve import VLLMServer, agent_base_url, check_health, list_models,
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+KEY = "test-" + secrets.token_hex(8)  # the shared server's key: it answers no request without it
 
 
 def free_port() -> int:
@@ -104,7 +110,7 @@ def adapters(tiny_model, workdir) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tiny_model, workdir):
-    srv = VLLMServer(tiny_serve_config(tiny_model, free_port()), agents=2, log_path=workdir / "vllm.log")
+    srv = VLLMServer(tiny_serve_config(tiny_model, free_port()), agents=2, log_path=workdir / "vllm.log", api_key=KEY)
     srv.start()
     try:
         asyncio.run(srv.wait_healthy())
@@ -114,10 +120,10 @@ def server(tiny_model, workdir):
     assert srv.proc is None
 
 
-async def chat(base_url: str, model: str, content: str = "What is 3+4*5?") -> str:
+async def chat(base_url: str, model: str, content: str = "What is 3+4*5?", api_key: str = KEY) -> str:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0)
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
     try:
         resp = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": content}], temperature=0, max_tokens=12)
@@ -131,11 +137,11 @@ async def chat(base_url: str, model: str, content: str = "What is 3+4*5?") -> st
 async def test_adapters_load_route_and_unload(server, adapters, workdir):
     url = server.base_url
     names = list(adapters)
-    assert await load_adapters(url, adapters, stale_prefix="vt-") == names
-    listed = {m["id"]: m for m in await list_models(url)}
+    assert await load_adapters(url, adapters, stale_prefix="vt-", api_key=KEY) == names
+    listed = {m["id"]: m for m in await list_models(url, api_key=KEY)}
     assert set(names) <= set(listed) and all(listed[n]["parent"] == "base" for n in names)
     # Loading the same set again is a no-op (resume), not an error.
-    assert await load_adapters(url, adapters, stale_prefix="vt-") == names
+    assert await load_adapters(url, adapters, stale_prefix="vt-", api_key=KEY) == names
 
     # Greedy answers: each name gets its own adapter (outputs differ), reproducibly.
     base, a0, a1 = await asyncio.gather(chat(url, "base"), chat(url, names[0]), chat(url, names[1]))
@@ -151,8 +157,8 @@ async def test_adapters_load_route_and_unload(server, adapters, workdir):
         await chat(url, "vt-it1-generator7")
 
     # Next iteration: only agent 0's adapter wanted; the stale one of this run is unloaded.
-    await load_adapters(url, {names[0]: adapters[names[0]]}, stale_prefix="vt-")
-    assert names[1] not in {m["id"] for m in await list_models(url)}
+    await load_adapters(url, {names[0]: adapters[names[0]]}, stale_prefix="vt-", api_key=KEY)
+    assert names[1] not in {m["id"] for m in await list_models(url, api_key=KEY)}
     with pytest.raises(NotFoundError):
         await chat(url, names[1])
     # A long run name: its adapter names are cut to 64 characters yet keep f"{run}-", so the
@@ -161,12 +167,12 @@ async def test_adapters_load_route_and_unload(server, adapters, workdir):
 
     run = "a-long-experiment-name-about-critics-and-more-0123abcd"
     long_name = adapter_name({"harness_run": run, "iteration": "12", "role": "generator", "agent": "0"})
-    await load_adapters(url, {long_name: adapters[names[0]]}, unload_stale=False)
-    assert long_name in {m["id"] for m in await list_models(url)}
-    await load_adapters(url, {}, stale_prefix=run + "-")
-    assert {m["id"] for m in await list_models(url)} == {"base", names[0]}
-    await unload_adapters(url, [names[0]])
-    assert {m["id"] for m in await list_models(url)} == {"base"}
+    await load_adapters(url, {long_name: adapters[names[0]]}, unload_stale=False, api_key=KEY)
+    assert long_name in {m["id"] for m in await list_models(url, api_key=KEY)}
+    await load_adapters(url, {}, stale_prefix=run + "-", api_key=KEY)
+    assert {m["id"] for m in await list_models(url, api_key=KEY)} == {"base", names[0]}
+    await unload_adapters(url, [names[0]], api_key=KEY)
+    assert {m["id"] for m in await list_models(url, api_key=KEY)} == {"base"}
 
     # An adapter the server refuses (rank 16 > --max-lora-rank 8) gives a clear error.
     big = workdir / "rank16"
@@ -175,19 +181,33 @@ async def test_adapters_load_route_and_unload(server, adapters, workdir):
     cfg["r"] = 16
     (big / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ServeError, match=r"refused adapter 'too-big'.*") as err:
-        await load_adapters(url, {"too-big": big})
+        await load_adapters(url, {"too-big": big}, api_key=KEY)
     assert "16" in str(err.value)
     server.check_alive()  # refusing an adapter does not hurt the server
+
+    # Without its key the server answers nothing but /health: no model list, no adapter, no chat.
+    from openai import AuthenticationError
+
+    with pytest.raises(ServeError, match="HTTP 401"):
+        await list_models(url)
+    with pytest.raises(ServeError, match="refused to unload"):
+        await unload_adapters(url, [names[0]], api_key="not-the-key")
+    with pytest.raises(AuthenticationError):
+        await chat(url, "base", api_key="EMPTY")
+    await check_health(url)
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 async def test_a_server_that_dies_at_startup_reports_its_log(vllm_python, workdir):
     srv = VLLMServer(tiny_serve_config(workdir / "no-such-model", free_port()), agents=1,
                      log_path=workdir / "dead.log")
     srv.start()
+    # Its exit is what ends the wait; the 600 s startup limit only keeps a broken test from
+    # hanging (importing vLLM once took over 300 s on a machine that was swapping).
     with pytest.raises(ServeError, match="exited with code") as err:
-        await srv.wait_healthy(300)
+        await srv.wait_healthy()
     assert "last log lines" in str(err.value)
     srv.stop()
 
@@ -277,7 +297,7 @@ def test_command_line_carries_scaling_settings():
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # LoRA training on CPU, then the local embedder and one-at-a-time scoring
-async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_path):
+async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_path, monkeypatch):
     """debate -> data -> LoRA jobs -> adapters loaded -> debate with the adapters, through the
     loop, against the real server. The loop attaches to the running server (serve.manage false)
     and loads the society's adapters itself before each debate."""
@@ -291,17 +311,20 @@ async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_pat
     from harness.records import DebateRecord, RunSummary
     from harness.registry import Registry
 
-    cfg = load_config("vllm-tiny", [f"serve.model={tiny_model}", "serve.manage=false",
+    # The server requires its key: the loop sends it (chats, adapters, scoring) from the environment.
+    monkeypatch.setenv("TINY_VLLM_KEY", KEY)
+    cfg = load_config("vllm-tiny", [f"serve.model={tiny_model}", "serve.manage=false", "endpoint.api_key_env=TINY_VLLM_KEY",
                                     f"endpoint.base_url={server.base_url}", "task.n_train=16", "task.n_test=6"])
     run_dir = tmp_path / "run"
     summary = await loop.run_loop(cfg, run_dir, Console(file=io.StringIO()))
     assert isinstance(summary, RunSummary) and summary.finished
     assert [it.iteration for it in summary.iterations] == [0, 1]
+    assert files_holding(run_dir, KEY) == []  # sent with every request, written nowhere
 
     registry = Registry.load(run_dir / "registry.json")
     trained = {e.model_id for e in registry.entries if e.iteration == 1 and e.status == "succeeded"}
     assert trained, [(e.role, e.agent, e.status, e.note, e.error) for e in registry.entries]
-    served = {m["id"]: m for m in await list_models(server.base_url)}
+    served = {m["id"]: m for m in await list_models(server.base_url, api_key=KEY)}
     assert trained <= set(served), "the loop loaded every trained adapter into the server"
 
     # Iteration 0 debated with the base model; iteration 1 with the adapters, by name, per agent.
@@ -323,7 +346,7 @@ async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_pat
     assert all(d.embedding_model == "local:all-MiniLM-L6-v2" and d.embedding_dissimilarity is not None for d in div)
     assert div[0].kl_between_generators == 0.0 and div[0].kl_generators_vs_base == 0.0, div[0].notes
     assert div[1].heldout_critic_nll is not None and div[1].kl_generators_vs_base is not None, div[1].notes
-    await unload_adapters(server.base_url, sorted(trained))
+    await unload_adapters(server.base_url, sorted(trained), api_key=KEY)
 
 
 @pytest.mark.vllm
@@ -337,14 +360,14 @@ async def test_logprob_diversity_measures_score_real_adapters(server, adapters, 
     from records_factory import make_record
 
     names = sorted(adapters)
-    await load_adapters(server.base_url, adapters, stale_prefix="vt-")
+    await load_adapters(server.base_url, adapters, stale_prefix="vt-", api_key=KEY)
     records = [make_record(f"p{i}", "3", [["3", "3"], ["2", "2"]]) for i in range(2)]
 
     async def measure(models: list[str], run_dir: Path):
         for r in records:
             for t, model in zip(r.agents, models):
                 t.models = [model, model]
-        async with LLMClient(base_url=server.base_url, api_key="EMPTY", run_dir=run_dir, sampling=SamplingConfig(),
+        async with LLMClient(base_url=server.base_url, api_key=KEY, run_dir=run_dir, sampling=SamplingConfig(),
                              endpoint=EndpointConfig(kind="vllm", api_key_env=None, max_retries=0)) as client:
             # One scoring request at a time: vLLM 0.32's CPU LoRA kernel fails on batched prompt_logprobs.
             return await compute_diversity(records, iteration=1, split="test", client=client, logprobs=True,
@@ -392,7 +415,7 @@ async def test_replicas_get_consecutive_ports_and_gpus_of_their_own(tmp_path):
         "endpoint": {"kind": "vllm"}, "models": {"base": "base"},
         "serve": {"model": "x", "manage": True, "port": base, "replicas": 2, "tensor_parallel_size": 2,
                   "devices": [4, 5, 6, 7], "python": str(python), "startup_timeout_s": 60}})
-    async with serving(cfg, tmp_path / "run") as urls:
+    async with serving(cfg, tmp_path / "run") as (urls, _key):
         assert urls == [f"http://127.0.0.1:{base}/v1", f"http://127.0.0.1:{base + 1}/v1"]
         async with httpx2.AsyncClient() as client:
             seen = [(await client.get(url.replace("/v1", "/health"))).json() for url in urls]
@@ -405,22 +428,155 @@ async def test_replicas_get_consecutive_ports_and_gpus_of_their_own(tmp_path):
     assert f"listening on 127.0.0.1:{base + 1}" in (tmp_path / "run" / "serve" / "vllm-1.log").read_text()
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its new parent to reap it counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def wait_gone(pid: int, limit_s: float = 120.0) -> bool:
+    """Waits for a process to end; the limit only keeps a broken test from hanging."""
+    deadline = time.monotonic() + limit_s
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return gone(pid)
+
+
+def files_holding(root: Path, secret: str) -> list[Path]:
+    return [f for f in root.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
+
+
+async def test_a_managed_server_answers_only_its_run(tmp_path):
+    """serving() starts its server with a key of the run's own: /v1 requests without it are
+    refused (401), the run's client gets it, and it is in no file of the run directory nor on
+    the server's command line (which every local user can read)."""
+    import httpx2
+
+    from harness.config import RunConfig
+    from harness.serve import serving
+
+    cfg = RunConfig.model_validate({
+        "endpoint": {"kind": "vllm"}, "models": {"base": "base"},
+        "serve": {"model": "x", "manage": True, "port": free_port(), "python": str(fake_vllm_python(tmp_path / "py")),
+                  "startup_timeout_s": 60}})
+    async with serving(cfg, tmp_path / "run") as (urls, key):
+        async with httpx2.AsyncClient() as client:
+            assert (await client.get(f"{urls[0]}/models")).status_code == 401
+            assert (await client.get(f"{urls[0]}/models", headers={"Authorization": "Bearer x"})).status_code == 401
+            seen = (await client.get(f"{urls[0]}/models", headers={"Authorization": f"Bearer {key}"})).json()
+            assert (await client.get(urls[0].replace("/v1", "/health"))).status_code == 200
+        assert seen["api_key_required"] and len(key) >= 32
+        assert key not in Path(f"/proc/{seen['pid']}/cmdline").read_text()
+        await load_adapters(urls[0], {}, api_key=key)  # the adapter calls send it
+        with pytest.raises(ServeError, match="HTTP 401"):
+            await load_adapters(urls[0], {})
+    async with serving(cfg, tmp_path / "run") as (_, second):
+        assert second != key  # a new key for each run (and each resumed session)
+    assert (tmp_path / "run" / "serve" / "vllm.log").exists()
+    assert files_holding(tmp_path / "run", key) == [] and files_holding(tmp_path / "run", second) == []
+
+
+def test_the_serve_command_requires_the_key_it_is_given(tmp_path):
+    """`VLLM_API_KEY=... python -m harness.serve`: the server refuses requests without that key,
+    and the key is not printed."""
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "harness.serve", "--model", "x", "--port", str(port),
+           "--python", str(fake_vllm_python(tmp_path / "py"))]
+    proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_API_KEY": "the-owners-key"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("serving"):
+                break
+        assert "for clients sending $VLLM_API_KEY" in line
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+        assert refused.value.code == 401
+        keyed = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
+                                       headers={"Authorization": "Bearer the-owners-key"})
+        assert urllib.request.urlopen(keyed, timeout=10).status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate()
+    assert proc.returncode == 0 and "the-owners-key" not in out
+
+
+def test_a_managed_server_dies_with_its_owner_even_when_the_owner_is_killed(tmp_path):
+    """SIGKILL leaves a process no chance to stop its server: the server must end by itself
+    (it once lived on, orphaned with parent PID 1, holding its port and memory)."""
+    import urllib.request
+
+    port = free_port()
+    owner = f"""
+import asyncio, sys, time
+from harness.config import ServeConfig
+from harness.serve import VLLMServer
+srv = VLLMServer(ServeConfig(model="x", port={port}, python={str(fake_vllm_python(tmp_path / "py"))!r}))
+srv.start()
+asyncio.run(srv.wait_healthy(60))
+print("healthy", flush=True)
+time.sleep(600)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", owner], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "healthy"
+        pid = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10))["pid"]
+        assert not gone(pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert wait_gone(pid), f"the server {pid} outlived its owner"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_interrupt_while_stopping_still_stops_the_server(tmp_path):
+    """A Ctrl-C (or another `kill`) while stop() waits for the server to exit used to abort the
+    stop and forget the server; now it kills the server at once, then interrupts."""
+    python = fake_python(tmp_path / "py", "trap '' TERM; echo $$ > " + str(tmp_path / "pid") + "; exec sleep 600")
+    srv = VLLMServer(ServeConfig(model="x", port=free_port(), python=str(python)))
+    srv.start()
+    while not ((tmp_path / "pid").exists() and (tmp_path / "pid").read_text().strip()):
+        srv.check_alive()
+        time.sleep(0.05)
+    pid = int((tmp_path / "pid").read_text())
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        # The "second Ctrl-C" arrives while stop() waits for the server, which ignores SIGTERM.
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        with pytest.raises(KeyboardInterrupt):
+            srv.stop(timeout=120)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert srv.proc is None and wait_gone(pid)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_kill_stops_the_managed_server_with_the_run(tiny_model, tmp_path):
     """`kill PID` of a run that started its own vLLM server stops that server too (as Ctrl-C
-    does), instead of leaving it running on its own, holding memory and the port."""
-    import signal
-    import subprocess
-    import time
+    does), instead of leaving it running on its own, holding memory and the port. While it runs,
+    the server refuses requests without the run's key, and that key is in no file of the run."""
+    import urllib.error
     import urllib.request
+
+    import psutil
 
     port = free_port()
     args = [sys.executable, "-m", "harness.loop", "--config", "vllm-tiny", "--run-dir", str(tmp_path / "r"),
             "--set", f"serve.model={tiny_model}", "--set", f"serve.port={port}",
             "--set", f"endpoint.base_url=http://127.0.0.1:{port}/v1", "--set", f"serve.python={VLLM_PYTHON}"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 600  # only so that a broken server cannot hang the test
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
@@ -428,16 +584,17 @@ def test_kill_stops_the_managed_server_with_the_run(tiny_model, tmp_path):
         except OSError:
             time.sleep(1)
     assert proc.poll() is None, proc.stdout.read()
+    (server,) = [c for c in psutil.Process(proc.pid).children() if "vllm.entrypoints" in " ".join(c.cmdline())]
+    key = server.environ()["VLLM_API_KEY"]
+    assert key not in " ".join(server.cmdline())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30)
+    assert refused.value.code == 401
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate()
     assert proc.returncode == 130, out
     assert "interrupted" in out and f"--resume {tmp_path / 'r'}" in out
-
-    def listening() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    gone_by = time.monotonic() + 20  # the server's last processes may take a moment to let the port go
-    while listening() and time.monotonic() < gone_by:
-        time.sleep(0.5)
-    assert not listening(), "the server still listens after the run was killed"
+    assert wait_gone(server.pid), "the server outlived the run that was killed"
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the server's port is still open"
+    assert files_holding(tmp_path / "r", key) == []

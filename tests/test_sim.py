@@ -275,9 +275,17 @@ async def test_timeouts_hang_past_the_client_timeout(sim):
 
 async def test_latency_is_concurrent(sim):
     _, client = sim(latency_ms=300)
-    start = time.monotonic()
-    await asyncio.gather(*(ask(client, question(EXPRESSIONS[0]), seed=i) for i in range(40)))
-    assert time.monotonic() - start < 3  # serial would take 12 s
+    done: list[float] = []
+
+    async def one(i: int) -> None:
+        await ask(client, question(EXPRESSIONS[0]), seed=i)
+        done.append(time.monotonic())
+
+    await asyncio.gather(*(one(i) for i in range(40)))
+    # Served one after another, answers would come at least 0.3 s apart (load only widens the
+    # gaps); served concurrently, they come in bunches.
+    gaps = [b - a for a, b in zip(done, done[1:])]
+    assert sum(g < 0.3 for g in gaps) >= len(gaps) // 2, gaps
 
 
 async def test_embeddings_are_deterministic_and_distinct(sim):

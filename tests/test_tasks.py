@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -257,10 +256,10 @@ def test_unreachable_hub_fails_fast_and_says_how_to_use_local_files(monkeypatch)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(var, raising=False)
-    t0 = time.monotonic()
     with pytest.raises(DataError) as e:
         load_split(cfg(name="gsm8k", source="no-such-org/no-such-dataset"), "train")
-    assert time.monotonic() - t0 < 15
+    # Refused by the quick connection check, not after `datasets`' own retries (~25 s offline).
+    assert "cannot connect to 127.0.0.1:9" in str(e.value)
     assert "task.source" in str(e.value) and "task.test_source" in str(e.value)
 
 
@@ -281,7 +280,7 @@ def test_bundled_fixtures_load_with_correct_answers():
     for p in by_task["mmlu"]:
         assert p.gold in "ABCD" and "\nA) " in p.question
     # ids match what loading the same fixture as a task source gives
-    fixture = Path(__file__).resolve().parents[1] / "data" / "gsm8k-sample.jsonl"
+    fixture = Path(__file__).resolve().parents[1] / "harness" / "resources" / "data" / "gsm8k-sample.jsonl"
     gsm = load_split(cfg(name="gsm8k", source=str(fixture), n_train=0, n_test=100), "test")
     assert {p.id for p in gsm} == {p.id for p in by_task["gsm8k"]}
 

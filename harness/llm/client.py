@@ -66,6 +66,7 @@ class LLMClient:
         if not self.base_urls:
             raise ValueError("base_url: at least one server URL")
         self.base_url = self.base_urls[0]
+        self.api_key = api_key  # also for the server's own routes (vLLM adapters); never written anywhere
         self.endpoint = endpoint
         self.sampling = sampling
         self.budget_usd = budget_usd

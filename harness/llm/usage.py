@@ -63,6 +63,35 @@ def _torn_tail(path: Path) -> bytes | None:
     return None if tail.endswith(b"\n") else tail[tail.rfind(b"\n") + 1:]
 
 
+LOCAL = "local (no API price)"
+
+
+def is_local(config: dict) -> bool:
+    """A run whose models are served by vLLM (a server the harness started or one the user runs):
+    its calls have no API price, and saying "unknown" would suggest a bill that does not exist."""
+    return (config.get("endpoint") or {}).get("kind") == "vllm"
+
+
+def usage_line(usage: dict, *, local: bool = False, simulated: bool = False) -> str:
+    """The run's closing line about calls, tokens and cost (from UsageTotals.model_dump())."""
+    from harness.llm.journal import BOUND  # how the possibly-billed worst case is counted
+
+    cost, unknown = usage.get("cost_usd"), usage.get("unknown_cost_calls", 0)
+    if local and unknown:
+        price = f"${cost:.4f} + {unknown} calls {LOCAL}" if cost else LOCAL
+    else:
+        price = (f"${cost:.4f}" if cost is not None else "unknown") + (
+            f" + {unknown} calls of unknown price" if unknown else "")
+    unanswered, batched = usage.get("unanswered_calls", 0), usage.get("batched_calls", 0)
+    return (f"calls {usage.get('calls', 0)} (cache hits {usage.get('cache_hits', 0)}"
+            + (f"; {batched} through the Batch API at half price" if batched else "") + "), tokens "
+            f"{usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, inference cost {price}"
+            + (f"; {unanswered} call{'s' if unanswered != 1 else ''} may have been billed without an answer "
+               f"(worst case ${usage.get('unanswered_cost_usd', 0):.4f}: {BOUND}; see calls-in-flight.jsonl)"
+               if unanswered else "")
+            + (" (simulated prices)" if simulated else ""))
+
+
 class UsageLog:
     """Appends UsageRecords to usage.jsonl and keeps the totals, seeded from the existing file."""
 

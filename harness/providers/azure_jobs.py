@@ -47,7 +47,7 @@ async def azure_deployments(cfg, run_dir: Path, console: Console, *, remove: boo
         console.print(f"{run_dir}: no run id (run.json / registry.json): this run made no deployment")
         return 0
     keep = _latest_society(run_dir, cfg) if keep_latest else set()
-    async with open_endpoint(cfg, run_dir) as urls:
+    async with open_endpoint(cfg, run_dir) as (urls, _key):
         provider = azure_provider(cfg, urls[0], run_dir)
         try:
             found = await provider.run_deployments(run)

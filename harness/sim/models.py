@@ -17,7 +17,7 @@ Rules (every number a simulated run reports follows from these):
   first with probability 0.6, the second 0.25, the third 0.15.
 * **Round 0** (no assistant turn yet): correct with probability ``skill``, else a wrong answer.
   The reply is a few lines of reasoning and then ``\\boxed{ANSWER}``.
-* **A hint** (STaR's rationalization, ``prompts/default/star_hint.txt``): a round-0 request whose
+* **A hint** (STaR's rationalization, ``harness/resources/prompts/default/star_hint.txt``): a round-0 request whose
   first user message has a line beginning with "Hint" (any case) that holds a non-empty
   ``\\boxed{X}`` answers X with probability (1 + ``skill``) / 2 (a model can mostly turn a given
   answer into a derivation, a stronger one more often), else as without the hint. The problem

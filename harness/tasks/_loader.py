@@ -14,6 +14,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 from urllib.parse import urlparse
@@ -264,5 +265,6 @@ def _too_few(name: str, split: Split, n_want: int, what: str, field: str) -> Dat
 
 
 def data_dir() -> Path:
-    """The repository's data/ folder with the bundled fixtures."""
-    return Path(__file__).resolve().parents[2] / "data"
+    """The bundled fixtures (harness/resources/data/), inside the package so that a wheel ships
+    them; an installed wheel is unpacked on disk, so this is a real folder."""
+    return Path(str(resources.files("harness") / "resources" / "data"))
