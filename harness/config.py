@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness.errors import ConfigError
+from harness.providers.tinker_settings import TinkerSettings
 
 
 class _Strict(BaseModel):
@@ -331,7 +332,7 @@ class ServeConfig(_Strict):
 
 class FinetuneConfig(_Strict):
     iterations: int = Field(0, ge=0)  # finetuning iterations after iteration 0's debate
-    provider: Literal["openai", "local"] = "openai"
+    provider: Literal["openai", "local", "tinker"] = "openai"
     # Each iteration finetunes from the agent's previous models ("previous") or from the base.
     start_from: Literal["previous", "base"] = "previous"
     # Critic mix: w * D_C- + (1 - w) * D_C+ ; the authors' code amounts to w ~ 2/3.
@@ -366,6 +367,7 @@ class FinetuneConfig(_Strict):
     # "multiagent FT w/o critic" ablation).
     train_critics: bool = True
     local: LocalFinetuneConfig = Field(default_factory=LocalFinetuneConfig)
+    tinker: TinkerSettings = Field(default_factory=TinkerSettings)
 
 
 class EvaluationConfig(_Strict):

@@ -184,6 +184,10 @@ def make_provider(cfg: RunConfig, base_url: str, run_dir: Path) -> FinetuneProvi
         from harness.providers.local import LocalLoraProvider
 
         return LocalLoraProvider.from_config(cfg, run_dir)
+    if cfg.finetune.provider == "tinker":
+        from harness.providers.tinker_ft import TinkerProvider
+
+        return TinkerProvider.from_config(cfg, run_dir)
     from harness.providers.openai_ft import OpenAIFinetuneProvider
 
     return OpenAIFinetuneProvider(base_url, cfg.endpoint.api_key(), max_retries=cfg.endpoint.max_retries,
@@ -211,7 +215,7 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console) -> RunSummar
                              prices=cfg.prices, seed=cfg.seed) as client:
             # A local provider is needed even with nothing left to train: it knows the adapters
             # that a resumed run's society must load.
-            needs_provider = cfg.finetune.iterations > 0 or cfg.finetune.provider == "local"
+            needs_provider = cfg.finetune.iterations > 0 or cfg.finetune.provider in ("local", "tinker")
             provider = make_provider(cfg, urls[0], run_dir) if needs_provider else None
             try:
                 # Before anything is created: the run's id (which tags its jobs) and its registry,
@@ -401,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         except DataError as e:
             lock, run_dir = None, None  # the other process's folder: no advice about it
             raise ConfigError(str(e)) from None
-        remove_stale_temps(run_dir, skip=("local-jobs",))  # left by writes a kill interrupted
+        remove_stale_temps(run_dir, skip=("local-jobs", "tinker-jobs"))  # left by writes a kill interrupted
         identity = load_identity(run_dir)
         write_config(run_dir, cfg, header_run_id(run_dir / "config.yaml") or (identity.run if identity else None))
         console.print(f"[bold]run[/] {cfg.name} → {run_dir}"
