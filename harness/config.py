@@ -444,6 +444,15 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _check_tinker(self) -> "RunConfig":
+        from harness.providers.tinker_settings import tinker_config_error
+
+        problem = tinker_config_error(self) if self.finetune.provider == "tinker" else None
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _check_method(self) -> "RunConfig":
         ft = self.finetune
         if ft.selection == "star" and self.debate.rounds != 1:

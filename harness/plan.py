@@ -108,6 +108,10 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
         trained = cfg.finetune.hyperparameters.n_epochs * n * examples * tokens_per_example
         if cfg.finetune.provider == "local":
             ft_cost, note = 0.0, "local LoRA jobs: your own compute, no per-token charge"
+        elif cfg.finetune.provider == "tinker":
+            from harness.providers.tinker_settings import tinker_training_cost
+
+            ft_cost, note = tinker_training_cost(cfg.finetune.tinker, trained, cfg.prices)
         else:
             price = training_price_for(base, cfg.prices)
             ft_cost = None if price is None else trained * price / 1e6

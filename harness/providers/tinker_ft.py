@@ -36,7 +36,7 @@ from harness.providers.local import LocalProvider, adapter_name
 from harness.providers.local_train import JobFile, LoraSpec, read_status, write_status
 from harness.providers.runners import LAUNCH
 from harness.providers.runners.subprocesses import SubprocessRunner
-from harness.providers.tinker_settings import TinkerSettings
+from harness.providers.tinker_settings import TinkerSettings, tinker_config_error
 from harness.providers.tinker_train import TinkerJobSpec, read_state
 
 JOBS_DIR = "tinker-jobs"
@@ -72,12 +72,9 @@ class TinkerProvider(LocalProvider):
     @classmethod
     def from_config(cls, cfg: RunConfig, run_dir: Path) -> "TinkerProvider":
         tk = cfg.finetune.tinker
-        if cfg.endpoint.kind != "vllm":
-            raise ConfigError("finetune.provider=tinker serves the trained adapters on a vLLM server: set endpoint.kind="
-                              "vllm (e.g. --config smollm2 or vllm with serve.model set to the same base model)")
-        if tk.rank > cfg.serve.max_lora_rank:
-            raise ConfigError(f"finetune.tinker.rank: rank {tk.rank} exceeds serve.max_lora_rank "
-                              f"{cfg.serve.max_lora_rank}; vLLM would refuse the adapters")
+        problem = tinker_config_error(cfg)
+        if problem:
+            raise ConfigError(problem)
         return cls(run_dir, tk, base_names={cfg.models.base, cfg.serve.served_name, tk.base_model or ""},
                    max_lora_rank=cfg.serve.max_lora_rank, seed=cfg.seed, api_key=os.environ.get(tk.api_key_env))
 

@@ -8,6 +8,8 @@ harness's vLLM path. Ranges here are checked when the config loads.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Tinker's training price, USD per million training tokens (every token of a datum that goes
@@ -59,3 +61,39 @@ class TinkerSettings(BaseModel):
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError(f"base_url {v!r}: give the service's http(s) address, e.g. http://127.0.0.1:8000")
         return v.rstrip("/") if v else v
+
+
+def tinker_config_error(cfg: Any) -> str | None:
+    """What in a run config (a RunConfig; not imported here, to avoid an import cycle) the tinker
+    provider cannot run with, or None."""
+    tk = cfg.finetune.tinker
+    if cfg.finetune.iterations > 0 and not tk.base_model:
+        return ("finetune.tinker.base_model is not set: name the base model as the Tinker service knows it, "
+                "e.g. --set finetune.tinker.base_model=Qwen/Qwen3-8B")
+    if cfg.endpoint.kind != "vllm":
+        return ("finetune.provider=tinker serves the trained adapters on a vLLM server: set endpoint.kind=vllm "
+                "(e.g. --config vllm or smollm2, with serve.model the same base model as finetune.tinker.base_model)")
+    if tk.rank > cfg.serve.max_lora_rank:
+        return (f"finetune.tinker.rank: rank {tk.rank} exceeds serve.max_lora_rank {cfg.serve.max_lora_rank}; "
+                f"vLLM would refuse the adapters")
+    return None
+
+
+def tinker_training_cost(settings: TinkerSettings, tokens: int, overrides: dict | None) -> tuple[float | None, str]:
+    """(USD, note) for training `tokens` tokens on the Tinker service (for --dry-run and the
+    plan): a `prices` entry with `training` wins, then the published table; a self-hosted
+    server (base_url on this machine) costs nothing per token."""
+    from harness.llm.pricing import training_price_for
+
+    model = settings.base_model or "?"
+    base_url = settings.base_url or ""
+    if base_url.startswith(("http://127.0.0.1", "http://localhost")):
+        return 0.0, "Tinker jobs on a self-hosted server: your own compute, no per-token charge"
+    price = training_price_for(model, overrides)
+    if price is None:
+        price = TINKER_TRAINING_PRICES.get(model)
+    if price is None:
+        return None, (f"Tinker's training price of {model} is not in the table; add prices: {{\"{model}\": "
+                      f"{{input: 0, output: 0, training: <USD per 1M tokens>}}}}")
+    return tokens * price / 1e6, (f"Tinker training {model}: ${price}/1M tokens ({TINKER_PRICES_SOURCE}, "
+                                  f"{TINKER_PRICES_DATE}); adapters served by your vLLM")
