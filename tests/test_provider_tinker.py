@@ -145,6 +145,31 @@ def test_dry_run_prices_a_math_run(cli, tmp_path):
     assert float([c.strip() for c in row.split("│") if c.strip()][-1]) == 0
 
 
+def _request(tmp_path: Path, base_model: str = "base"):
+    from harness.providers.base import FinetuneRequest
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"messages": CRITIC}) + "\n")
+    return FinetuneRequest(training_file=data, base_model=base_model,
+                           metadata={"harness_run": "t", "iteration": "1", "role": "generator", "agent": "0"})
+
+
+def test_unreachable_server_fails_before_any_job_is_written(tmp_path):
+    import asyncio
+
+    from harness.errors import FinetuneError
+    from harness.providers.tinker_ft import TinkerProvider
+    from harness.providers.tinker_settings import TinkerSettings
+    from harness.testing.tinker_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    provider = TinkerProvider(tmp_path / "run", TinkerSettings(base_url=url, base_model="m"), base_names={"base"},
+                              max_lora_rank=8)
+    with pytest.raises(FinetuneError, match="cannot reach the Tinker service.*finetune.tinker.base_url"):
+        asyncio.run(provider.submit(_request(tmp_path)))
+    assert not (tmp_path / "run" / "tinker-jobs").exists()
+
+
 # ----------------------------------------------------------------------------- the real server
 
 def _unavailable(reason: str):
@@ -321,3 +346,18 @@ def test_next_iteration_starts_from_the_previous_adapter(run_dir, server):
     after = _records(job / "progress.jsonl")
     mean = lambda xs: sum(s["loss"] for s in xs) / len(xs)  # noqa: E731
     assert mean(after) < mean([s for s in before if s["epoch"] == 0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_base_model_the_server_does_not_train_is_refused_with_its_list(server, tmp_path):
+    import asyncio
+
+    from harness.errors import FinetuneError
+    from harness.providers.tinker_ft import TinkerProvider
+    from harness.providers.tinker_settings import TinkerSettings
+
+    provider = TinkerProvider(tmp_path / "run", TinkerSettings(base_url=server.base_url, base_model="Qwen/Qwen3-8B"),
+                              base_names={"base"}, max_lora_rank=8)
+    with pytest.raises(FinetuneError, match=f"does not train 'Qwen/Qwen3-8B'.*serves: {server.base_model}"):
+        asyncio.run(provider.submit(_request(tmp_path)))
