@@ -212,12 +212,16 @@ def run_dir(server, tmp_path_factory) -> Path:
     one training process) once a job has checkpointed, then resumed to the end."""
     work = tmp_path_factory.mktemp("tinker-run")
     port = _free_port()
+    # Sizes for a CI machine: 2 agents (4 models), 6 problems (every model gets data at this seed),
+    # short replies; every datum padded to one length so the server compiles once (~2 minutes on
+    # a CPU); a checkpoint after every step, so the kill lands between two.
     sets = ["finetune.provider=tinker", f"finetune.tinker.base_url={server.base_url}",
             f"finetune.tinker.base_model={server.base_model}", "finetune.tinker.checkpoint_every=1",
-            "finetune.tinker.max_length=384", "finetune.tinker.pad_to=384", "finetune.tinker.learning_rate=5e-4",
-            "finetune.tinker.max_parallel_jobs=2", "debate.agents=2", "task.n_train=6", "task.n_test=4",
-            "sampling.max_tokens=48", "finetune.min_examples=1", "finetune.hyperparameters.batch_size=2",
-            "finetune.hyperparameters.n_epochs=2", f"serve.port={port}", f"endpoint.base_url=http://127.0.0.1:{port}/v1"]
+            "finetune.tinker.max_length=256", "finetune.tinker.pad_to=256", "finetune.tinker.learning_rate=5e-4",
+            "finetune.tinker.max_parallel_jobs=4", "finetune.tinker.request_timeout_s=900",
+            "debate.agents=2", "task.n_train=6", "task.n_test=4", "sampling.max_tokens=48",
+            "finetune.min_examples=1", "finetune.hyperparameters.batch_size=2", "finetune.hyperparameters.n_epochs=2",
+            f"serve.port={port}", f"endpoint.base_url=http://127.0.0.1:{port}/v1"]
     run = work / "run"
     args = [sys.executable, "-m", "harness.loop", "--config", "smollm2", "--run-dir", str(run),
             *[a for s in sets for a in ("--set", s)]]
@@ -325,7 +329,7 @@ def test_next_iteration_starts_from_the_previous_adapter(run_dir, server):
     from harness.providers.tinker_settings import TinkerSettings
 
     parent = next(e for e in _entries(run_dir) if e["role"] == "generator")
-    settings = TinkerSettings(base_url=server.base_url, base_model=server.base_model, max_length=384, pad_to=384,
+    settings = TinkerSettings(base_url=server.base_url, base_model=server.base_model, max_length=256, pad_to=256,
                               learning_rate=5e-4)
     provider = TinkerProvider(run_dir, settings, base_names={"base"}, max_lora_rank=8)
     meta = {"harness_run": "next", "iteration": "2", "role": "generator", "agent": str(parent["agent"])}

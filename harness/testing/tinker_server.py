@@ -108,7 +108,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextmanager
 def tinker_server(model_dir: Path, work_dir: Path, *, startup_timeout_s: float = 300.0,
-                  max_lora_adapters: int = 16) -> Iterator[TinkerServer]:
+                  max_lora_adapters: int = 8) -> Iterator[TinkerServer]:
     """Start the server on a free port of 127.0.0.1 with the model at `model_dir` (a compatible
     copy is made under `work_dir`), wait for its health check, yield it, stop it by its pid."""
     python = tinker_python()
