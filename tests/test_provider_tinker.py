@@ -365,3 +365,23 @@ def test_a_base_model_the_server_does_not_train_is_refused_with_its_list(server,
                               base_names={"base"}, max_lora_rank=8)
     with pytest.raises(FinetuneError, match=f"does not train 'Qwen/Qwen3-8B'.*serves: {server.base_model}"):
         asyncio.run(provider.submit(_request(tmp_path)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_lost_registry_is_rebuilt_from_the_providers_job_list(run_dir, tmp_path):
+    import asyncio
+    import shutil
+
+    from harness.config import load_config
+    from harness.identity import establish
+    from harness.providers.tinker_ft import TinkerProvider
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.safetensors", "cache.sqlite*"))
+    before = {(e["role"], e["agent"]): e["model_id"] for e in _entries(run_dir)}
+    (copy / "registry.json").unlink()
+    cfg = load_config(str(copy / "config.yaml"))
+    _, registry, notes = asyncio.run(establish(cfg, copy, TinkerProvider.from_config(cfg, copy)))
+    rebuilt = {(e.role, e.agent): e.model_id for e in registry.entries if e.iteration == 1 and e.status == "succeeded"}
+    assert rebuilt == before and any("tinker" in note or "registered" in note for note in notes), notes
