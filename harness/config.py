@@ -25,6 +25,7 @@ from harness.providers.together_settings import TogetherSettings
 from harness.providers.azure_settings import AzureSettings, AzureSimSettings, azure_config_error
 from harness.llm.batch_settings import BatchSettings
 from harness.tracking.settings import TrackingConfig
+from harness.providers.tinker_settings import TinkerSettings
 
 
 class ArithmeticConfig(_Strict):
@@ -197,7 +198,7 @@ class Hyperparameters(_Strict):
 
 class FinetuneConfig(_Strict):
     iterations: int = Field(0, ge=0)  # finetuning iterations after iteration 0's debate
-    provider: Literal["openai", "local", "azure", "together"] = "openai"
+    provider: Literal["openai", "local", "azure", "together", "tinker"] = "openai"
     # Each iteration finetunes from the agent's previous models ("previous") or from the base.
     start_from: Literal["previous", "base"] = "previous"
     # Critic mix: w * D_C- + (1 - w) * D_C+ ; the authors' code amounts to w ~ 2/3.
@@ -239,6 +240,7 @@ class FinetuneConfig(_Strict):
     local: LocalFinetuneConfig = Field(default_factory=LocalFinetuneConfig)
     together: TogetherSettings = Field(default_factory=TogetherSettings)
     azure: AzureSettings = Field(default_factory=AzureSettings)  # provider azure: harness/providers/azure_settings.py
+    tinker: TinkerSettings = Field(default_factory=TinkerSettings)  # provider tinker: harness/providers/tinker_settings.py
 
 
 class EvaluationConfig(_Strict):
@@ -325,6 +327,15 @@ class RunConfig(_Strict):
         if self.finetune.provider == "local" and not local.full_finetune and local.r > self.serve.max_lora_rank:
             raise ValueError(f"finetune.local.r: rank {local.r} exceeds serve.max_lora_rank "
                              f"{self.serve.max_lora_rank}; vLLM would refuse the adapters")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tinker(self) -> "RunConfig":
+        from harness.providers.tinker_settings import tinker_config_error
+
+        problem = tinker_config_error(self) if self.finetune.provider == "tinker" else None
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

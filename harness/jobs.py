@@ -43,17 +43,20 @@ async def run(run_dir: Path, stop: bool, console: Console, undeploy: bool = Fals
 
         for sid in stop_recorded(run_dir / "serve", cfg.serve.ray.address):
             console.print(f"stopped the vLLM server job {sid}")
-    if cfg.finetune.provider != "local":
+    if cfg.finetune.provider not in ("local", "tinker"):
         console.print(f"{run_dir}: finetuning provider {cfg.finetune.provider!r}; its jobs are the service's "
                       f"(cancel them there)")
         return 0
-    from harness.providers.local import LocalProvider
+    if cfg.finetune.provider == "tinker":  # Tinker training loops are local processes too
+        from harness.providers.tinker_ft import TinkerProvider as provider_class
+    else:
+        from harness.providers.local import LocalProvider as provider_class
 
-    provider = LocalProvider.from_config(cfg, run_dir)
+    provider = provider_class.from_config(cfg, run_dir)
     if stop:
         stopped = await provider.stop_all()
         console.print(f"stopped {len(stopped)} job(s)" + (": " + ", ".join(s.job_id for s in stopped) if stopped else ""))
-    table = Table(title=f"local finetuning jobs of {run_dir} ({provider.runner.name} runner, {provider.jobs_dir})")
+    table = Table(title=f"{provider.name} finetuning jobs of {run_dir} ({provider.runner.name} runner, {provider.jobs_dir})")
     for column in ("job", "status", "where", "latest"):
         table.add_column(column, overflow="fold")
     jobs = await provider.placements()

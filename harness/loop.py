@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         except DataError as e:
             lock, run_dir = None, None  # the other process's folder: no advice about it
             raise ConfigError(str(e)) from None
-        remove_stale_temps(run_dir, skip=("local-jobs",))  # left by writes a kill interrupted
+        remove_stale_temps(run_dir, skip=("local-jobs", "tinker-jobs"))  # left by writes a kill interrupted
         identity = load_identity(run_dir)
         write_config(run_dir, cfg, header_run_id(run_dir / "config.yaml") or (identity.run if identity else None))
         console.print(f"[bold]run[/] {cfg.name} → {run_dir}"

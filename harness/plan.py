@@ -128,6 +128,10 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
             price = azure_training_price(cfg.finetune.azure.base_model or base, cfg.prices)
             ft_cost = None if price is None else trained * price / 1e6
             note = azure_plan_note(cfg, jobs)
+        elif cfg.finetune.provider == "tinker":
+            from harness.providers.tinker_settings import tinker_training_cost
+
+            ft_cost, note = tinker_training_cost(cfg.finetune.tinker, trained, cfg.prices)
         else:
             price = training_price_for(base, cfg.prices)
             ft_cost = None if price is None else trained * price / 1e6

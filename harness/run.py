@@ -220,7 +220,7 @@ async def _run_iterations(cfg: RunConfig, run_dir: Path, console: Console, train
                              prices=cfg.prices, seed=cfg.seed) as client:
             # A local provider is needed even with nothing left to train: it knows the adapters
             # that a resumed run's society must load.
-            needs_provider = cfg.finetune.iterations > 0 or cfg.finetune.provider == "local"
+            needs_provider = cfg.finetune.iterations > 0 or cfg.finetune.provider in ("local", "tinker")
             provider = make_provider(cfg, urls[0], run_dir) if needs_provider else None
             for name, price in (provider.model_prices() if provider is not None else {}).items():
                 client.prices.setdefault(name, price)  # e.g. Azure deployment names; the config's win

@@ -16,6 +16,10 @@ def make_provider(cfg: RunConfig, base_url: str, run_dir: Path) -> FinetuneProvi
         from harness.providers.local import LocalLoraProvider
 
         return LocalLoraProvider.from_config(cfg, run_dir)
+    if cfg.finetune.provider == "tinker":
+        from harness.providers.tinker_ft import TinkerProvider
+
+        return TinkerProvider.from_config(cfg, run_dir)
     if cfg.finetune.provider == "together":
         from harness.providers.together_ft import TogetherFinetuneProvider
 

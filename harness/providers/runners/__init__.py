@@ -83,16 +83,20 @@ def harness_env(*, inherit_path: bool = True) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def train_command(python: str, job_dir: Path) -> list[str]:
-    return [python, "-m", "harness.providers.local_train", "--job-dir", str(job_dir)]
+TRAIN_MODULE = "harness.providers.local_train"
+
+
+def train_command(python: str, job_dir: Path, module: str = TRAIN_MODULE) -> list[str]:
+    return [python, "-m", module, "--job-dir", str(job_dir)]
 
 
 class JobRunner(abc.ABC):
     name: str = "base"
 
-    def __init__(self, cfg: LocalFinetuneConfig, python: str):
+    def __init__(self, cfg: LocalFinetuneConfig, python: str, module: str = TRAIN_MODULE):
         self.cfg = cfg
         self.python = python
+        self.module = module  # the job's program: `python -m <module> --job-dir DIR`
 
     async def check(self) -> None:
         """Before the first launch: fail early and clearly if jobs cannot run at all."""

@@ -19,8 +19,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from harness.providers.runners import (JobRunner, Launch, LaunchFailed, Liveness, Probe, harness_env,
-                                       train_command, write_launch)
+from harness.providers.runners import (TRAIN_MODULE, JobRunner, Launch, LaunchFailed, Liveness, Probe,
+                                       harness_env, train_command, write_launch)
 
 
 def names_job(args: list[str], job_dir: Path) -> bool:
@@ -57,8 +57,8 @@ def alive(pid: int | None, job_dir: Path) -> bool:
 class SubprocessRunner(JobRunner):
     name = "subprocess"
 
-    def __init__(self, cfg, python: str):
-        super().__init__(cfg, python)
+    def __init__(self, cfg, python: str, module: str = TRAIN_MODULE):
+        super().__init__(cfg, python, module)
         self.devices = [str(d) for d in cfg.devices] if cfg.devices is not None else None
         self._procs: dict[Path, asyncio.subprocess.Process] = {}  # launched by this instance
 
@@ -83,7 +83,7 @@ class SubprocessRunner(JobRunner):
         with open(job_dir / "train.log", "ab") as log:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *train_command(self.python, job_dir), stdout=log, stderr=asyncio.subprocess.STDOUT,
+                    *train_command(self.python, job_dir, self.module), stdout=log, stderr=asyncio.subprocess.STDOUT,
                     env=env, start_new_session=True)
             except OSError as e:
                 raise LaunchFailed(f"could not start {self.python}: {e}") from None
