@@ -339,6 +339,17 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _check_together(self) -> "RunConfig":
+        from harness.providers.together_settings import together_epochs_error
+
+        if self.finetune.provider != "together" or self.finetune.iterations == 0:
+            return self
+        problem = together_epochs_error(self.finetune.hyperparameters.n_epochs)
+        if problem:
+            raise ValueError(f"{problem}; the jobs would be refused after the debates were paid for")
+        return self
+
+    @model_validator(mode="after")
     def _check_method(self) -> "RunConfig":
         ft = self.finetune
         if ft.selection == "star" and self.debate.rounds != 1:

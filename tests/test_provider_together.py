@@ -391,3 +391,12 @@ def test_together_models_and_their_finetunes_are_priced():
     assert cost_usd(tuned, 1_000_000, 0, 1_000_000) == pytest.approx(0.36)
     assert training_price_for(tuned) == 0.48 and training_price_for("meta-llama/Llama-3.3-70B-Instruct-Turbo") == 2.90
     assert price_for("someone/an-unknown-model") is None  # unknown stays unknown, never free
+
+
+def test_epochs_beyond_togethers_range_are_refused_at_config_load():
+    from harness.config import load_config
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Together accepts 1 to 20 epochs"):
+        load_config(None, ["finetune.provider=together", "finetune.hyperparameters.n_epochs=21"])
+    assert load_config(None, ["finetune.provider=together", "finetune.hyperparameters.n_epochs=20"])
