@@ -38,6 +38,7 @@ import argparse
 import copy
 import json
 import math
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -307,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except (OSError, sqlite3.Error) as e:  # a folder that cannot be written (full, read-only, a file)
+        from harness.ioerrors import explain
+
+        print(f"error: {explain(e, out, option='--out')}", file=sys.stderr)
+        return 1
     print((out / f"{cs.table}.md").read_text(encoding="utf-8"))
     print(f"table: {out / (cs.table + '.md')}, {out / (cs.table + '.csv')}"
           + ("" if args.no_report else f"; report: {out / 'report'}"))

@@ -54,8 +54,9 @@ def _kind(exc: OSError | sqlite3.Error) -> str:
     return "other"
 
 
-def explain(exc: OSError | sqlite3.Error, run_dir: Path | None) -> str:
-    """One message for a failed write: what happened to which file, and the command to go on."""
+def explain(exc: OSError | sqlite3.Error, run_dir: Path | None, *, option: str = "--run-dir") -> str:
+    """One message for a failed write: what happened to which file, and the command to go on.
+    `option`: the command-line option that names the folder (harness.report's is --out)."""
     where = Path(run_dir) if run_dir is not None else None
     if isinstance(exc, OSError) and exc.filename:
         target = Path(os.fsdecode(exc.filename))
@@ -77,11 +78,12 @@ def explain(exc: OSError | sqlite3.Error, run_dir: Path | None) -> str:
                 f"directory to a larger disk) and continue with: {resume}")
     if kind == "denied":
         return (f"{what}: {reason}. A run directory must be writable: pick a folder you can write with "
-                f"--run-dir <folder>, or make {where or target} writable (a run that has started can also be "
+                f"{option} <folder>, or make {where or target} writable (a run that has started can also be "
                 f"copied somewhere writable and continued there with --resume <copy>)")
     if kind == "not-a-folder":
-        return (f"{what}: {target} (or a folder above it) is a file, not a folder; --run-dir must name a folder, "
-                f"new or holding a run: pick another path")
+        holds = ", new or holding a run" if option == "--run-dir" else ""
+        return (f"{what}: {target} (or a folder above it) is a file, not a folder; {option} must name a "
+                f"folder{holds}: pick another path")
     return f"cannot use {target or 'a file'}: {reason}. Fix the cause and run {resume}"
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.config import load_config
@@ -86,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(run(args.run_dir, args.stop, console, undeploy=args.undeploy, keep_latest=args.keep_latest))
     except HarnessError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
+        return 1
+    except (OSError, sqlite3.Error) as e:  # the run directory cannot be read or written
+        from harness.ioerrors import explain
+
+        console.print(f"error: {explain(e, args.run_dir)}", markup=False)
         return 1
 
 

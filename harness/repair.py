@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -225,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             reports, notes = repair(run_dir, dry_run=args.dry_run)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as e:  # the run directory cannot be written (full, read-only)
+        from harness.ioerrors import explain
+
+        print(f"error: {explain(e, run_dir)}", file=sys.stderr)
         return 1
     verb = "would drop" if args.dry_run else "dropped"
     damaged = [r for r in reports if r.changed]

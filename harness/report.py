@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import math
 import os
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -231,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                             embed_base_url=args.embed_base_url, embed_model=args.embed_model)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as e:  # --out or a run's cache cannot be written (full, read-only, a file)
+        from harness.ioerrors import explain
+
+        print(f"error: {explain(e, args.out, option='--out')}", file=sys.stderr)
         return 1
     print(f"report: {path} (plots: {', '.join(PLOTS)})")
     return 0

@@ -223,3 +223,23 @@ def test_a_full_disk_stops_with_one_message_and_the_run_resumes_without_loss(tmp
     finally:
         if mounted:
             _umount(disk)
+
+
+@pytest.mark.parametrize("command", [
+    ["harness.report", "RUN", "--out", "a-file/report"],
+    ["harness.compare", "--comparison", "paper-table2", "--methods", "debate", "--out", "a-file/cmp",
+     "--set", "task.n_test=2"],
+])
+def test_the_other_commands_name_a_folder_they_cannot_write(tmp_path, command):
+    """harness.report and harness.compare, like the loop, end in one message (not a traceback)
+    when their output folder cannot be made: here it would lie under a file."""
+    (tmp_path / "a-file").write_text("not a folder\n")
+    run = tmp_path / "RUN"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: x\n")
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=240, env=env)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in said, said
+    assert "a-file" in said and "error:" in said, said
