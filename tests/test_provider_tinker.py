@@ -124,7 +124,7 @@ def test_settings_are_checked_at_load(cli):
 
 def test_dry_run_prices_a_math_run(cli, tmp_path):
     """3 agents x 2 rounds, 500/500 MATH (offline: the bundled sample problems, cycled)."""
-    rows = [json.loads(line) for line in (REPO / "data" / "math-sample.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (REPO / "harness" / "resources" / "data" / "math-sample.jsonl").read_text().splitlines()]
     for split in ("train", "test"):
         with open(tmp_path / f"{split}.jsonl", "w") as f:
             for i in range(500):

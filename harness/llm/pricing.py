@@ -160,8 +160,13 @@ def training_price_for(model: str, overrides: dict | None = None) -> float | Non
     base = model[3:].split(":", 1)[0] if model.startswith("ft:") else model
     if base.startswith("sim-"):
         return _SIM_TRAINING
-    if "/" in base:  # a Together model or finetune: its size bracket's LoRA rate
+    # A Together model or finetune (a name in Together's table, or a finetune of one): its size
+    # bracket's LoRA rate. Other org/model names (a hub model on vLLM, a Tinker base) are not
+    # Together's to price: they stay unknown unless the config's `prices` gives them a rate.
+    if "/" in base and pricing_together.inference_price(base) is not None:
         return pricing_together.training_price(base)
+    if "/" in base:
+        return None
     if base in TRAINING_PRICES:
         return TRAINING_PRICES[base]
     return TRAINING_PRICES.get(_SNAPSHOT.sub("", base))
