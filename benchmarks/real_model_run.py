@@ -21,7 +21,7 @@ from harness.config import load_config
 from harness.errors import ConfigError, HarnessError
 from harness.fileio import iter_jsonl, write_atomic, write_model
 from harness.records import DebateRecord
-from real_model import free_port, run_method, share_iteration_0
+from real_model_methods import free_port, run_method, share_iteration_0
 from real_model_analysis import render
 from real_model_protocol import Protocol, dev_problems, load_protocol
 from real_model_records import read_rows, replace_seed, seed_rows

@@ -5,7 +5,8 @@ is allowed. Secrets never live in the config: it names the environment variable 
 
 This module holds RunConfig and most of its sections; the open-model sections (`serve`,
 `finetune.local`) are in harness.config_local and the loading (presets, YAML, `--set`, error
-messages) in harness.config_loading. Both are re-exported here: import from harness.config.
+messages) in harness.config_loading, bound to RunConfig here (`load_config`, `config_from_data`).
+Import everything from harness.config.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.errors import ConfigError
 from harness.config_base import _http_url, _Strict
-from harness.config_loading import (config_from_data, config_to_yaml, load_config, preset_names,  # noqa: F401
-                                    read_yaml_source)
+from harness.config_loading import config_to_yaml, load_model, preset_names, read_yaml_source, validate_data  # noqa: F401
 from harness.config_local import LocalFinetuneConfig, RayJobsConfig, RayServeConfig, ServeConfig  # noqa: F401
 from harness.providers.openai_settings import OPENAI_FT_RANGES, openai_ft_range_error  # noqa: F401
 from harness.providers.together_settings import TogetherSettings
@@ -373,3 +373,13 @@ class RunConfig(_Strict):
     @property
     def summarizer(self) -> str:
         return self.models.summarizer or self.models.base
+
+
+def load_config(source: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a preset name or YAML path (default: the `demo` preset) and apply `--set` overrides."""
+    return load_model(RunConfig, source, overrides)
+
+
+def config_from_data(data: dict, label: str, overrides: list[str] | None = None) -> RunConfig:
+    """Validate config data (as read from YAML) after applying `--set` overrides; errors name `label`."""
+    return validate_data(RunConfig, data, label, overrides)

@@ -1,8 +1,9 @@
 """Reading a run config: presets by name or YAML files, `--set` overrides, and the message a
 validation error becomes (the file, the field, what is allowed).
 
-harness.config re-exports every public name here (`from harness.config import load_config`).
-This module reads RunConfig only when called (`_run_config`), since harness.config imports it.
+The functions take the config model as an argument, so this module never imports harness.config
+(which imports it): harness.config binds them to RunConfig (`load_config`, `config_from_data`)
+and re-exports the rest, so users import everything from harness.config.
 """
 
 from __future__ import annotations
@@ -12,21 +13,14 @@ import re
 import types
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
+from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from harness.errors import ConfigError
 
-if TYPE_CHECKING:
-    from harness.config import RunConfig
-
-
-def _run_config() -> type[RunConfig]:
-    from harness.config import RunConfig
-
-    return RunConfig
+M = TypeVar("M", bound=BaseModel)
 
 
 def _named_files(folder: str) -> list[str]:
@@ -93,12 +87,12 @@ def _without_none(ann: Any) -> Any:
     return ann
 
 
-def _override_path(parts: list[str]) -> tuple[list[str], Any]:
+def _override_path(root: type[BaseModel], parts: list[str]) -> tuple[list[str], Any]:
     """The keys to set in the config data, and the annotation of the value set (None: unknown).
 
     Below a dict-valued field the rest of the dotted path is ONE key, since dict keys may hold
     dots themselves (prices.gpt-4.1-mini). Found from the models, so new dict fields just work."""
-    model: Any = _run_config()
+    model: Any = root
     for i, part in enumerate(parts):
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
@@ -111,7 +105,7 @@ def _override_path(parts: list[str]) -> tuple[list[str], Any]:
     return parts, model
 
 
-def _apply_override(data: dict, item: str) -> None:
+def _apply_override(root: type[BaseModel], data: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. debate.agents=5")
     key, raw = item.split("=", 1)
@@ -119,7 +113,7 @@ def _apply_override(data: dict, item: str) -> None:
         value = yaml.load(raw, Loader=_OverrideLoader) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    parts, target = _override_path(key.strip().split("."))
+    parts, target = _override_path(root, key.strip().split("."))
     if _without_none(target) is str and isinstance(value, (bool, int, float)):
         value = raw.strip()  # a text field given 1, 1e5 or yes (serve.env.X=1) keeps the text
     node = data
@@ -131,13 +125,13 @@ def _apply_override(data: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def _explain(e: ValidationError, label: str) -> str:
+def _explain(root: type[BaseModel], e: ValidationError, label: str) -> str:
     lines = [f"invalid configuration in {label}:"]
     for err in e.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_fields(err["loc"][:-1])
+            allowed = _allowed_fields(root, err["loc"][:-1])
             msg = f"unknown field; allowed here: {', '.join(allowed)}"
         elif "input" in err and err["type"] not in ("missing",):
             msg = f"{msg} (got {err['input']!r})"
@@ -145,8 +139,8 @@ def _explain(e: ValidationError, label: str) -> str:
     return "\n".join(lines)
 
 
-def _allowed_fields(loc: tuple) -> list[str]:
-    model: type[BaseModel] = _run_config()
+def _allowed_fields(root: type[BaseModel], loc: tuple) -> list[str]:
+    model: type[BaseModel] = root
     for part in loc:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)
@@ -156,26 +150,26 @@ def _allowed_fields(loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def load_config(source: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a preset name or YAML path (default: the `demo` preset) and apply `--set` overrides."""
+def load_model(model: type[M], source: str | None = None, overrides: list[str] | None = None) -> M:
+    """Load a preset name or YAML path (default: the `demo` preset) as `model`, with `--set` overrides."""
     data, label = read_yaml_source(source or "demo")
-    return config_from_data(data, label, overrides)
+    return validate_data(model, data, label, overrides)
 
 
-def config_from_data(data: dict, label: str, overrides: list[str] | None = None) -> RunConfig:
+def validate_data(model: type[M], data: dict, label: str, overrides: list[str] | None = None) -> M:
     """Validate config data (as read from YAML) after applying `--set` overrides; errors name `label`."""
     data = copy.deepcopy(data)
     for item in overrides or []:
-        _apply_override(data, item)
+        _apply_override(model, data, item)
     if overrides:
         label += f" with --set {' '.join(overrides)}"
     try:
-        return _run_config().model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_explain(e, label)) from None
+        raise ConfigError(_explain(model, e, label)) from None
 
 
-def config_to_yaml(cfg: RunConfig) -> str:
+def config_to_yaml(cfg: BaseModel) -> str:
     """The resolved config as saved in the run directory. It holds no secrets by construction:
     keys are read from the environment variable the config names."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

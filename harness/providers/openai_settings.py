@@ -6,10 +6,13 @@ Imports nothing of the harness, so harness.config (which runs the check) and the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from harness.config import Hyperparameters
+
+class _Hyperparameters(Protocol):  # finetune.hyperparameters (harness.config.Hyperparameters)
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
 
 # The OpenAI fine-tuning API's ranges, from its official OpenAPI spec v2.3.0 (openai/openai-openapi,
 # openapi.yaml: FineTuneSupervisedHyperparameters and CreateFineTuningJobRequest.seed). A run with
@@ -22,7 +25,7 @@ OPENAI_FT_RANGES: dict[str, tuple[float, float | None]] = {
 }
 
 
-def openai_ft_range_error(hp: "Hyperparameters", seed: int | None) -> str | None:
+def openai_ft_range_error(hp: _Hyperparameters, seed: int | None) -> str | None:
     """What in these hyperparameters or this seed the OpenAI fine-tuning API would refuse, or None."""
     values = {"finetune.hyperparameters.n_epochs": hp.n_epochs, "finetune.hyperparameters.batch_size": hp.batch_size,
               "finetune.hyperparameters.learning_rate_multiplier": hp.learning_rate_multiplier, "seed": seed}

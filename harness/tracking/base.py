@@ -8,14 +8,12 @@ needs no locking; any exception it raises becomes a warning there.
 from __future__ import annotations
 
 import abc
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.errors import ConfigError
-from harness.tracking.settings import PACKAGES, TrackingConfig
+from harness.tracking.settings import TrackingConfig
 
 STATE_FILE = "tracking.json"
 
@@ -78,33 +76,3 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def finish(self, *, ok: bool) -> None:
         """Close the run (`ok`: the loop finished; otherwise it stopped and may resume)."""
-
-
-def require(backend: str) -> None:
-    """A clear error before anything runs when the chosen backend's package is missing."""
-    module = {"trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}[backend]
-    try:
-        # Looked up, not imported: importing MLflow or W&B takes seconds the run need not wait for
-        # (the tracker's thread imports it); an install that is found but broken is a warning then.
-        if importlib.util.find_spec(module) is None:
-            raise ModuleNotFoundError(f"No module named {module!r}")
-    except ImportError as e:
-        # Said without the extra's brackets, which a rich console would take for markup.
-        raise ConfigError(f"tracking.backend is {backend!r} but {module} cannot be imported ({e}); install the "
-                          f"harness's {backend!r} extra: pip install {PACKAGES[backend]} "
-                          f"(or run without a tracker: --set tracking.backend=none)") from None
-
-
-def make_backend(settings: TrackingConfig) -> Backend:
-    require(settings.backend)
-    if settings.backend == "mlflow":
-        from harness.tracking.mlflow_backend import MlflowBackend
-
-        return MlflowBackend(settings)
-    if settings.backend == "wandb":
-        from harness.tracking.wandb_backend import WandbBackend
-
-        return WandbBackend(settings)
-    from harness.tracking.trackio_backend import TrackioBackend
-
-    return TrackioBackend(settings)

@@ -25,7 +25,8 @@ from harness.fileio import write_model
 from harness.identity import flat
 from harness.records import IterationMetrics
 from harness.registry import ModelEntry
-from harness.tracking.base import STATE_FILE, Backend, TrackedRun, TrackingState, make_backend
+from harness.tracking.backends import make_backend
+from harness.tracking.base import STATE_FILE, Backend, TrackedRun, TrackingState
 from harness.tracking.collect import iteration_end, iteration_numbers, loss_key, metrics_table, read_stages
 
 log = logging.getLogger(__name__)
