@@ -116,18 +116,24 @@ class LocalProvider(FinetuneProvider):
 
     # ------------------------------------------------------------------ the interface
 
+    def _new_job_dir(self, metadata: dict[str, str]) -> tuple[str, str, Path]:
+        """(adapter name, job id, its new directory): the id carries the metadata's hash and an
+        attempt number, so a redone job never reuses a failed one's folder."""
+        name = adapter_name(metadata)
+        key = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:8]
+        attempt = 1 + sum(1 for _ in self.jobs_dir.glob(f"{name}-{key}-*"))
+        job_id = f"{name}-{key}-{attempt}"
+        job_dir = self.jobs_dir / job_id
+        job_dir.mkdir(parents=True, exist_ok=False)
+        return name, job_id, job_dir
+
     async def submit(self, request: FinetuneRequest) -> JobState:
         existing = await self.find(request.metadata)
         if existing is not None and existing.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             return existing
         await self.runner.check()  # an unreachable or too small cluster fails here, before any file is written
         base_path, init_adapter = self._resolve_start(request.base_model)
-        name = adapter_name(request.metadata)
-        key = hashlib.sha256(json.dumps(request.metadata, sort_keys=True).encode()).hexdigest()[:8]
-        attempt = 1 + sum(1 for _ in self.jobs_dir.glob(f"{name}-{key}-*"))
-        job_id = f"{name}-{key}-{attempt}"
-        job_dir = self.jobs_dir / job_id
-        job_dir.mkdir(parents=True, exist_ok=False)
+        name, job_id, job_dir = self._new_job_dir(request.metadata)
         self._link_jobs_dir()
         training_file = Path(request.training_file).resolve()
         if self.cfg.jobs_dir and training_file.exists():

@@ -20,7 +20,6 @@ runs against it; the hosted service's archives have the same form.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -88,12 +87,7 @@ class TinkerProvider(LocalProvider):
             return existing
         await self._check_service()
         init_state = self._start_state(request.base_model)
-        name = adapter_name(request.metadata)
-        key = hashlib.sha256(json.dumps(request.metadata, sort_keys=True).encode()).hexdigest()[:8]
-        attempt = 1 + sum(1 for _ in self.jobs_dir.glob(f"{name}-{key}-*"))
-        job_id = f"{name}-{key}-{attempt}"
-        job_dir = self.jobs_dir / job_id
-        job_dir.mkdir(parents=True, exist_ok=False)
+        name, job_id, job_dir = self._new_job_dir(request.metadata)
         hp, tk = request.hyperparameters, self.settings
         spec = TinkerJobSpec(
             job_id=job_id, adapter_name=name, metadata=request.metadata,
