@@ -167,3 +167,74 @@ def test_old_debate_records_without_served_models_still_load():
 def test_probe_settings_are_checked_at_load(cli):
     bad = cli("--dry-run", "--config", "vllm", "--set", "serve.model=x", "--set", "serve.probe.tolerance=-1")
     assert bad.returncode == 2 and "serve.probe.tolerance" in bad.stdout + bad.stderr
+
+
+# ----------------------------------------------------------------------------- a real vLLM server
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_real_vllm_a_trained_adapter_passes_and_an_untrained_one_is_caught(tmp_path):
+    """The tiny model on vLLM's CPU build: an adapter the local provider trained for one epoch
+    moves the text's log-probabilities by ~1e-2 nats; a fresh PEFT LoRA (B all zeros, what a
+    job that never stepped leaves) is served without complaint and scores exactly like the base."""
+    from test_serve_vllm import VLLM_PYTHON, free_port, tiny_serve_config
+
+    if not VLLM_PYTHON.exists():
+        pytest.skip(f"{VLLM_PYTHON} is missing; create it with .ci/setup-vllm.sh")
+    pytest.importorskip("peft", reason="the `local` extra trains the adapters")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from harness.config import Hyperparameters, LocalFinetuneConfig
+    from harness.providers.base import FinetuneRequest, JobStatus
+    from harness.providers.local import LocalProvider
+    from harness.serve import VLLMServer
+    from harness.testing.tiny_model import build_tiny_model, write_chat_jsonl
+
+    model = build_tiny_model(tmp_path / "tiny")
+    provider = LocalProvider(tmp_path / "jobs", LocalFinetuneConfig(threads=1), base_model_path=str(model),
+                             max_lora_rank=8, base_names={"base"})
+
+    async def train() -> str:
+        state = await provider.submit(FinetuneRequest(
+            training_file=write_chat_jsonl(tmp_path / "data.jsonl", n=8), base_model="base",
+            hyperparameters=Hyperparameters(n_epochs=1),
+            metadata={"run": "pr", "iteration": "1", "role": "generator", "agent": "0"}))
+        done = await provider.wait(state.job_id, poll_interval_s=0.5, max_interval_s=1)
+        assert done.status == JobStatus.SUCCEEDED, done.error
+        return done.artifact_path
+
+    trained = asyncio.run(train())
+    untrained = tmp_path / "untrained"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                   LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).save_pretrained(untrained)
+
+    server = VLLMServer(tiny_serve_config(model, free_port()), agents=2, log_path=tmp_path / "vllm.log", api_key="k")
+    server.start()
+    try:
+        async def probe() -> tuple[AdapterProbes, AdapterNotApplied]:
+            await server.wait_healthy()
+            url = server.base_url
+            await load_adapters(url, {"pr-trained": trained, "pr-untrained": untrained}, api_key="k")
+            out = tmp_path / "run" / "iter-1" / "adapter-probes.json"
+            async with LLMClient(base_url=url, api_key="k", run_dir=tmp_path / "run", sampling=SamplingConfig(),
+                                 endpoint=EndpointConfig(kind="vllm", api_key_env=None, max_retries=0)) as client:
+                passed = await probe_adapters(client, [url], "base", ["pr-trained"], settings=AdapterProbeConfig(),
+                                              iteration=1, out_path=out)
+                with pytest.raises(AdapterNotApplied) as caught:
+                    await probe_adapters(client, [url], "base", ["pr-trained", "pr-untrained"],
+                                         settings=AdapterProbeConfig(), iteration=1, out_path=out)
+            return passed, caught.value
+
+        passed, error = asyncio.run(probe())
+        server.check_alive()
+    finally:
+        server.stop()
+    good = passed.probes[0]
+    assert good.verdict == "applied" and good.base_noise == 0.0 and good.max_abs_delta > 1e-3, good
+    print(f"trained adapter: max |Δ| {good.max_abs_delta:.3g}, mean {good.mean_abs_delta:.3g} over {good.tokens} tokens")
+    assert "adapter 'pr-untrained' is not applied" in str(error) and "max |Δ logprob| 0 " in str(error)
+    record = AdapterProbes.model_validate_json((tmp_path / "run" / "iter-1" / "adapter-probes.json").read_bytes())
+    bad = next(p for p in record.probes if p.adapter == "pr-untrained")
+    assert bad.verdict == "not_applied" and bad.max_abs_delta == 0.0
