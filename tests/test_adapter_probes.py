@@ -24,6 +24,7 @@ from harness.probes import AdapterProbes, probe_adapters
 from harness.records import DebateRecord
 from harness.serve import load_adapters
 from harness.sim.server import SimServer
+from harness.testing.sim_process import simulator_process
 
 CHAT_LINE = {"messages": [{"role": "user", "content": "What is 2+3*4?"},
                           {"role": "assistant", "content": "3*4 = 12, so 2 + 12 = 14. The answer is \\boxed{14}."}]}
@@ -45,9 +46,9 @@ def client_for(urls: list[str], run_dir: Path) -> LLMClient:
 
 
 async def test_a_trained_adapter_passes_and_an_unapplied_one_stops_naming_it(tmp_path):
-    sim_cfg = SimulatorConfig(unapplied_adapters=["dead-*"])
-    with SimServer(sim_cfg) as a, SimServer(SimulatorConfig()) as b:
-        urls = [a.base_url, b.base_url]
+    # Server a (`python -m harness.sim --unapplied-adapters 'dead-*'`) loads dead-* but answers as the base.
+    with simulator_process("--unapplied-adapters", "dead-*") as a_url, SimServer(SimulatorConfig()) as b:
+        urls = [a_url, b.base_url]
         adapters = {"run-g0": adapter_dir(tmp_path / "g0"), "dead-g1": adapter_dir(tmp_path / "g1")}
         for url in urls:
             await load_adapters(url, adapters)
@@ -58,12 +59,12 @@ async def test_a_trained_adapter_passes_and_an_unapplied_one_stops_naming_it(tmp
                                      iteration=1, out_path=out)
     message = str(caught.value)
     # Only the first server fails to apply it; the message names adapter, server, measure and way out.
-    assert "adapter 'dead-g1' is not applied by the server at " + a.base_url in message
+    assert "adapter 'dead-g1' is not applied by the server at " + a_url in message
     assert "max |Δ logprob| 0 " in message and "serve.probe.enabled=false" in message
     assert b.base_url not in message
     record = AdapterProbes.model_validate_json(out.read_bytes())
     verdicts = {(p.adapter, p.server): p.verdict for p in record.probes}
-    assert verdicts == {("run-g0", a.base_url): "applied", ("dead-g1", a.base_url): "not_applied",
+    assert verdicts == {("run-g0", a_url): "applied", ("dead-g1", a_url): "not_applied",
                         ("run-g0", b.base_url): "applied", ("dead-g1", b.base_url): "applied"}
     trained = [p for p in record.probes if p.verdict == "applied"]
     assert all(p.tokens > 20 and 1e-3 < p.max_abs_delta <= 0.05 and p.base_noise == 0 for p in trained)
