@@ -11,8 +11,8 @@ from pydantic import Field
 from harness.config_base import _Strict
 
 # A fixed text every adapter and the base model score. Mixed prose, arithmetic and a boxed answer:
-# tokens an adapter trained on debate answers is likely to move, and long enough (~60 tokens on a
-# Llama tokenizer) that a small shift shows in the maximum.
+# tokens an adapter trained on debate answers is likely to move, and long enough (80 tokens on
+# SmolLM2's tokenizer) that a small shift shows in the maximum.
 PROBE_TEXT = ("Question: What is 3+4*5+6-7*8? Let's think step by step. First, 4*5 = 20 and 7*8 = 56. "
               "Then 3 + 20 + 6 - 56 = -27. The other agents agree, so the final answer is \\boxed{-27}.")
 
