@@ -109,6 +109,9 @@ class SimulatorConfig(_Strict):
     batch_seconds: float = Field(2.0, ge=0)
     batch_error_rate: float = Field(0.0, ge=0, le=1)  # share of a batch's lines answered with a 500
     batch_expire_rate: float = Field(0.0, ge=0, le=1)  # share of batches that expire half answered
+    # Adapter names (fnmatch patterns) that load and are listed but answer as their base model: the
+    # silent failure the adapter probes (serve.probe) catch.
+    unapplied_adapters: list[str] = Field(default_factory=list)
 
 
 class EndpointConfig(_Strict):

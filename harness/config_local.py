@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from harness.config_base import _http_url, _Strict
+from harness.probe_settings import AdapterProbeConfig
 
 
 class RayJobsConfig(_Strict):
@@ -125,6 +126,9 @@ class ServeConfig(_Strict):
     devices: list[int | str] | None = None  # subprocess runner: GPUs for the replicas; None: as is
     runner: Literal["subprocess", "ray"] = "subprocess"
     ray: RayServeConfig = Field(default_factory=RayServeConfig)
+    # After each load of LoRA adapters: check on every server that each one changes the base
+    # model's log-probabilities (stops the run when one does not); see harness/probe_settings.py.
+    probe: AdapterProbeConfig = Field(default_factory=AdapterProbeConfig)
 
     _check_base_urls = field_validator("base_urls")(lambda cls, v: [_http_url(u) for u in v])
 

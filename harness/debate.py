@@ -107,9 +107,9 @@ class Debater:
         return self.prompts.debate_summary(result.text, question=problem.question)
 
     async def _agent_turn(self, problem: Problem, agent: int, rnd: int, conversation: list[Message],
-                          previous: list[str] | None) -> tuple[str, bool, str | None]:
-        """One reply of one agent: its text, whether max_tokens cut it off, and why the server
-        refused it (None when it answered)."""
+                          previous: list[str] | None) -> tuple[str, bool, str | None, str | None]:
+        """One reply of one agent: its text, whether max_tokens cut it off, why the server
+        refused it (None when it answered), and the model the server says answered."""
         if rnd == 0:
             conversation.append(Message(role="user", content=self.prompts.question(problem.question)))
             model = self.society.generators[agent]
@@ -127,9 +127,10 @@ class Debater:
             # empty, unparseable reply with the reason recorded, and the debate and the run go on.
             log.info("problem %s agent %d round %d: %s", problem.id, agent, rnd, e)
             conversation.append(Message(role="assistant", content=""))
-            return "", False, str(e)
+            return "", False, str(e), None
         conversation.append(Message(role="assistant", content=result.text))
-        return result.text, getattr(result, "finish_reason", None) == "length", None
+        return (result.text, getattr(result, "finish_reason", None) == "length", None,
+                getattr(result, "served_model", None))
 
     def expected_models(self, agent: int) -> list[str]:
         return [self.society.generators[agent]] + [self.society.critics[agent]] * (self.settings.rounds - 1)
@@ -139,6 +140,7 @@ class Debater:
         conversations: list[list[Message]] = [[] for _ in range(n)]
         truncated: list[list[bool]] = [[] for _ in range(n)]
         errors: list[list[str | None]] = [[] for _ in range(n)]
+        served: list[list[str | None]] = [[] for _ in range(n)]
         previous: list[str] | None = None
         for rnd in range(self.settings.rounds):
             # return_exceptions: when one agent's call fails for good, its siblings' calls (maybe
@@ -151,16 +153,17 @@ class Debater:
             if failed:
                 raise failed[0]
             replies = [o for o in outcomes if not isinstance(o, BaseException)]
-            for a, (_, cut, error) in enumerate(replies):
+            for a, (_, cut, error, model) in enumerate(replies):
                 truncated[a].append(cut)
                 errors[a].append(error)
-            previous = [text for text, _, _ in replies]
+                served[a].append(model)
+            previous = [text for text, _, _, _ in replies]
         # Votes never feed back into the debate, so all grading happens once, at the end, in one
         # worker thread: math-verify can take a while on odd answers and must not block the loop.
-        return await asyncio.to_thread(self._record, problem, conversations, truncated, errors)
+        return await asyncio.to_thread(self._record, problem, conversations, truncated, errors, served)
 
     def _record(self, problem: Problem, conversations: list[list[Message]], truncated: list[list[bool]],
-                errors: list[list[str | None]]) -> DebateRecord:
+                errors: list[list[str | None]], served: list[list[str | None]]) -> DebateRecord:
         timeout = self.settings.grading_timeout_s
         replies = [[m.content for m in conv if m.role == "assistant"] for conv in conversations]
         answers = [[None if cut else self.extract(text) for text, cut in zip(texts, truncated[a])]
@@ -169,7 +172,7 @@ class Debater:
                        for rnd in range(self.settings.rounds)]
         round_correct = [equivalent(v.answer, problem.gold, timeout_s=timeout) for v in round_votes]
         agents = [AgentTranscript(agent=a, models=self.expected_models(a), messages=conversations[a],
-                                  answers=answers[a], truncated=truncated[a], errors=errors[a],
+                                  answers=answers[a], truncated=truncated[a], errors=errors[a], served=served[a],
                                   correct=[equivalent(ans, problem.gold, timeout_s=timeout) for ans in answers[a]])
                   for a in range(len(answers))]
         return DebateRecord(iteration=self.iteration, split=self.split, problem=problem, agents=agents,

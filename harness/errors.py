@@ -52,3 +52,8 @@ class FinetuneError(HarnessError):
 
 class ServeError(HarnessError):
     """A model server is missing, died, or refused an adapter."""
+
+
+class AdapterNotApplied(ServeError):
+    """A loaded LoRA adapter scores a fixed text exactly like the base model on a server: the
+    server is not applying it (or the adapter changes nothing). See harness/probes.py."""

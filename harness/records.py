@@ -76,6 +76,11 @@ class AgentTranscript(BaseModel):
     # per round: why the server refused this turn (e.g. context length exceeded), else None. A
     # refused turn is an empty, unparseable reply; the debate goes on.
     errors: list[str | None] = Field(default_factory=list)
+    # per round: the model the server's answer says produced the reply (its `model` field: for
+    # vLLM the base or adapter name the request named), None where it named none (a refused turn,
+    # a reply cached by an older run). Empty in records written before it was kept. `models` holds
+    # what was asked for; iter-<k>/adapter-probes.json shows that each adapter was applied.
+    served: list[str | None] = Field(default_factory=list)
 
 
 class DebateRecord(BaseModel):

@@ -88,6 +88,12 @@ class Run:
         with self.stage(k, "load_adapters"):
             for url in self.urls:
                 await load_adapters(url, adapters, stale_prefix=self.registry.run + "-", api_key=self.client.api_key)
+            if adapters and self.cfg.serve.probe.enabled:  # a server can accept an adapter and not apply it
+                from harness.probes import PROBES_FILE, probe_adapters
+
+                await probe_adapters(self.client, self.urls, self.cfg.models.base, sorted(adapters),
+                                     settings=self.cfg.serve.probe, iteration=k,
+                                     out_path=self.iter_dir(k) / PROBES_FILE)
 
     async def debate(self, k: int, split: str, problems: list[Problem], society: Society,
                      rounds: int) -> list[DebateRecord]:

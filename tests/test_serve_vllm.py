@@ -334,6 +334,12 @@ async def test_one_full_iteration_on_the_tiny_preset(server, tiny_model, tmp_pat
     assert len(records) == 6
     used = {m for r in records for t in r.agents for m in t.models}
     assert trained <= used
+    # Each reply names the model vLLM says produced it, and each adapter was probed as applied.
+    assert all(t.served == t.models for r in records for t in r.agents)
+    from harness.probes import AdapterProbes
+
+    probes = AdapterProbes.model_validate_json((run_dir / "iter-1" / "adapter-probes.json").read_bytes())
+    assert {p.adapter for p in probes.probes} == trained and {p.verdict for p in probes.probes} == {"applied"}
     # Noise answers: some do not parse; they are counted (as wrong), never dropped.
     metrics = summary.iterations[1].splits["test"]
     assert metrics.n == 6 and 0.0 <= metrics.unparsed_rate <= 1.0

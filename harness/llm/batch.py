@@ -114,7 +114,8 @@ class BatchChat:
         key, body, prompt_chars = self.client.chat_request(model, messages, sample)
         value, rec = await self._ask(_Call(key, ENDPOINT, model, sample, purpose, body, prompt_chars,
                                            self.client.sampling.max_tokens))
-        return ChatResult(text=value["text"], cached=rec.cached, usage=rec, finish_reason=value.get("finish_reason"))
+        return ChatResult(text=value["text"], cached=rec.cached, usage=rec, finish_reason=value.get("finish_reason"),
+                          served_model=value.get("served_model"))
 
     async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
         """LLMClient.embed through the Batch API: every chunk at once, so they share a batch."""

@@ -87,7 +87,7 @@ def value_of(endpoint: str, body: dict[str, Any], model: str, prices: dict, inpu
     else:
         choice = body["choices"][0]
         value = {"text": (choice.get("message") or {}).get("content") or "",
-                 "finish_reason": choice.get("finish_reason")}
+                 "finish_reason": choice.get("finish_reason"), "served_model": body.get("model")}
     usage = body.get("usage")
     if isinstance(usage, dict) and usage.get("prompt_tokens") is not None:
         prompt, completion = usage["prompt_tokens"], usage.get("completion_tokens") or 0

@@ -139,7 +139,7 @@ class LLMClient:
 
         value, rec = await self._cached(key, "chat", model, sample, purpose, call)
         return ChatResult(text=value["text"], cached=rec.cached, usage=rec,
-                          finish_reason=value.get("finish_reason"))
+                          finish_reason=value.get("finish_reason"), served_model=value.get("served_model"))
 
     def embed_request(self, model: str, chunk: list[str]) -> tuple[str, dict[str, Any], int]:
         """(cache key, request body, input characters) of one /embeddings call of at most
@@ -216,6 +216,23 @@ class LLMClient:
         value, _ = await self._cached(key, "prompt_logprobs", model, sample, purpose, call)
         return PromptLogprobs(token_ids=value["token_ids"], logprobs=value["logprobs"])
 
+    async def score_text(self, model: str, text: str, *, server: int = 0, purpose: str = "probe") -> PromptLogprobs:
+        """vLLM only: each token of the plain text `text` (no chat template) and its
+        log-probability under `model`, on server number `server` (one /completions call with
+        `prompt_logprobs`). Never answered from the cache: it checks what that server computes now
+        (e.g. after an adapter was loaded again under the same name). Retried, budgeted and
+        written to usage.jsonl like every call. LogprobsUnavailable when the server sends none."""
+        key = cache_key({"op": "score_text", "model": model, "text": text, "server": self.base_urls[server]})
+
+        async def call() -> tuple[dict, int, float, str]:
+            return await self._network(key, model, purpose, server, len(text), 1, 1,
+                                       lambda client: responses.completion_logprobs_once(client, model, text,
+                                                                                         self.prices))
+
+        value, _ = await self._cached(key, "score_text", model, None, purpose, call, use_cache=False)
+        return PromptLogprobs(token_ids=value["token_ids"], logprobs=value["logprobs"],
+                              served_model=value.get("served_model"))
+
     def totals(self) -> UsageTotals:
         """This run so far, earlier sessions included (read from usage.jsonl and the journal of
         requests in flight at start)."""
@@ -278,11 +295,13 @@ class LLMClient:
     # ------------------------------------------------------------------ internals
 
     async def _cached(self, key: str, kind: str, model: str, sample: SampleId | None, purpose: str,
-                      call: Callable[[], Awaitable[tuple[dict, int, float]]]) -> tuple[dict, UsageRecord]:
+                      call: Callable[[], Awaitable[tuple[dict, int, float]]], *,
+                      use_cache: bool = True) -> tuple[dict, UsageRecord]:
         """The cached value or a fresh one from `call()`, with the usage line written for it.
         Identical requests in flight at the same time share one call (a caller bug or a
-        re-entered stage must not pay twice); the followers are logged as cache hits."""
-        hit = self._cache.get(key)
+        re-entered stage must not pay twice); the followers are logged as cache hits.
+        `use_cache` False: always a fresh call, and its answer is not stored."""
+        hit = self._cache.get(key) if use_cache else None
         if hit is None and key in self._inflight:
             try:
                 hit = await asyncio.shield(self._inflight[key])
@@ -312,7 +331,8 @@ class LLMClient:
             # usage line is repaired from the row at the next start (`_settle`), so the answer is
             # neither paid twice nor left unrecorded; a crash before the row leaves the request
             # open in the journal, counted as possibly billed.
-            self._cache.put(key, kind, model, value, usage=rec.model_dump(mode="json"))
+            if use_cache:
+                self._cache.put(key, kind, model, value, usage=rec.model_dump(mode="json"))
             self._ledger.record(rec)
             self._ledger.ended(call_id, "answered")
         except BaseException as exc:

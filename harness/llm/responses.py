@@ -30,6 +30,9 @@ class ChatResult(BaseModel):
     cached: bool  # answered from the run's cache: no call was made, nothing was paid
     usage: UsageRecord  # the line written to usage.jsonl for this call
     finish_reason: str | None = None  # "length" means max_tokens cut the answer
+    # The `model` field of the server's answer: the model (vLLM: base or adapter name) that says it
+    # produced the reply. None when the server named none, or for an answer cached by an older run.
+    served_model: str | None = None
 
 
 class PromptLogprobs(BaseModel):
@@ -38,6 +41,7 @@ class PromptLogprobs(BaseModel):
 
     token_ids: list[int]
     logprobs: list[float | None]
+    served_model: str | None = None  # the `model` the server's answer named, when it said
 
 
 def sample_seed(client_seed: int, sample: SampleId) -> int:
@@ -98,7 +102,9 @@ async def chat_once(client: openai.AsyncOpenAI, model: str, body: dict,
         raise _unexpected(raw, model, "JSON without choices", "not_completion")
     choice = choices[0]
     text = (choice.get("message") or {}).get("content")
-    value: dict[str, Any] = {"text": text or "", "finish_reason": choice.get("finish_reason")}
+    # `model`: the name the server says answered (vLLM: the adapter or base the request named).
+    value: dict[str, Any] = {"text": text or "", "finish_reason": choice.get("finish_reason"),
+                             "served_model": resp.get("model")}
     add_usage(value, model, resp.get("usage"), prices)
     return value, raw.headers
 
@@ -110,6 +116,31 @@ async def prompt_logprobs_once(client: openai.AsyncOpenAI, model: str, msgs: lis
     raw = await client.post("/chat/completions", body=body, cast_to=httpx2.Response)
     resp = _json(raw, model)
     entries = resp.get("prompt_logprobs") if isinstance(resp, dict) else None
+    value = _prompt_logprobs_value(entries, client, model)
+    add_usage(value, model, resp.get("usage"), prices)
+    return value, raw.headers
+
+
+async def completion_logprobs_once(client: openai.AsyncOpenAI, model: str, text: str,
+                                   prices: dict[str, dict[str, float]]) -> tuple[dict, Any]:
+    """vLLM's /completions with `prompt_logprobs`: the log-probability of each token of a plain
+    text (no chat template) under `model`, in one forward pass; the one generated token is thrown
+    away. `echo` with `logprobs` would give the same numbers, with the decoded text as well."""
+    body = {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+    raw = await client.post("/completions", body=body, cast_to=httpx2.Response)
+    resp = _json(raw, model)
+    choices = resp.get("choices") if isinstance(resp, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        raise _unexpected(raw, model, "JSON without choices", "not_completion")
+    value = _prompt_logprobs_value(choices[0].get("prompt_logprobs"), client, model)
+    value["served_model"] = resp.get("model")
+    add_usage(value, model, resp.get("usage"), prices)
+    return value, raw.headers
+
+
+def _prompt_logprobs_value(entries: Any, client: openai.AsyncOpenAI, model: str) -> dict[str, Any]:
+    """{token_ids, logprobs} from vLLM's `prompt_logprobs` list (None first, then one
+    {token id: {logprob, ...}} per token when asked for 0 alternatives)."""
     if not isinstance(entries, list) or not entries:
         raise LogprobsUnavailable(f"{client.base_url} sent no prompt_logprobs for {model}: only vLLM servers "
                                   f"score a given text (OpenAI and the simulator do not)")
@@ -127,9 +158,7 @@ async def prompt_logprobs_once(client: openai.AsyncOpenAI, model: str, msgs: lis
     if entries[0] is None:  # the first token's id is not sent: mark it so positions line up
         ids.insert(0, -1)
         logprobs.insert(0, None)
-    value: dict[str, Any] = {"token_ids": ids, "logprobs": logprobs}
-    add_usage(value, model, resp.get("usage"), prices)
-    return value, raw.headers
+    return {"token_ids": ids, "logprobs": logprobs}
 
 
 async def embed_once(client: openai.AsyncOpenAI, model: str, chunk: list[str],
@@ -147,4 +176,4 @@ async def embed_once(client: openai.AsyncOpenAI, model: str, chunk: list[str],
 
 
 __all__ = ["ChatResult", "PromptLogprobs", "add_usage", "chat_once", "dump_messages", "embed_once",
-           "prompt_logprobs_once", "sample_seed"]
+           "prompt_logprobs_once", "completion_logprobs_once", "sample_seed"]

@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     # One flag per SimulatorConfig field, so the CLI never lags behind the config.
     for name, field in SimulatorConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
+        if field.annotation == list[str]:  # e.g. --unapplied-adapters 'run-*' (repeat the flag for more)
+            p.add_argument(flag, action="append", default=None, help=f"SimulatorConfig.{name} (repeatable)")
+            continue
         kind = int if field.annotation in (int, int | None) else float
         p.add_argument(flag, type=kind, default=None, help=field.description or f"SimulatorConfig.{name} (default {field.default})")
     return p

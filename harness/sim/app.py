@@ -1,4 +1,4 @@
-"""The simulator's FastAPI app: chat completions, models, embeddings, vLLM's adapter endpoints,
+"""The simulator's FastAPI app: chat completions, text completions (completions.py), models, embeddings, vLLM's adapter endpoints,
 health; files and fine-tuning jobs come from files_jobs.py (OpenAI's API) and together_api.py
 (Together AI's fine-tunes API). Every response carries
 `x-simulated: true`, and completions `system_fingerprint: "simulated"`.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fnmatch
 import hashlib
 import itertools
 import math
@@ -31,6 +32,7 @@ from harness.records import Problem
 from harness.sim.azure_arm import AzureDeployments, make_arm_router
 from harness.sim.faults import Faults, RateLimited, hang
 from harness.sim.batches import make_router as make_batch_router
+from harness.sim.completions import make_router as make_completions_router
 from harness.sim.files_jobs import make_router
 from harness.sim.knowledge import Knowledge
 from harness.sim.models import BASE_MODELS, ModelParams, base_params, estimate_tokens, prompt_tokens, respond
@@ -58,6 +60,12 @@ class Sim:
         self.unseeded_draws = itertools.count()
         self.azure = AzureDeployments(cfg.azure, state_dir, lambda m: self.params_for(m, finetunable=True) is not None)
 
+    def root_model(self, name: str) -> str:
+        """The base model under an adapter or a finetuned model (the name itself for a base)."""
+        params = self.store.adapters[name].params if name in self.store.adapters else self.params_for(name)
+        parent = params.parent if params is not None else None
+        return self.root_model(parent) if parent and parent != name else name
+
     def params_for(self, name: str, *, finetunable: bool = False) -> ModelParams | None:
         """The parameters of a model that exists now; None for an unknown model."""
         if name.startswith("sim-"):
@@ -67,7 +75,11 @@ class Sim:
         if "/" in name and (params := self.together.finetuned(name)) is not None:
             return params
         if not finetunable and name in self.store.adapters:
-            return self.store.adapters[name].params
+            adapter = self.store.adapters[name]
+            if any(fnmatch.fnmatchcase(name, p) for p in self.cfg.unapplied_adapters):
+                # Loaded and listed, but answering as its base: a server's silent failure to apply it.
+                return self.params_for(adapter.params.parent or "sim-base", finetunable=True)
+            return adapter.params
         served = None if finetunable else self.azure.served_model(name)  # an Azure deployment name
         return self.params_for(served, finetunable=True) if served else None
 
@@ -255,6 +267,7 @@ def create_app(
     app.include_router(make_router(sim))
     app.include_router(make_together_router(sim))
     app.include_router(make_arm_router(sim.azure))  # Azure's management plane: deployments
+    app.include_router(make_completions_router(sim))  # /v1/completions with prompt_logprobs
     app.include_router(make_batch_router(sim, lambda endpoint, body: answer_request(sim, endpoint, body)))
 
     @app.get("/health")
