@@ -32,7 +32,7 @@ GB = 1e9  # memory in decimal gigabytes, as GPU data sheets quote it
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 # Model FLOPs utilization: the Llama 3 paper reports 38-43% bf16 MFU on H100s (Table 4,
 # https://arxiv.org/abs/2407.21783); PyTorch and IBM report 57% for a 7B model with FSDP on A100s
-# (https://pytorch.org/blog/maximizing-training/). A short finetune with padded, variable-length
+# (https://pytorch.org/blog/maximizing-training-throughput/). A short finetune with padded, variable-length
 # MATH examples is less tuned than pretraining: the lower figure, 0.40.
 MFU = 0.40
 # vLLM decode throughput of an 8B bf16 model on one GPU at saturating concurrency. Red Hat's
@@ -275,7 +275,8 @@ def estimate(shape: ModelShape, hw: Hardware, wl: Workload, ratios: ResidentRati
     per_job = ModeEstimate(key="per_job", label="(a) LoRA, a process per adapter", gpus_per_job=1,
                            jobs_at_once=at_once, train_memory_gb=lora_job / GB, fits=lora_job <= lora_usable,
                            train_hours=_makespan([load_seconds(p) + c for c in lora_compute], at_once) / 3600,
-                           note=f"{jobs} processes, {at_once} at once, each loading the base model ({2 * p / GB:.1f} GB); "
+                           note=f"{jobs} processes, {at_once} at once, each loading the base model "
+                                f"({2 * p / GB:.1f} GB); "
                                 f"vLLM: the base loaded once per run, the adapters added each iteration",
                            **lora_serving)
 
@@ -307,7 +308,8 @@ def estimate(shape: ModelShape, hw: Hardware, wl: Workload, ratios: ResidentRati
     else:  # too few GPUs: servers swapped between models, per debate split
         loads = 2 * math.ceil(models / max(1, resident_servers)) * start
         how = f"{max(1, resident_servers)} swapped, TP {tp}"
-        serve_note = f"too few GPUs for {models} servers: {max(1, resident_servers)} swapped between the models (slower)"
+        serve_note = (f"too few GPUs for {models} servers: {max(1, resident_servers)} swapped between the models "
+                      f"(slower)")
     busy = max(1, min(wl.agents, resident_servers))
     full = ModeEstimate(key="full", label=f"(c) full FT, FSDP over {k}", gpus_per_job=k,
                         jobs_at_once=min(jobs, slots), train_memory_gb=full_mem / GB,

@@ -19,8 +19,8 @@ def assumptions(hw: Hardware, ratios: ResidentRatios) -> list[tuple[str, str, st
     """(what, value, source) of every number the estimate rests on."""
     return [
         ("GPU peak bf16", f"{PEAK_TFLOPS[hw.gpu]:g} TFLOPS ({hw.gpu})", "NVIDIA data sheet, dense tensor cores"),
-        ("training MFU", f"{hw.mfu:.2f}", "Llama 3 paper: 38-43% on H100 (arxiv.org/abs/2407.21783); "
-                                          "PyTorch+IBM: 57% for 7B FSDP on A100 (pytorch.org/blog/maximizing-training)"),
+        ("training MFU", f"{hw.mfu:.2f}", "Llama 3 paper: 38-43% on H100 (arxiv.org/abs/2407.21783); PyTorch+IBM: 57% "
+                                          "for 7B FSDP on A100 (pytorch.org/blog/maximizing-training-throughput)"),
         ("training FLOPs/token", "full 6P; LoRA 4P + 6 P_lora", "Kaplan et al. (arxiv.org/abs/2001.08361)"),
         ("full-FT states", "16 bytes/param / FSDP shards", "ZeRO, mixed-precision AdamW (arxiv.org/abs/1910.02054)"),
         ("activations", "checkpointed: layers x 2sbh + 34sbh + 8sbV bytes", "Korthikanti et al. "
