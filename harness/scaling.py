@@ -267,8 +267,10 @@ def estimate(shape: ModelShape, hw: Hardware, wl: Workload, ratios: ResidentRati
     lora_servers = min(hw.lora_servers or hw.gpus, wl.agents)
     lora_debate = wl.decode_tokens / (serve_tokens_per_s(p, hw, lora=True) * lora_servers) / 3600
     lora_serve_mem = (2 * p + 2 * t * jobs) / GB
+    # A server sharing the training GPUs gets serve.gpu_memory_utilization of it, weights and KV cache.
+    serve_budget = hw.serve_share * hw.gpu_memory_gb * GB if hw.serve_share else usable
     lora_serving = dict(servers=f"{hw.lora_servers or hw.gpus} x base + {jobs} LoRA",
-                        serve_memory_gb=lora_serve_mem, serve_fits=lora_serve_mem * GB <= usable,
+                        serve_memory_gb=lora_serve_mem, serve_fits=lora_serve_mem * GB < serve_budget,
                         debate_hours=lora_debate, load_hours=0.0)
 
     at_once = min(jobs, hw.parallel_jobs or hw.gpus)
@@ -299,7 +301,8 @@ def estimate(shape: ModelShape, hw: Hardware, wl: Workload, ratios: ResidentRati
     full_train = _makespan([load_seconds(p) + train_flops(n, p) / (hw.flops * k) + save for n in wl.job_tokens],
                            slots) / 3600
     models = jobs + (1 if wl.summarizer_model else 0)
-    tp = next(s for s in _shard_choices(64) if 2 * p <= 0.5 * usable * s)  # weights in at most half: room for KV cache
+    # Tensor parallel until the weights take at most half of each GPU (the rest: KV cache).
+    tp = next((s for s in _shard_choices(64) if 2 * p <= 0.5 * usable * s), 64)
     resident_servers = hw.gpus // tp
     start = SERVER_START_S + 2 * p / GB / DISK_GB_S
     if resident_servers >= models:
@@ -318,9 +321,8 @@ def estimate(shape: ModelShape, hw: Hardware, wl: Workload, ratios: ResidentRati
                         debate_hours=wl.decode_tokens / (serve_tokens_per_s(p, hw, lora=False) * busy) / 3600,
                         load_hours=loads / 3600,
                         note=f"16 bytes/param AdamW states sharded over {k} GPU(s); each job saves a "
-                             f"{2 * p / GB:.1f} GB model; {serve_note} (the summarizer is the base model)"
-                        if wl.summarizer_model else f"16 bytes/param AdamW states sharded over {k} GPU(s); each "
-                        f"job saves a {2 * p / GB:.1f} GB model; {serve_note}")
+                             f"{2 * p / GB:.1f} GB model; {serve_note}"
+                             + (" (the base model is the summarizer)" if wl.summarizer_model else ""))
     return [per_job, resident, full]
 
 

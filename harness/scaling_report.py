@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.errors import ConfigError, HarnessError
 from harness.scaling import (DISK_GB_S, HEADROOM, KNOWN_MODELS, LORA_SERVE_FACTOR, PEAK_TFLOPS, PROCESS_START_S,
                              QUESTION_TOKENS, SERVE_TOKENS_S_8B, SERVER_START_S, Hardware, ModeEstimate, ModelShape,
-                             ResidentRatios, configured_hardware, configured_mode, estimate, hardware, model_shape,
-                             resident_ratios, workload)
+                             ResidentRatios, Workload, configured_hardware, configured_mode, estimate, hardware,
+                             model_shape, resident_ratios, workload)
 
 
 def assumptions(hw: Hardware, ratios: ResidentRatios) -> list[tuple[str, str, str]]:
@@ -86,11 +87,12 @@ def print_report(console: Console, shape: ModelShape, hw: Hardware, wl: Workload
     chosen = next((r for r in rows if r.key == mark), None)
     if chosen is not None and not (chosen.fits and chosen.serve_fits):
         fitting = [r.label for r in rows if r.fits and r.serve_fits]
+        held = f", {hw.serve_share:.0%} held by the vLLM server" if hw.serve_share and chosen.key != "full" else ""
+        why = (f"{chosen.train_memory_gb:.1f} GB per GPU to train, {hw.gpu_memory_gb * HEADROOM:.0f} GB usable{held}"
+               if not chosen.fits else f"{chosen.serve_memory_gb:.1f} GB of weights per serving GPU")
         console.print(f"[bold red]warning:[/] {chosen.label} does not fit {hw.gpus} x {hw.gpu_memory_gb:g} GB GPUs "
-                      f"({chosen.train_memory_gb:.1f} GB per GPU for training, {hw.gpu_memory_gb * HEADROOM:.0f} GB "
-                      f"usable" + (f", {hw.serve_share:.0%} held by the vLLM server" if hw.serve_share
-                                   and chosen.key != "full" else "") + "); "
-                      + (f"ways that fit: {'; '.join(fitting)}" if fitting else "no way fits: more or larger GPUs"))
+                      f"({why}); " + (f"ways that fit: {'; '.join(fitting)}" if fitting
+                                      else "no way fits: more or larger GPUs"))
     return rows
 
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                       gpu_memory_gb=args.gpu_memory_gb)
         print_report(console, shape, hw, workload(cfg), mark=configured_mode(cfg, hw.gpus))
     except HarnessError as e:
-        console.print(f"[bold red]error:[/] {e}", markup=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         return 2
     return 0
 
