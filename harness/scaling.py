@@ -252,7 +252,9 @@ class ModeEstimate(BaseModel):
 
 
 def estimate(shape: ModelShape, hw: Hardware, wl: Workload, ratios: ResidentRatios,
-             full_shards: int | None = None) -> list[ModeEstimate]:
+             full_shards: int | None = None, lora_processes: int = 1) -> list[ModeEstimate]:
+    """The three ways. full_shards: GPUs per full-finetuning job (None: the fewest that fit);
+    lora_processes: data-parallel processes (GPUs) per LoRA job of (a), each with the whole model."""
     p = shape.params
     t = shape.lora_params(wl.lora_r)
     act = activation_bytes(shape, wl.micro_batch, wl.max_length)
@@ -273,10 +275,11 @@ def estimate(shape: ModelShape, hw: Hardware, wl: Workload, ratios: ResidentRati
                         serve_memory_gb=lora_serve_mem, serve_fits=lora_serve_mem * GB < serve_budget,
                         debate_hours=lora_debate, load_hours=0.0)
 
-    at_once = min(jobs, hw.parallel_jobs or hw.gpus)
-    per_job = ModeEstimate(key="per_job", label="(a) LoRA, a process per adapter", gpus_per_job=1,
+    at_once = max(1, min(jobs, hw.parallel_jobs or hw.gpus, hw.gpus // lora_processes))
+    per_job = ModeEstimate(key="per_job", label="(a) LoRA, a process per adapter", gpus_per_job=lora_processes,
                            jobs_at_once=at_once, train_memory_gb=lora_job / GB, fits=lora_job <= lora_usable,
-                           train_hours=_makespan([load_seconds(p) + c for c in lora_compute], at_once) / 3600,
+                           train_hours=_makespan([load_seconds(p) + c / lora_processes for c in lora_compute],
+                                                 at_once) / 3600,
                            note=f"{jobs} processes, {at_once} at once, each loading the base model "
                                 f"({2 * p / GB:.1f} GB); "
                                 f"vLLM: the base loaded once per run, the adapters added each iteration",

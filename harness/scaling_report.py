@@ -74,9 +74,10 @@ def assumptions_table(hw: Hardware, ratios: ResidentRatios) -> Table:
 
 
 def print_report(console: Console, shape: ModelShape, hw: Hardware, wl: Workload, mark: str | None = None,
-                 ratios: ResidentRatios | None = None, full_shards: int | None = None) -> list[ModeEstimate]:
+                 ratios: ResidentRatios | None = None, full_shards: int | None = None,
+                 lora_processes: int = 1) -> list[ModeEstimate]:
     ratios = ratios or resident_ratios()
-    rows = estimate(shape, hw, wl, ratios, full_shards)
+    rows = estimate(shape, hw, wl, ratios, full_shards, lora_processes)
     console.print(estimate_table(rows, shape, hw, mark))
     for r in rows:
         console.print(f"  {r.label}: {r.note}", markup=False)
@@ -90,8 +91,12 @@ def print_report(console: Console, shape: ModelShape, hw: Hardware, wl: Workload
         held = f", {hw.serve_share:.0%} held by the vLLM server" if hw.serve_share and chosen.key != "full" else ""
         why = (f"{chosen.train_memory_gb:.1f} GB per GPU to train, {hw.gpu_memory_gb * HEADROOM:.0f} GB usable{held}"
                if not chosen.fits else f"{chosen.serve_memory_gb:.1f} GB of weights per serving GPU")
+        if chosen.key == "full" and not chosen.fits:  # the fewest GPUs per job that would fit
+            fewest = next(r for r in estimate(shape, hw, wl, ratios) if r.key == "full")
+            if fewest.fits:
+                fitting.insert(0, f"finetune.local.processes_per_job={fewest.gpus_per_job}")
         console.print(f"[bold red]warning:[/] {chosen.label} does not fit {hw.gpus} x {hw.gpu_memory_gb:g} GB GPUs "
-                      f"({why}); " + (f"ways that fit: {'; '.join(fitting)}" if fitting
+                      f"({why}); " + (f"what fits: {'; '.join(fitting)}" if fitting
                                       else "no way fits: more or larger GPUs"))
     return rows
 
@@ -108,8 +113,12 @@ def dry_run_section(cfg, console: Console) -> None:
                       f"or see python -m harness.scaling --help", markup=False)
         return
     hw = configured_hardware(cfg)
-    full_shards = getattr(cfg.finetune.local, "processes_per_job", None) if cfg.finetune.local.full_finetune else None
-    print_report(console, shape, hw, workload(cfg), mark=configured_mode(cfg, hw.gpus), full_shards=full_shards)
+    local = cfg.finetune.local
+    # finetune.local.processes_per_job (GPUs per job) where the config has it: what the run will do.
+    processes = getattr(local, "processes_per_job", None)
+    print_report(console, shape, hw, workload(cfg), mark=configured_mode(cfg, hw.gpus),
+                 full_shards=processes if local.full_finetune else None,
+                 lora_processes=1 if local.full_finetune else processes or 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,6 +126,7 @@ def test_dry_run_of_a_vllm_run_with_local_finetuning_shows_the_gpu_estimate(cli,
                 env={"COLUMNS": "200"})
     assert small.returncode == 0, small.stdout + small.stderr
     assert "warning: (a) LoRA, a process per adapter does not fit 1 x 16 GB GPUs" in small.stdout
+    assert "what fits:" not in small.stdout and "no way fits" in small.stdout
     assert "held by the vLLM server" in small.stdout
 
 
@@ -133,3 +134,34 @@ def test_dry_run_of_other_providers_has_no_gpu_estimate(cli):
     done = cli("--dry-run", "--set", "finetune.iterations=1")  # the demo: the simulator
     assert done.returncode == 0, done.stdout + done.stderr
     assert "GPU estimate" not in done.stdout
+
+
+def test_a_full_finetune_on_too_few_gpus_per_job_is_warned_with_the_fewest_that_fit():
+    import io
+
+    from rich.console import Console
+
+    from harness.scaling_report import print_report
+
+    out = io.StringIO()
+    wl = workload(load_config("vllm"))
+    print_report(Console(file=out, width=200), MISTRAL, Hardware(gpus=8, gpu_memory_gb=80), wl, mark="full",
+                 ratios=resident_ratios(Path("/nonexistent/result.json")), full_shards=1)
+    text = out.getvalue()
+    assert "warning: (c) full FT, FSDP over 1 does not fit 8 x 80 GB GPUs" in text
+    assert "what fits: finetune.local.processes_per_job=2" in text
+
+
+def test_the_configured_way_follows_the_trainer_fields_where_the_config_has_them():
+    from types import SimpleNamespace
+
+    from harness.scaling import configured_mode
+
+    def cfg(**local):
+        return SimpleNamespace(finetune=SimpleNamespace(local=SimpleNamespace(full_finetune=False, **local)))
+    assert configured_mode(cfg(), gpus=1) == "per_job"  # no trainer field: 2N processes, as before it existed
+    assert configured_mode(cfg(trainer="resident"), gpus=8) == "resident"
+    assert configured_mode(cfg(trainer="auto"), gpus=1) == "resident"
+    assert configured_mode(cfg(trainer="auto"), gpus=8) == "per_job"
+    full = SimpleNamespace(finetune=SimpleNamespace(local=SimpleNamespace(full_finetune=True, trainer="auto")))
+    assert configured_mode(full, gpus=8) == "full"
