@@ -8,7 +8,7 @@ Serving: LoRA adapters on vLLM servers of the base model (loaded once per run), 
 vLLM server per whole model (2N, plus the base as summarizer), restarted every iteration.
 
 Pure functions on pydantic models; no torch. Every constant below is printed with its source
-(`ASSUMPTIONS`); docs/scaling.md derives the formulas. `python -m harness.scaling --model
+(harness.scaling_report.assumptions); docs/scaling.md derives the formulas. `python -m harness.scaling --model
 mistral-7b --gpus 8 --gpu-memory-gb 80` prints the table; `--dry-run` of a local-finetuning
 vLLM run prints it for its own config.
 """
@@ -359,10 +359,9 @@ def workload(cfg) -> Workload:
         jobs = [epochs * n * examples * (gen + (critic if critics else 0))]
     else:
         jobs = [epochs * examples * gen] * n + ([epochs * examples * critic] * n if critics else [])
-    # Fields other branches add to finetune.local (a per-GPU micro-batch with gradient
-    # accumulation): read when present, so this module works before and after they merge.
-    micro = next((getattr(local, f) for f in ("micro_batch_size", "per_device_batch_size")
-                  if getattr(local, f, None)), ft.hyperparameters.batch_size)
+    # hyperparameters.batch_size is each process's batch (gradient accumulation, where the
+    # config has it, adds steps, not memory): the sequences one GPU holds activations for.
+    micro = ft.hyperparameters.batch_size
     return Workload(agents=n, decode_tokens=cfg.task.n_train * decode(n, m)
                     + cfg.task.n_test * decode(cfg.test_agents, cfg.test_rounds),
                     job_tokens=jobs, micro_batch=micro, max_length=local.max_length, lora_r=local.r,
