@@ -137,7 +137,7 @@ class Hardware(BaseModel):
     mfu: float = MFU
     # Memory a co-resident vLLM server holds on a training GPU (LoRA runs keep it up while training).
     serve_share: float = 0.0
-    # As configured (--dry-run): LoRA jobs at once (finetune.local.max_parallel_jobs) and vLLM
+    # As configured (--dry-run): jobs at once (finetune.local.max_parallel_jobs) and vLLM
     # servers of the base (serve.replicas); None: one per GPU.
     parallel_jobs: int | None = None
     lora_servers: int | None = None
@@ -299,7 +299,7 @@ def estimate(shape: ModelShape, hw: Hardware, wl: Workload, ratios: ResidentRati
     k = full_shards or next((s for s in _shard_choices(hw.gpus) if full_ft_state_bytes(p, s) + full_act <= usable),
                             hw.gpus)
     full_mem = full_ft_state_bytes(p, k) + full_act
-    slots = max(1, hw.gpus // k)
+    slots = max(1, min(hw.gpus // k, hw.parallel_jobs or hw.gpus))
     save = 2 * p / GB / SAVE_GB_S
     full_train = _makespan([load_seconds(p) + train_flops(n, p) / (hw.flops * k) + save for n in wl.job_tokens],
                            slots) / 3600

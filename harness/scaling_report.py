@@ -75,13 +75,20 @@ def assumptions_table(hw: Hardware, ratios: ResidentRatios) -> Table:
 
 def print_report(console: Console, shape: ModelShape, hw: Hardware, wl: Workload, mark: str | None = None,
                  ratios: ResidentRatios | None = None, full_shards: int | None = None,
-                 lora_processes: int = 1) -> list[ModeEstimate]:
+                 lora_processes: int = 1, sources: str | None = None) -> list[ModeEstimate]:
+    """The table, a note per way, the warning when the configured way (`mark`) does not fit, and
+    the assumptions: as a table with their sources, or (`sources`: the command printing them) in one line."""
     ratios = ratios or resident_ratios()
     rows = estimate(shape, hw, wl, ratios, full_shards, lora_processes)
     console.print(estimate_table(rows, shape, hw, mark))
     for r in rows:
         console.print(f"  {r.label}: {r.note}", markup=False)
-    console.print(assumptions_table(hw, ratios))
+    if sources is None:
+        console.print(assumptions_table(hw, ratios))
+    else:
+        console.print(f"  assumes {hw.mfu:.0%} MFU of {PEAK_TFLOPS[hw.gpu]:g} TFLOPS per GPU, vLLM decoding "
+                      f"{SERVE_TOKENS_S_8B[hw.gpu]:,.0f} tokens/s per GPU for an 8B model; every assumption with its "
+                      f"source: {sources} (docs/scaling.md)", markup=False)
     if not ratios.measured:
         console.print("[yellow]note:[/] the resident row uses a placeholder ratio until benchmarks/multi_adapter.py "
                       "has written benchmarks/results/multi-adapter/result.json")
@@ -118,7 +125,9 @@ def dry_run_section(cfg, console: Console) -> None:
     processes = getattr(local, "processes_per_job", None)
     print_report(console, shape, hw, workload(cfg), mark=configured_mode(cfg, hw.gpus),
                  full_shards=processes if local.full_finetune else None,
-                 lora_processes=1 if local.full_finetune else processes or 1)
+                 lora_processes=1 if local.full_finetune else processes or 1,
+                 sources=f"python -m harness.scaling --model {model} --gpus {hw.gpus} "
+                         f"--gpu-memory-gb {hw.gpu_memory_gb:g}")
 
 
 def main(argv: list[str] | None = None) -> int:
