@@ -168,14 +168,17 @@ class ResidentRatios(BaseModel):
 
 def resident_ratios(path: Path = RESULT_PATH) -> ResidentRatios:
     """H3's CPU measurement of the resident trainer against 2N processes, or the placeholder."""
+    placeholder = "PLACEHOLDER: no benchmarks/results/multi-adapter/result.json yet"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return ResidentRatios(wall_ratio=float(data["wall_ratio"]), memory_ratio=float(data["memory_ratio_vs_one_job"]),
                               measured=True, source=f"measured on CPU ({path.name} of benchmarks/multi_adapter.py)")
-    except (OSError, ValueError, KeyError, TypeError):
-        return ResidentRatios(wall_ratio=PLACEHOLDER_WALL_RATIO, memory_ratio=PLACEHOLDER_MEMORY_RATIO, measured=False,
-                              source="PLACEHOLDER: no benchmarks/results/multi-adapter/result.json yet; the issue's "
-                                     "targets, not a measurement")
+    except OSError:
+        pass
+    except (ValueError, KeyError, TypeError):
+        placeholder = (f"PLACEHOLDER: {path.name} holds no numeric wall_ratio and memory_ratio_vs_one_job")
+    return ResidentRatios(wall_ratio=PLACEHOLDER_WALL_RATIO, memory_ratio=PLACEHOLDER_MEMORY_RATIO, measured=False,
+                          source=f"{placeholder}; the issue's targets, not a measurement")
 
 
 # ----------------------------------------------------------------------------- formulas

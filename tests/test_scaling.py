@@ -30,6 +30,24 @@ def test_parameter_counts_match_the_published_models():
     assert model_shape("someone/unknown-model") is None
 
 
+@pytest.mark.slow
+def test_the_counts_are_those_of_the_transformers_and_peft_models():
+    """The shape formula against the real architectures (built on the meta device: no weights)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    for key, config_class in (("mistral-7b", transformers.MistralConfig), ("smollm2-135m", transformers.LlamaConfig)):
+        s = KNOWN_MODELS[key]
+        config = config_class(hidden_size=s.hidden, num_hidden_layers=s.layers, intermediate_size=s.intermediate,
+                              vocab_size=s.vocab, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                              tie_word_embeddings=s.tied)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        assert sum(p.numel() for p in model.parameters()) == s.params, key
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == s.lora_params(8), key
+
+
 def test_a_local_config_json_gives_the_shape(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(
         hidden_size=576, num_hidden_layers=30, intermediate_size=1536, vocab_size=49152, num_attention_heads=9,
@@ -68,6 +86,9 @@ def test_without_the_benchmark_result_the_resident_row_uses_the_documented_place
     missing = resident_ratios(tmp_path / "result.json")
     assert not missing.measured and "PLACEHOLDER" in missing.source
     assert (missing.wall_ratio, missing.memory_ratio) == (PLACEHOLDER_WALL_RATIO, PLACEHOLDER_MEMORY_RATIO)
+    (tmp_path / "result.json").write_text(json.dumps({"wall": 0.95}))
+    unreadable = resident_ratios(tmp_path / "result.json")
+    assert not unreadable.measured and "no numeric wall_ratio" in unreadable.source
     (tmp_path / "result.json").write_text(json.dumps({"wall_ratio": 0.95, "memory_ratio_vs_one_job": 1.2}))
     measured = resident_ratios(tmp_path / "result.json")
     assert measured.measured and (measured.wall_ratio, measured.memory_ratio) == (0.95, 1.2)
