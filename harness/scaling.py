@@ -33,7 +33,8 @@ PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 # Model FLOPs utilization: the Llama 3 paper reports 38-43% bf16 MFU on H100s (Table 4,
 # https://arxiv.org/abs/2407.21783); PyTorch and IBM report 57% for a 7B model with FSDP on A100s
 # (https://pytorch.org/blog/maximizing-training-throughput/). A short finetune with padded, variable-length
-# MATH examples is less tuned than pretraining: the lower figure, 0.40.
+# MATH examples is less tuned than pretraining: the lower figure, 0.40, applied here to the FLOPs
+# the GPU runs (activation checkpointing's recomputed forward included).
 MFU = 0.40
 # vLLM decode throughput of an 8B bf16 model on one GPU at saturating concurrency. Red Hat's
 # MLPerf Inference v5.1 run: 5,777 tokens/s offline for Llama-3.1-8B in FP8 with vLLM on one H100
@@ -206,11 +207,13 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq: int, checkpointin
     return kept + 8 * seq * micro_batch * shape.vocab
 
 
-def train_flops(tokens: float, params: float, trainable: float | None = None) -> float:
+def train_flops(tokens: float, params: float, trainable: float | None = None, recompute: bool = False) -> float:
     """Model FLOPs: 6 per parameter per token for full training (2 forward + 4 backward; Kaplan et
     al., https://arxiv.org/abs/2001.08361). LoRA: the frozen base still runs forward (2) and
-    back-propagates to its inputs (2) but computes no weight gradients: 4 P + 6 P_trainable."""
-    return tokens * (6 * params if trainable is None else 4 * params + 6 * trainable)
+    back-propagates to its inputs (2) but computes no weight gradients: 4 P + 6 P_trainable.
+    `recompute`: the FLOPs the GPU runs with activation checkpointing, which repeats the forward (+2 P)."""
+    model = 6 * params if trainable is None else 4 * params + 6 * trainable
+    return tokens * (model + (2 * params if recompute else 0))
 
 
 def load_seconds(params: float) -> float:
@@ -264,7 +267,8 @@ def estimate(shape: ModelShape, hw: Hardware, wl: Workload, ratios: ResidentRati
     usable = hw.gpu_memory_gb * GB * HEADROOM
     lora_usable = usable - hw.serve_share * hw.gpu_memory_gb * GB
     lora_job = lora_state_bytes(p, t) + act
-    lora_compute = [train_flops(n, p, t) / hw.flops for n in wl.job_tokens]
+    # The trainer checkpoints activations on GPU: its GPUs run the forward twice.
+    lora_compute = [train_flops(n, p, t, recompute=True) / hw.flops for n in wl.job_tokens]
     jobs = len(wl.job_tokens)
 
     # LoRA serving: the base (+ adapters) on each GPU; agents are pinned to servers (agent n ->
@@ -304,8 +308,8 @@ def estimate(shape: ModelShape, hw: Hardware, wl: Workload, ratios: ResidentRati
     full_mem = full_ft_state_bytes(p, k) + full_act
     slots = max(1, min(hw.gpus // k, hw.parallel_jobs or hw.gpus))
     save = 2 * p / GB / SAVE_GB_S
-    full_train = _makespan([load_seconds(p) + train_flops(n, p) / (hw.flops * k) + save for n in wl.job_tokens],
-                           slots) / 3600
+    full_train = _makespan([load_seconds(p) + train_flops(n, p, recompute=True) / (hw.flops * k) + save
+                            for n in wl.job_tokens], slots) / 3600
     models = jobs + (1 if wl.summarizer_model else 0)
     # Tensor parallel until the weights take at most half of each GPU (the rest: KV cache).
     tp = next((s for s in _shard_choices(64) if 2 * p <= 0.5 * usable * s), 64)

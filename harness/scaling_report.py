@@ -20,9 +20,11 @@ def assumptions(hw: Hardware, ratios: ResidentRatios) -> list[tuple[str, str, st
     """(what, value, source) of every number the estimate rests on."""
     return [
         ("GPU peak bf16", f"{PEAK_TFLOPS[hw.gpu]:g} TFLOPS ({hw.gpu})", "NVIDIA data sheet, dense tensor cores"),
-        ("training MFU", f"{hw.mfu:.2f}", "Llama 3 paper: 38-43% on H100 (arxiv.org/abs/2407.21783); PyTorch+IBM: 57% "
-                                          "for 7B FSDP on A100 (pytorch.org/blog/maximizing-training-throughput)"),
-        ("training FLOPs/token", "full 6P; LoRA 4P + 6 P_lora", "Kaplan et al. (arxiv.org/abs/2001.08361)"),
+        ("training FLOPs utilization", f"{hw.mfu:.2f}",
+         "MFU published: Llama 3 paper 38-43% on H100 (arxiv.org/abs/2407.21783); PyTorch+IBM 57% for 7B FSDP "
+         "on A100 (pytorch.org/blog/maximizing-training-throughput)"),
+        ("training FLOPs/token", "full 6P; LoRA 4P + 6 P_lora; + 2P recomputed (activation checkpointing)",
+         "Kaplan et al. (arxiv.org/abs/2001.08361)"),
         ("full-FT states", "16 bytes/param / FSDP shards", "ZeRO, mixed-precision AdamW (arxiv.org/abs/1910.02054)"),
         ("activations", "checkpointed: layers x 2sbh + 34sbh + 8sbV bytes", "Korthikanti et al. "
                                                                             "(arxiv.org/abs/2205.05198)"),
@@ -86,9 +88,9 @@ def print_report(console: Console, shape: ModelShape, hw: Hardware, wl: Workload
     if sources is None:
         console.print(assumptions_table(hw, ratios))
     else:
-        console.print(f"  assumes {hw.mfu:.0%} MFU of {PEAK_TFLOPS[hw.gpu]:g} TFLOPS per GPU, vLLM decoding "
-                      f"{SERVE_TOKENS_S_8B[hw.gpu]:,.0f} tokens/s per GPU for an 8B model; every assumption with its "
-                      f"source: {sources} (docs/scaling.md)", markup=False)
+        console.print(f"  assumes {hw.mfu:.0%} FLOPs utilization of {PEAK_TFLOPS[hw.gpu]:g} TFLOPS per GPU, vLLM "
+                      f"decoding {SERVE_TOKENS_S_8B[hw.gpu]:,.0f} tokens/s per GPU for an 8B model; every assumption "
+                      f"with its source: {sources} (docs/scaling.md)", markup=False)
     if not ratios.measured:
         console.print("[yellow]note:[/] the resident row uses a placeholder ratio until benchmarks/multi_adapter.py "
                       "has written benchmarks/results/multi-adapter/result.json")

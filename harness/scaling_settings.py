@@ -24,5 +24,6 @@ class HardwareSettings(BaseModel):
     gpu_memory_gb: float = Field(80.0, gt=0)  # memory of each GPU
     # The GPU kind sets its peak bf16 throughput (dense tensor-core TFLOPS from NVIDIA's data sheets).
     gpu: Literal["h100", "h200", "a100"] = "h100"
-    # Model FLOPs utilization of training; None: the published figure harness/scaling.py cites (0.40).
+    # Share of the GPU's peak that training achieves (activation recomputation counted as work);
+    # None: 0.40, from the published MFU figures harness/scaling.py cites.
     mfu: float | None = Field(None, gt=0, le=1)

@@ -80,6 +80,7 @@ def test_training_flops_full_is_6_per_param_and_lora_about_two_thirds():
     assert train_flops(1000, 7e9) == 6 * 7e9 * 1000
     lora = train_flops(1000, 7e9, MISTRAL.lora_params(8))
     assert 0.66 < lora / train_flops(1000, 7e9) < 0.67
+    assert train_flops(1000, 7e9, recompute=True) == 8 * 7e9 * 1000  # activation checkpointing: forward twice
 
 
 def test_without_the_benchmark_result_the_resident_row_uses_the_documented_placeholder(tmp_path):
@@ -116,7 +117,7 @@ def test_the_cli_prints_the_three_ways(cli):
     assert "Mistral-7B (7.24B params), 8 x 80 GB H100" in out
     for way in ("(a) LoRA, a process per adapter", "(b) LoRA resident", "(c) full FT, FSDP over 2"):
         assert way in out
-    assert "arxiv.org/abs/1910.02054" in out and "training MFU" in out  # every assumption with its source
+    assert "arxiv.org/abs/1910.02054" in out and "training FLOPs utilization" in out  # every assumption with its source
     bad = cli("--model", "no-such-model", module="harness.scaling")
     assert bad.returncode == 2 and "--model no-such-model" in bad.stdout and "Traceback" not in bad.stderr
 
