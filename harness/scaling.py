@@ -7,10 +7,10 @@
 Serving: LoRA adapters on vLLM servers of the base model (loaded once per run), or, for (c), one
 vLLM server per whole model (2N, plus the base as summarizer), restarted every iteration.
 
-Pure functions on pydantic models; no torch. Every constant below is printed with its source
-(harness.scaling_report.assumptions); docs/scaling.md derives the formulas. `python -m harness.scaling --model
-mistral-7b --gpus 8 --gpu-memory-gb 80` prints the table; `--dry-run` of a local-finetuning
-vLLM run prints it for its own config.
+Pure functions on pydantic models; no torch. Every number it rests on is printed with its source
+under the table; docs/scaling.md derives the formulas. `python -m harness.scaling --model
+mistral-7b --gpus 8 --gpu-memory-gb 80` prints the table (harness.scaling_report); `--dry-run` of
+a local-finetuning vLLM run prints it for its own config.
 """
 
 from __future__ import annotations

@@ -133,7 +133,9 @@ def dry_run_section(cfg, console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.scaling", description=__doc__,
+    import harness.scaling
+
+    p = argparse.ArgumentParser(prog="python -m harness.scaling", description=harness.scaling.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mistral-7b",
                    help=f"a model name ({', '.join(KNOWN_MODELS)}) or a local folder with config.json")
