@@ -296,7 +296,7 @@ class RunConfig(_Strict):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # harness/tracking/settings.py
-    hardware: HardwareSettings = Field(default_factory=HardwareSettings)  # GPUs --dry-run plans for: scaling_settings.py
+    hardware: HardwareSettings = Field(default_factory=HardwareSettings)  # GPUs the --dry-run plans for
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
