@@ -26,6 +26,7 @@ from harness.providers.azure_settings import AzureSettings, AzureSimSettings, az
 from harness.llm.batch_settings import BatchSettings
 from harness.tracking.settings import TrackingConfig
 from harness.providers.tinker_settings import TinkerSettings
+from harness.scaling_settings import HardwareSettings
 
 
 class ArithmeticConfig(_Strict):
@@ -298,6 +299,7 @@ class RunConfig(_Strict):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # harness/tracking/settings.py
+    hardware: HardwareSettings = Field(default_factory=HardwareSettings)  # GPUs the --dry-run plans for
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

@@ -57,7 +57,8 @@ RESUMABLE_FIELDS = ("budget.", "endpoint.concurrency", "endpoint.timeout_s", "en
                     "finetune.azure.sku", "finetune.azure.capacity", "finetune.azure.api_version",
                     "finetune.azure.management_url", "finetune.azure.management_token_env",
                     "finetune.azure.deploy_poll_s", "finetune.azure.deploy_timeout_s",
-                    "tracking.")  # where the numbers are sent, not what they are
+                    "tracking.",  # where the numbers are sent, not what they are
+                    "hardware.")  # the GPUs --dry-run plans for; read by nothing else
 _HEADER_RE = re.compile(r"^# harness run id: (\S+)")
 
 

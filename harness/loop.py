@@ -37,6 +37,7 @@ from harness.llm.usage import usage_line
 from harness.plan import batch_wait_note, estimate_plan, plan_table
 from harness.providers.factory import make_provider
 from harness.run import Run, run_iteration, run_loop
+from harness.scaling_report import dry_run_section
 from harness.tasks import load_split
 
 log = logging.getLogger("harness")
@@ -53,6 +54,7 @@ def dry_run(cfg: RunConfig, console: Console) -> None:
     console.print(plan_table(stages, simulated=cfg.endpoint.kind == "simulator"))
     if cfg.endpoint.batch:
         console.print(batch_wait_note(cfg, stages))
+    dry_run_section(cfg, console)  # the GPU estimate of local finetuning with vLLM; nothing otherwise
     console.print("nothing was called; run again without --dry-run to start")
 
 
