@@ -113,7 +113,9 @@ shutil.copyfile(spec["training_file"], out / "train.jsonl")
 status = json.loads((job / "status.json").read_text()) if (job / "status.json").exists() else {{}}
 status.update(status="succeeded", pid=os.getpid(), started_at=time.time(), finished_at=time.time(),
               artifact_path=str(out), updated_at=time.time())
-(job / "status.json").write_text(json.dumps(status))
+# Atomically, as local_train does: the loop polls status.json while this writes it.
+(job / "status.json.tmp").write_text(json.dumps(status))
+os.replace(job / "status.json.tmp", job / "status.json")
 '''
 
 
@@ -134,7 +136,7 @@ def test_the_loop_stops_when_the_server_does_not_apply_an_adapter_and_resumes_on
         stopped = cli(*loop_args(server.base_url, tmp_path), "--run-dir", str(run_dir))
         out = stopped.stdout + stopped.stderr
         assert stopped.returncode == 1, out
-        assert "Traceback" not in out
+        assert "Traceback" not in out, out
         assert "generator1" in out and "is not applied by the server at" in out and server.base_url in out
         record = AdapterProbes.model_validate_json((run_dir / "iter-1" / "adapter-probes.json").read_bytes())
         verdicts = {p.adapter: p.verdict for p in record.probes}
