@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.config import RunConfig
-from harness.debate import Debater, DebateSettings, Society, problems_in_flight, run_debates
+from harness.debate import Debater, DebateSettings, Society, finished_records, problems_in_flight, run_debates
 from harness.diversity import DiversityMetrics, compute_diversity, sampling_note
 from harness.diversity.local_scoring import likelihood_scorer
 from harness.endpoints import open_endpoint
@@ -91,10 +91,15 @@ class Run:
             for url in self.urls:
                 await load_adapters(url, adapters, stale_prefix=self.registry.run + "-", api_key=self.client.api_key)
 
-    async def serve_models(self, k: int, split: str, society: Society, rounds: int) -> None:
+    async def serve_models(self, k: int, split: str, society: Society, rounds: int, problems: list[Problem]) -> None:
         """Fully finetuned agents only: the servers of the models this debate needs are up (those
-        of models no longer needed stopped first), and the client routes each model to its own."""
+        of models no longer needed stopped first), and the client routes each model to its own.
+        A resumed run starts none for a debate it finished (and, on the test split, whose
+        diversity.json is written): minutes per server on a GPU, for nothing."""
         if self.pool is None:
+            return
+        done = finished_records(self.iter_dir(k) / f"debate-{split}.jsonl")
+        if all(p.id in done for p in problems) and (split != "test" or (self.iter_dir(k) / "diversity.json").exists()):
             return
         names = [*society.generators, *society.critics, society.summarizer, self.cfg.models.base]
         artifacts = self.provider.artifacts(names) if self.provider is not None else {}
@@ -105,7 +110,7 @@ class Run:
 
     async def debate(self, k: int, split: str, problems: list[Problem], society: Society,
                      rounds: int) -> list[DebateRecord]:
-        await self.serve_models(k, split, society, rounds)
+        await self.serve_models(k, split, society, rounds, problems)
         await self.load_models(k, society)
         settings = DebateSettings(rounds=rounds, mode=self.cfg.debate.mode,
                                   grading_timeout_s=self.cfg.grading.timeout_s, seed=self.cfg.seed)

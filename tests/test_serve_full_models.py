@@ -244,10 +244,15 @@ def test_full_finetune_loop_serves_each_agent_its_own_model_and_survives_a_kill(
     check_own_models(run_dir, agents=2)
     assert all(wait_gone(p) for e in events(run_dir) for p in e.pids)
     assert servers_of(run_dir) == [] and servers_of(tiny_model.parent) == []
-    starts = [e for e in events(run_dir) if e.event == "started"]
-    stops = [e for e in events(run_dir) if e.event == "stopped"]
-    # The killed session's 2 servers were never recorded as stopped; every other start was.
-    assert len(stops) == len(starts) - 2
+    log = [(e.event, e.model) for e in events(run_dir)]
+    tuned = sorted(e.model for e in up)
+    # The resumed session started only iteration 1's servers: iteration 0 was finished, so its
+    # base-model server was not started again. The killed session's 2 servers were never
+    # recorded as stopped (they died with it); the resumed session's were.
+    assert log[:2] == [("started", "base"), ("stopped", "base")]
+    assert sorted(m for _, m in log[2:4]) == tuned and {e for e, _ in log[2:4]} == {"started"}
+    assert sorted(log[4:6]) == [("started", m) for m in tuned]
+    assert sorted(log[6:]) == [("stopped", m) for m in tuned]
 
 
 @pytest.mark.vllm
