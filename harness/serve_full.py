@@ -12,9 +12,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-# Measured here (2 shared CPU cores, vLLM 0.32 CPU build, float32), from the start of the
-# process to /health answering 200: see docs/serving/full-models.md for the runs.
-CPU_START_S = {"tiny test model (0.4 M parameters)": 40.0, "SmolLM2-135M": 60.0}
+# Measured here (2 CPU cores shared with other work, vLLM 0.32's CPU build, float32), from the
+# launch to /health answering 200, in <run>/serve/servers.jsonl of tests/test_serve_full_models.py:
+# the spread is the machine's load. See docs/serving/full-models.md.
+# On a GPU the weights load at the storage's read speed: one report on vLLM's tracker
+# (github.com/vllm-project/vllm/issues/44881) loaded 21.82 GiB in ~18 s, i.e. ~1.3 GB/s, then
+# spent ~43 s in torch.compile and more in warm-up; so a start is ~(GB / 1.3) s + about a minute.
+GPU_READ_GBPS = 1.3
+GPU_WARMUP_S = 60.0
+CPU_STARTS = "the tiny test model 90-154 s alone, 70-196 s each for two at once; SmolLM2-135M SMOL_S"
 
 
 def serves_full_models(cfg) -> bool:
@@ -102,16 +108,21 @@ def serving_plan_note(cfg) -> str | None:
     if not serves_full_models(cfg):
         return None
     need, per = servers_needed(cfg), gpus_per_server(cfg)
+    if cfg.finetune.iterations == 0:
+        return f"serving: finetune.iterations is 0, so only the base model is served (1 server, {per} GPU(s))"
     size = _weights_gb(cfg.serve.model)
     weights = f"{size:.2f} GB of weights each" if size is not None else "weights of the base model's size each"
+    gpu = (f"~{size / GPU_READ_GBPS + GPU_WARMUP_S:.0f} s" if size is not None else
+           f"~(GB of weights / {GPU_READ_GBPS}) s + ~{GPU_WARMUP_S:.0f} s, e.g. ~{14.5 / GPU_READ_GBPS + GPU_WARMUP_S:.0f} s "
+           f"for a 7B model in bfloat16 (14.5 GB)")
     where = ("Ray places each server's GPUs" if cfg.serve.runner == "ray" else
              f"serve.devices lists {len(cfg.serve.devices)}" if cfg.serve.devices is not None else
              "serve.devices is not set: every server sees all of this machine's GPUs (set it on a GPU machine)")
-    cpu = "; ".join(f"{k} ~{v:.0f} s" for k, v in CPU_START_S.items())
     starts = 1 + need * cfg.finetune.iterations
+    later = "iteration 1" if cfg.finetune.iterations == 1 else f"iterations 1..{cfg.finetune.iterations}"
     return (f"serving fully finetuned agents: iteration 0 serves the base model (1 server, {per} GPU(s)); "
-            f"iterations 1..{cfg.finetune.iterations} need up to {need} vLLM servers at once ({need * per} GPUs, "
+            f"{later} need{'s' if cfg.finetune.iterations == 1 else ''} up to {need} vLLM servers at once ({need * per} GPUs, "
             f"{per} per server; {where}), {weights}, started before each iteration's debates and stopped before "
             f"its finetuning: about {starts} server starts in all. A start takes the time to read the weights from "
-            f"disk plus the engine's warm-up (measured on 2 CPU cores here: {cpu}; on a GPU, minutes for a 7-8B "
-            f"model); each start's time is recorded in <run>/serve/servers.jsonl")
+            f"disk plus the engine's warm-up (measured on 2 CPU cores here: {CPU_STARTS}; on a GPU from local disk "
+            f"{gpu}, after one published vLLM load rate); each start's time is recorded in <run>/serve/servers.jsonl")
