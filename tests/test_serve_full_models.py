@@ -144,7 +144,7 @@ def test_the_dry_run_says_how_many_servers_and_gpus(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     text = " ".join(out.stdout.split())
     # 3 generators + 3 critics + the base model (summarizer and likelihood reference) = 7 servers
-    assert "need up to 7 vLLM servers at once (14 GPUs, 2 per server" in text
+    assert "iteration 1 needs up to 7 vLLM servers at once (14 GPUs, 2 per server" in text
     assert "serves the base model (1 server" in text and "servers.jsonl" in text
     assert serving_plan_note(load_config("vllm")) is None  # LoRA adapters: one server, as before
 
