@@ -274,3 +274,13 @@ def test_full_finetune_loop_on_smollm2(vllm_python, tmp_path):
     assert all(wait_gone(p) for e in events(run_dir) for p in e.pids)
     assert servers_of(run_dir) == []
 
+
+
+def test_in_process_scoring_of_full_finetunes_is_turned_off_with_a_reason():
+    """The transformers likelihood backend loads LoRA adapters onto the base; fully finetuned
+    agents would fail there mid-run, so the measures are off with a note naming the fix."""
+    from harness.diversity.local_scoring import likelihood_backend
+
+    backend, why = likelihood_backend(load_config("smollm2", ["finetune.local.full_finetune=true"]))
+    assert backend is None and "analysis.likelihood_backend=vllm" in why
+    assert likelihood_backend(load_config("smollm2"))[0] == "transformers"  # adapters: as before
