@@ -9,7 +9,6 @@ functions take a RunConfig as they find it.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 # Measured here (2 CPU cores shared with other work, vLLM 0.32's CPU build, float32), from the
