@@ -52,6 +52,10 @@ def dry_run(cfg: RunConfig, console: Console) -> None:
     test = load_split(cfg.task, "test")
     stages = estimate_plan(cfg, train, test)
     console.print(plan_table(stages, simulated=cfg.endpoint.kind == "simulator"))
+    from harness.serve_full import serving_plan_note
+
+    if serving_plan_note(cfg):  # fully finetuned agents: the servers and GPUs each iteration needs
+        console.print(serving_plan_note(cfg))
     if cfg.endpoint.batch:
         console.print(batch_wait_note(cfg, stages))
     dry_run_section(cfg, console)  # the GPU estimate of local finetuning with vLLM; nothing otherwise

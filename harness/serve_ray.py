@@ -62,14 +62,15 @@ def stop_recorded(state_dir: Path, address: str | None) -> list[str]:
 
 
 class RayServers:
-    def __init__(self, serve: ServeConfig, *, agents: int, log_path: Path | None, api_key: str | None = None):
+    def __init__(self, serve: ServeConfig, *, agents: int, log_path: Path | None, api_key: str | None = None,
+                 lora: bool = True):
         self.serve = serve
         self.ray = serve.ray
         self.cluster = RayCluster(self.ray.address, field="serve.ray.address", error=ServeError)
         self.state_dir = log_path.parent if log_path is not None else None
         self.log_path = log_path
         configs = [c.model_copy(update={"host": self.ray.bind_host}) for c in replica_configs(serve)]
-        self.servers = [VLLMServer(c, agents=agents) for c in configs]  # their commands; Ray runs them
+        self.servers = [VLLMServer(c, agents=agents, lora=lora) for c in configs]  # their commands; Ray runs them
         self.api_key = api_key
         self.ids: list[str] = []
         self.urls: list[str] = []

@@ -97,9 +97,16 @@ def test_exponent_numbers_are_floats_at_any_depth():
     assert load_config("demo", ["sampling.extra_body.tag='1e-4'"]).sampling.extra_body == {"tag": "1e-4"}
 
 
-def test_a_full_finetune_cannot_be_served_as_an_adapter():
-    with pytest.raises(ConfigError, match="full_finetune.*LoRA adapters"):
-        load_config("vllm", ["finetune.local.full_finetune=true"])
+def test_a_full_finetune_is_served_one_server_per_model_by_the_loop():
+    """Fully finetuned agents are whole models: the loop starts a server per model, so it must
+    manage the servers, and listed GPUs must cover all of them (2 agents x 2 rounds: 2 generators,
+    2 critics, and the base model, which summarizes and which the likelihood measures score)."""
+    assert load_config("vllm", ["finetune.local.full_finetune=true", "debate.agents=2"]).finetune.local.full_finetune
+    with pytest.raises(ConfigError, match="full_finetune.*serve.manage: true"):
+        load_config("vllm", ["finetune.local.full_finetune=true", "serve.manage=false"])
+    with pytest.raises(ConfigError, match=r"need 5 vLLM servers .* = 10 GPUs, but 4 are listed"):
+        load_config("vllm", ["finetune.local.full_finetune=true", "debate.agents=2", "debate.rounds=2",
+                             "serve.tensor_parallel_size=2", "serve.devices=[0,1,2,3]"])
 
 
 def test_real_model_presets_follow_the_paper():

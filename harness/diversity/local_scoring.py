@@ -45,6 +45,10 @@ def likelihood_backend(cfg) -> tuple[str | None, str]:
         return None, (f"analysis.likelihood_backend is vllm but the endpoint is {cfg.endpoint.kind}, which gives no "
                       f"prompt log-probabilities; set analysis.likelihood_backend=transformers (local adapters) "
                       f"or auto")
+    if want == "transformers" and cfg.finetune.provider == "local" and cfg.finetune.local.full_finetune:
+        return None, ("analysis.likelihood_backend is transformers, which scores LoRA adapters in-process, but the "
+                      "agents are fully finetuned models (finetune.local.full_finetune); their vLLM servers score "
+                      "them: set analysis.likelihood_backend=vllm (or auto)")
     if want == "transformers" and cfg.finetune.provider != "local":
         return None, ("analysis.likelihood_backend is transformers, which scores the base weights and the local "
                       "provider's adapters, but finetune.provider is not local")

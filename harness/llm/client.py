@@ -94,6 +94,7 @@ class LLMClient:
                                             timeout=endpoint.timeout_s, http_client=self._http)
                          for url in self.base_urls]
         self._client = self._clients[0]
+        self._routes: dict[str, int] = {}  # model -> its server, for models with a server of their own
         self._inflight: dict[str, asyncio.Future] = {}
         self._callers: set[asyncio.Task] = set()  # tasks inside a network call (see aclose)
         self._completed: set[int] = set()  # servers that gave a usable answer in this session
@@ -103,6 +104,20 @@ class LLMClient:
                         sorted(sampling.extra_body), endpoint.kind)
 
     # ------------------------------------------------------------------ public API
+
+    def route(self, model: str, base_url: str) -> None:
+        """Send every call for `model` to the server at `base_url` (a server that serves that
+        model alone, e.g. a fully finetuned agent's; harness.serve_pool). A server not yet known
+        (a Ray job's node) gets its own pacer and connection. Models without a route keep the
+        agent-spread rule."""
+        if base_url not in self.base_urls:
+            e = self.endpoint
+            self._pacers[base_url] = Pacer(base_url, max_in_flight=e.concurrency, rpm_limit=e.rpm_limit,
+                                           tpm_limit=e.tpm_limit)
+            self._clients.append(openai.AsyncOpenAI(base_url=base_url, api_key=self.api_key, max_retries=0,
+                                                    timeout=e.timeout_s, http_client=self._http))
+            self.base_urls.append(base_url)
+        self._routes[model] = self.base_urls.index(base_url)
 
     def request_params(self, sample: SampleId) -> dict[str, Any]:
         """The logical sampling parameters of this sample's call: its cache key is built from
@@ -130,7 +145,7 @@ class LLMClient:
     async def chat(self, model: str, messages: list[Message], sample: SampleId, *,
                    purpose: str = "debate") -> ChatResult:
         key, body, prompt_chars = self.chat_request(model, messages, sample)
-        server = sample.agent % len(self.base_urls)
+        server = self._routes.get(model, sample.agent % len(self.base_urls))
 
         async def call() -> tuple[dict, int, float, str]:
             return await self._network(key, model, purpose, server, prompt_chars, len(messages),
@@ -209,7 +224,7 @@ class LLMClient:
         prompt_chars = sum(len(m["content"]) for m in msgs)
 
         async def call() -> tuple[dict, int, float, str]:
-            return await self._network(key, model, purpose, 0, prompt_chars, len(msgs), 1,
+            return await self._network(key, model, purpose, self._routes.get(model, 0), prompt_chars, len(msgs), 1,
                                        lambda client: responses.prompt_logprobs_once(client, model, msgs,
                                                                                      add_generation_prompt, self.prices))
 
