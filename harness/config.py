@@ -321,9 +321,8 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _check_local(self) -> "RunConfig":
         local = self.finetune.local
-        if self.finetune.provider == "local" and local.full_finetune and self.endpoint.kind == "vllm":
-            raise ValueError("finetune.local.full_finetune: a vLLM server loads LoRA adapters at run time, not whole "
-                             "models; train adapters (full_finetune: false) or serve each agent's model yourself")
+        if self.finetune.provider == "local" and local.accumulation_error(self.finetune.hyperparameters.batch_size):
+            raise ValueError(local.accumulation_error(self.finetune.hyperparameters.batch_size))
         if self.finetune.provider == "local" and not local.full_finetune and local.r > self.serve.max_lora_rank:
             raise ValueError(f"finetune.local.r: rank {local.r} exceeds serve.max_lora_rank "
                              f"{self.serve.max_lora_rank}; vLLM would refuse the adapters")
