@@ -136,11 +136,12 @@ def run_ranks(job_dir: Path, processes: int, python: str | None = None) -> tuple
 
 
 def cpu_fsdp_trainer(trainer_class: type) -> type:
-    """`trainer_class` with FSDP on CPU processes (gloo). accelerate turns its FSDP plugin on for
-    accelerators only and falls back to DDP on a CPU; torch's fully_shard itself runs on CPU
-    tensors over gloo. Setting the accelerator's state to FSDP after it is made lets a CPU
-    run the same sharded path (wrapping, gathers, the saved full state dict) a GPU job runs,
-    which is how this machine tests it."""
+    """`trainer_class` with FSDP on CPU processes (gloo), for tests on machines without GPUs.
+    accelerate turns its FSDP plugin on for accelerators only and falls back to DDP on a CPU,
+    while torch's fully_shard itself runs on CPU tensors over gloo: setting the accelerator's
+    state to FSDP once it is made runs the same sharded path a GPU job runs. Saving needs one
+    change there: the gathered full weights are copied out of the gather's buffers (on a GPU the
+    copy to CPU does that), or safetensors finds their storage freed."""
 
     class CpuFsdpTrainer(trainer_class):
         def create_accelerator_and_postprocess(self) -> None:
@@ -155,13 +156,17 @@ def cpu_fsdp_trainer(trainer_class: type) -> type:
                 state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
                 self.is_fsdp_enabled = True
 
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            state = full_state_dict(self.model)
+            if self.args.should_save:
+                self._save(output_dir or self.args.output_dir, state_dict=state)
+
     return CpuFsdpTrainer
 
 
 def full_state_dict(model) -> dict:
     """The whole weights of an FSDP2-sharded model on rank 0 (CPU memory; empty elsewhere);
-    every rank must call it. Copied out of the gather's buffers: safetensors refuses to save
-    tensors that still point into them (seen on CPU processes)."""
+    every rank must call it. Copied out of the gather's buffers (see cpu_fsdp_trainer)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -240,7 +240,7 @@ def _distributed_args(spec: JobSpec, device: str) -> dict:
     if spec.sharding == "fsdp":
         return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True,
                                               "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                              "state_dict_type": "FULL_STATE_DICT"}}
+                                              "state_dict_type": "SHARDED_STATE_DICT"}}
     # LoRA leaves most parameters frozen; DDP must not wait for gradients they never get.
     return {"ddp_find_unused_parameters": False, "ddp_backend": "gloo" if device == "cpu" else "nccl"}
 
@@ -251,7 +251,7 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from harness.serve import validate_adapter
@@ -293,6 +293,10 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
     )
     # A sharded full finetune keeps float32 weights (bf16 is the compute dtype, FSDP's mixed
     # precision): Adam's steps at lr 1e-5 are below bfloat16's resolution of most weights.
+    # Seeded before the adapter is made: its initial weights come from torch's global generator,
+    # which Trainer seeds only later, so without this no two runs (or process counts) started
+    # from the same adapter.
+    set_seed(spec.seed)
     model = AutoModelForCausalLM.from_pretrained(
         spec.base_model_path, dtype=torch.bfloat16 if bf16 and not sharded else torch.float32)
     if spec.full_finetune:
