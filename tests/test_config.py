@@ -97,9 +97,9 @@ def test_exponent_numbers_are_floats_at_any_depth():
     assert load_config("demo", ["sampling.extra_body.tag='1e-4'"]).sampling.extra_body == {"tag": "1e-4"}
 
 
-def test_a_full_finetune_cannot_be_served_as_an_adapter():
-    with pytest.raises(ConfigError, match="full_finetune.*LoRA adapters"):
-        load_config("vllm", ["finetune.local.full_finetune=true"])
+def test_a_full_finetune_loads_with_a_vllm_endpoint():
+    """The authors fully finetuned their open models; each agent is then served as a whole model."""
+    assert load_config("vllm", ["finetune.local.full_finetune=true"]).finetune.local.full_finetune
 
 
 def test_real_model_presets_follow_the_paper():
