@@ -94,7 +94,7 @@ class LocalFinetuneConfig(_Strict):
     # folder resumes from the newest complete one. None turns either trigger off. Ten minutes:
     # short jobs (LoRA on a small model) never pay for a save, long ones lose at most that.
     checkpoint_steps: int | None = Field(None, ge=1)
-    checkpoint_minutes: float | None = Field(10.0, gt=0)
+    checkpoint_minutes: float | None = Field(10.0, gt=0)  # see checkpoint_steps
 
     @model_validator(mode="after")
     def _check_devices(self) -> "LocalFinetuneConfig":
