@@ -109,8 +109,8 @@ class LocalFinetuneConfig(_Strict):
     def _check_processes(self) -> "LocalFinetuneConfig":
         n = self.processes_per_job
         if self.devices is not None and len(self.devices) < n:
-            raise ValueError(f"devices: {len(self.devices)} GPU(s) listed ({self.devices}) but processes_per_job is {n}, "
-                             f"one GPU per process; list at least {n} or lower processes_per_job")
+            raise ValueError(f"devices: {len(self.devices)} GPU(s) listed ({self.devices}) but processes_per_job "
+                             f"is {n}, one GPU per process; list at least {n} or lower processes_per_job")
         if self.sharding == "fsdp" and not self.full_finetune:
             raise ValueError("sharding: fsdp shards a full finetune; a LoRA job (full_finetune: false) runs with "
                              "ddp (or auto)")

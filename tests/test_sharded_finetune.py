@@ -17,9 +17,11 @@ import pytest
 
 pytest.importorskip("trl", reason="the `local` extra (torch, transformers, peft, trl) is not installed")
 
-from harness.config import LocalFinetuneConfig, load_config  # noqa: E402
+from harness.config import Hyperparameters, LocalFinetuneConfig, load_config  # noqa: E402
 from harness.errors import ConfigError  # noqa: E402
 from harness.providers import local_dist  # noqa: E402
+from harness.providers.base import FinetuneRequest, JobStatus  # noqa: E402
+from harness.providers.local import LocalProvider  # noqa: E402
 from harness.providers.local_train import JobSpec  # noqa: E402
 from harness.providers.runners import Launch  # noqa: E402
 from harness.providers.runners.subprocesses import SubprocessRunner  # noqa: E402
@@ -204,3 +206,27 @@ def test_a_killed_job_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     assert steps == list(range(1, 9)) and status["step"] == 8  # no step repeated, none missing
     assert_same_curve(losses(cut), losses(whole))
     assert not (cut / "checkpoints").exists()  # deleted after success, as before
+
+
+@pytest.mark.slow
+async def test_the_provider_runs_a_job_of_two_processes_and_reports_a_rank_s_error(tmp_path, tiny_model):
+    """Through the provider and the subprocess runner, as the loop runs it: the settings reach
+    the job, it succeeds; a job whose ranks fail is failed with the rank's own error."""
+    cfg = LocalFinetuneConfig(processes_per_job=2, effective_batch_size=4, lr_scheduler="cosine", warmup_ratio=0.1,
+                              threads=1, device="cpu", max_parallel_jobs=2)
+    p = LocalProvider(tmp_path / "run", cfg, base_model_path=str(tiny_model), max_lora_rank=8, base_names={"base"})
+    data = write_chat_jsonl(tmp_path / "data.jsonl", n=8)
+    hp = Hyperparameters(n_epochs=1, batch_size=1)
+    meta = {"run": "t", "iteration": "1", "role": "critic"}
+    good = await p.submit(FinetuneRequest(training_file=data, base_model="base", metadata={**meta, "agent": "0"},
+                                          hyperparameters=hp))
+    bad = await p.submit(FinetuneRequest(training_file=tmp_path / "missing.jsonl", base_model="base",
+                                         metadata={**meta, "agent": "1"}, hyperparameters=hp))
+    spec = json.loads((tmp_path / "run" / "local-jobs" / good.job_id / "spec.json").read_text())
+    assert (spec["processes"], spec["gradient_accumulation_steps"], spec["sharding"]) == (2, 2, "ddp")
+    assert (spec["lr_scheduler"], spec["warmup_ratio"]) == ("cosine", 0.1)
+    good = await p.wait(good.job_id, poll_interval_s=0.5, max_interval_s=2.0)
+    assert good.status == JobStatus.SUCCEEDED, good.error
+    assert [s for s, _ in losses(Path(good.artifact_path).parent)] == [1, 2]  # 8 examples / (1 x 2 x 2)
+    bad = await p.wait(bad.job_id, poll_interval_s=0.5, max_interval_s=2.0)
+    assert bad.status == JobStatus.FAILED and "missing.jsonl does not exist" in bad.error

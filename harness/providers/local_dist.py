@@ -34,6 +34,10 @@ CHECKPOINTS = "checkpoints"
 MAIN_MODULE = "harness.providers.local_train"
 
 
+class RankFailed(Exception):
+    """A rank of the job failed; its message is the rank's own error (type: message)."""
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -133,6 +137,46 @@ def run_ranks(job_dir: Path, processes: int, python: str | None = None) -> tuple
     error_file = job_dir / f"error-rank{failed}.txt"
     error = error_file.read_text(encoding="utf-8").strip() if error_file.exists() else None
     return procs[failed].returncode or 1, error or f"rank {failed} exited with code {procs[failed].returncode}"
+
+
+def trainer_args(processes: int, sharding: str, device: str) -> dict:
+    """Trainer arguments of a job over several processes: FSDP2 (fully_shard, each decoder layer
+    a unit; checkpoints sharded, each rank writing its part) or DDP."""
+    if processes == 1:
+        return {}
+    if sharding == "fsdp":
+        return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                                              "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                              "state_dict_type": "SHARDED_STATE_DICT"}}
+    # LoRA leaves most parameters frozen; DDP must not wait for gradients they never get.
+    return {"ddp_find_unused_parameters": False, "ddp_backend": "gloo" if device == "cpu" else "nccl"}
+
+
+def checkpoint_callback(steps: int | None, minutes: float | None, device: str):
+    """A Trainer callback asking for a checkpoint every `steps` optimizer steps and whenever
+    `minutes` passed since the last save (never at the last step: its save is the result)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Checkpoints(TrainerCallback):
+        last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kw):
+            due = bool(steps and state.global_step % steps == 0)
+            if minutes is not None:
+                due = due or time.monotonic() - self.last >= minutes * 60
+                if world_size() > 1:  # a save is collective: every rank must agree, rank 0's clock decides
+                    flag = [due]
+                    on = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else None
+                    torch.distributed.broadcast_object_list(flag, src=0, device=on)
+                    due = flag[0]
+            if due and state.global_step < state.max_steps:
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kw):
+            self.last = time.monotonic()
+
+    return Checkpoints()
 
 
 def cpu_fsdp_trainer(trainer_class: type) -> type:

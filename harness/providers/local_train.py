@@ -232,19 +232,6 @@ def _device(requested: str) -> str:
     return requested
 
 
-def _distributed_args(spec: JobSpec, device: str) -> dict:
-    """Trainer arguments of a job over several processes: FSDP2 (fully_shard, each decoder layer
-    a unit, the full weights gathered to rank 0 for the saved model) or DDP."""
-    if spec.processes == 1:
-        return {}
-    if spec.sharding == "fsdp":
-        return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True,
-                                              "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                              "state_dict_type": "SHARDED_STATE_DICT"}}
-    # LoRA leaves most parameters frozen; DDP must not wait for gradients they never get.
-    return {"ddp_find_unused_parameters": False, "ddp_backend": "gloo" if device == "cpu" else "nccl"}
-
-
 def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
     """Train on this process: the whole job, or one rank of it (RANK/WORLD_SIZE set by
     local_dist.run_ranks); only rank 0 writes status, progress and the result's final folder."""
@@ -289,7 +276,8 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
         save_strategy="no", save_total_limit=2,
         report_to=[], seed=spec.seed, use_cpu=device == "cpu", bf16=bf16,
         max_length=spec.max_length, dataloader_num_workers=0, disable_tqdm=True,
-        gradient_checkpointing=checkpointing, **_distributed_args(spec, device),
+        gradient_checkpointing=checkpointing,
+        **local_dist.trainer_args(spec.processes, spec.sharding, device),
     )
     # A sharded full finetune keeps float32 weights (bf16 is the compute dtype, FSDP's mixed
     # precision): Adam's steps at lr 1e-5 are below bfloat16's resolution of most weights.
@@ -322,29 +310,12 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
             if main_rank:
                 write_status(job_dir, status)
 
-    class Checkpoints(TrainerCallback):
-        last = time.monotonic()
-
-        def on_step_end(self, args, state, control, **kw):
-            due = bool(spec.checkpoint_steps and state.global_step % spec.checkpoint_steps == 0)
-            if spec.checkpoint_minutes is not None:
-                due = due or time.monotonic() - self.last >= spec.checkpoint_minutes * 60
-                if world > 1:  # a save is collective: every rank must agree, rank 0's clock decides
-                    flag = [due]
-                    torch.distributed.broadcast_object_list(
-                        flag, src=0, device=torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else None)
-                    due = flag[0]
-            if due and state.global_step < state.max_steps:  # the last step's save is the result
-                control.should_save = True
-
-        def on_save(self, args, state, control, **kw):
-            self.last = time.monotonic()
-
     # A pre-tokenized dataset with a `labels` column: TRL uses the labels as given and its
     # default collator pads them with -100, so the per-turn masks survive batching.
     trainer_class = local_dist.cpu_fsdp_trainer(SFTTrainer) if sharded and device == "cpu" else SFTTrainer
+    checkpoints = local_dist.checkpoint_callback(spec.checkpoint_steps, spec.checkpoint_minutes, device)
     trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                            processing_class=tokenizer, callbacks=[Progress(), Checkpoints()])
+                            processing_class=tokenizer, callbacks=[Progress(), checkpoints])
     resume = local_dist.latest_checkpoint(job_dir, world)
     if resume is not None:
         print(f"resuming from {resume.name}", flush=True)
@@ -436,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             code, error = local_dist.run_ranks(job_dir, spec.processes)
             status = read_status(job_dir)  # rank 0's progress and result
             if code:
-                raise RuntimeError(error)
+                raise local_dist.RankFailed(error)
             if not status.artifact_path:
                 raise RuntimeError("the ranks ended without a result")
         else:
@@ -445,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         sys.stdout.flush()
         status.status, status.finished_at = "failed", time.time()
-        status.error = f"{type(e).__name__}: {e}"
+        status.error = str(e) if isinstance(e, local_dist.RankFailed) else f"{type(e).__name__}: {e}"
         write_status(job_dir, status)
         return 1
     status.status, status.finished_at = "succeeded", time.time()
