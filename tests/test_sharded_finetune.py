@@ -180,15 +180,19 @@ def test_smollm2_two_processes_match_one(tmp_path, full):
 
 
 @pytest.mark.slow
-def test_a_killed_job_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one(tmp_path, tiny_model):
-    data = write_chat_jsonl(tmp_path / "data.jsonl", n=8)
-    spec = {"full_finetune": True, "batch_size": 1, "processes": 2, "sharding": "fsdp", "lr_scheduler": "cosine"}
+@pytest.mark.parametrize("processes", [2, 1], ids=["fsdp-2-processes", "lora-1-process"])
+def test_a_killed_job_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one(tmp_path, tiny_model, processes):
+    """2 processes: a sharded full finetune; 1: today's LoRA job (dropout on: its random state is
+    restored too)."""
+    data = write_chat_jsonl(tmp_path / "data.jsonl", n=8 if processes == 2 else 4)
+    spec = ({"full_finetune": True, "batch_size": 1, "processes": 2, "sharding": "fsdp", "lr_scheduler": "cosine"}
+            if processes == 2 else {"batch_size": 1})
     whole = make_job(tmp_path / "whole", tiny_model, data, **spec)
     cut = make_job(tmp_path / "cut", tiny_model, data, checkpoint_steps=1, **spec)
     run(whole)
 
     proc = start(cut)
-    while not local_dist.complete_checkpoints(cut, 2) and proc.poll() is None:
+    while not local_dist.complete_checkpoints(cut, processes) and proc.poll() is None:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the runner's stop, without the grace period
     proc.wait()

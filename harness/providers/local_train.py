@@ -372,8 +372,9 @@ def _prepare_resume(spec: JobSpec, job_dir: Path, status: JobFile) -> None:
     if resume is not None:
         status.step = local_dist.checkpoint_step(resume)
         local_dist.trim_progress(job_dir, status.step)
-    else:  # started over: what an earlier attempt logged would repeat its steps
+    else:  # started over: what an earlier attempt logged or saved (half a save, another process count) goes
         (job_dir / "progress.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(job_dir / local_dist.CHECKPOINTS, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
