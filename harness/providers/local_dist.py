@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness.fileio import write_jsonl_atomic
+from harness.fileio import write_atomic, write_jsonl_atomic
 
 CHECKPOINTS = "checkpoints"
 MAIN_MODULE = "harness.providers.local_train"
@@ -215,3 +215,28 @@ def full_state_dict(model) -> dict:
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().clone() for k, v in state.items()}
+
+
+def save_in_published_dtype(model, state: dict, base_model_path: str, out: Path) -> None:
+    """Save gathered full weights in the dtype the base model was published in (bfloat16 for
+    most 7B models): the float32 master weights served half the disk's and GPU's worth twice."""
+    import torch
+    from transformers import AutoConfig
+
+    published = getattr(AutoConfig.from_pretrained(base_model_path), "dtype", None)
+    if isinstance(published, str):
+        published = getattr(torch, published, None)
+    half = published in (torch.bfloat16, torch.float16)
+    if getattr(model.config, "tie_word_embeddings", False):
+        # The gather copied the tied output layer apart from the embeddings it shares; saved
+        # once, as the base model was, and tied again on load.
+        for key in getattr(model, "_tied_weights_keys", None) or ():
+            state.pop(key, None)
+    if half:
+        state = {k: v.to(published) if v.is_floating_point() else v for k, v in state.items()}
+    model.save_pretrained(str(out), state_dict=state)
+    if half:  # the config names the dtype of the model object, still float32
+        path = Path(out) / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["dtype"] = str(published).removeprefix("torch.")
+        write_atomic(path, json.dumps(config, indent=2) + "\n")

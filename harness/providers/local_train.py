@@ -279,12 +279,12 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
         gradient_checkpointing=checkpointing,
         **local_dist.trainer_args(spec.processes, spec.sharding, device),
     )
-    # A sharded full finetune keeps float32 weights (bf16 is the compute dtype, FSDP's mixed
-    # precision): Adam's steps at lr 1e-5 are below bfloat16's resolution of most weights.
     # Seeded before the adapter is made: its initial weights come from torch's global generator,
     # which Trainer seeds only later, so without this no two runs (or process counts) started
     # from the same adapter.
     set_seed(spec.seed)
+    # A sharded full finetune keeps float32 weights (bf16 is the compute dtype, FSDP's mixed
+    # precision): Adam's steps at lr 1e-5 are below bfloat16's resolution of most weights.
     model = AutoModelForCausalLM.from_pretrained(
         spec.base_model_path, dtype=torch.bfloat16 if bf16 and not sharded else torch.float32)
     if spec.full_finetune:
@@ -329,7 +329,7 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
     if sharded:
         state = local_dist.full_state_dict(trainer.model)  # collective: every rank sends its shards
         if main_rank:
-            trainer.model.save_pretrained(str(tmp), state_dict=state)
+            local_dist.save_in_published_dtype(trainer.model, state, spec.base_model_path, tmp)
             tokenizer.save_pretrained(str(tmp))
     elif main_rank:
         trainer.model.save_pretrained(str(tmp))
