@@ -331,6 +331,8 @@ class RunConfig(_Strict):
         problem = full_serving_error(self)
         if problem:
             raise ValueError(problem)
+        if self.finetune.provider == "local" and local.accumulation_error(self.finetune.hyperparameters.batch_size):
+            raise ValueError(local.accumulation_error(self.finetune.hyperparameters.batch_size))
         if self.finetune.provider == "local" and not local.full_finetune and local.r > self.serve.max_lora_rank:
             raise ValueError(f"finetune.local.r: rank {local.r} exceeds serve.max_lora_rank "
                              f"{self.serve.max_lora_rank}; vLLM would refuse the adapters")

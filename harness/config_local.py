@@ -35,8 +35,8 @@ class RayJobsConfig(_Strict):
 
 class LocalFinetuneConfig(_Strict):
     """The `local` provider: TRL SFT with a PEFT LoRA adapter (or a full finetune), one
-    process per job, started by a runner (a subprocess here, or a Ray job). Epochs and batch
-    size come from `finetune.hyperparameters`."""
+    process per job (or processes_per_job, sharded), started by a runner (a subprocess here, or
+    a Ray job). Epochs and per-process batch size come from `finetune.hyperparameters`."""
 
     base_model_path: str | None = None  # weights to train (path or hub id); None: serve.model
     r: int = Field(8, ge=1)  # LoRA rank; must not exceed serve.max_lora_rank
@@ -71,6 +71,31 @@ class LocalFinetuneConfig(_Strict):
     devices: list[int | str] | None = None
     share_devices: bool = False  # let more jobs than devices run, several on one GPU
     ray: RayJobsConfig = Field(default_factory=RayJobsConfig)
+    # Processes one job trains with, one per GPU (torch.distributed: NCCL on GPUs, gloo on a
+    # CPU): the subprocess runner gives each job this many of `devices`, the ray runner asks for
+    # at least this many GPUs. 1: one plain process, as before (no launcher, no process group).
+    # docs/finetuning/sharded.md
+    processes_per_job: int = Field(1, ge=1)
+    # How several processes split the work: "fsdp" shards weights, gradients and optimizer
+    # state (FSDP2), what a full finetune of a 7B model needs; "ddp" keeps a whole model per
+    # process. "auto": fsdp for a full finetune, ddp for LoRA (the frozen base fits a GPU and
+    # only the small adapter's gradients travel).
+    sharding: Literal["auto", "fsdp", "ddp"] = "auto"
+    # Examples per optimizer step over all processes; the per-process batch is
+    # finetune.hyperparameters.batch_size, and gradient accumulation makes up the rest:
+    # effective = batch_size x processes_per_job x accumulation. None: no accumulation.
+    effective_batch_size: int | None = Field(None, ge=1)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"  # decay after the warmup
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)  # share of the steps with a rising learning rate
+    # bfloat16 compute (the weights of a full finetune stay float32). None: where the GPU has it.
+    bf16: bool | None = None
+    seed: int | None = None  # the trainer's seed (data order, dropout); None: the run's `seed`
+    # A job saves a checkpoint under <job dir>/checkpoints every checkpoint_steps optimizer steps
+    # and whenever checkpoint_minutes passed since the last one; a job started again in its
+    # folder resumes from the newest complete one. None turns either trigger off. Ten minutes:
+    # short jobs (LoRA on a small model) never pay for a save, long ones lose at most that.
+    checkpoint_steps: int | None = Field(None, ge=1)
+    checkpoint_minutes: float | None = Field(10.0, gt=0)  # see checkpoint_steps
 
     @model_validator(mode="after")
     def _check_devices(self) -> "LocalFinetuneConfig":
@@ -80,6 +105,37 @@ class LocalFinetuneConfig(_Strict):
             raise ValueError(f"devices: {self.devices} lists a GPU twice; list each once (share_devices: true "
                              f"lets jobs share them)")
         return self
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> "LocalFinetuneConfig":
+        n = self.processes_per_job
+        if self.devices is not None and len(self.devices) < n:
+            raise ValueError(f"devices: {len(self.devices)} GPU(s) listed ({self.devices}) but processes_per_job "
+                             f"is {n}, one GPU per process; list at least {n} or lower processes_per_job")
+        if self.sharding == "fsdp" and not self.full_finetune:
+            raise ValueError("sharding: fsdp shards a full finetune; a LoRA job (full_finetune: false) runs with "
+                             "ddp (or auto)")
+        return self
+
+    def accumulation_error(self, batch_size: int) -> str | None:
+        """Why effective_batch_size cannot be reached from this per-process batch, or None."""
+        per_step = batch_size * self.processes_per_job
+        if self.effective_batch_size is not None and self.effective_batch_size % per_step:
+            return (f"finetune.local.effective_batch_size: {self.effective_batch_size} is not a multiple of "
+                    f"finetune.hyperparameters.batch_size ({batch_size}) x finetune.local.processes_per_job "
+                    f"({self.processes_per_job}) = {per_step}; pick an effective batch that is, or change those two")
+        return None
+
+    def accumulation_steps(self, batch_size: int) -> int:
+        """Gradient accumulation steps that reach effective_batch_size (1 without one)."""
+        if self.effective_batch_size is None:
+            return 1
+        return max(1, self.effective_batch_size // (batch_size * self.processes_per_job))
+
+    def ray_gpus(self) -> float:
+        """GPUs the ray runner asks for per job: one per process (0 stays 0: a CPU cluster)."""
+        gpus = self.ray.num_gpus_per_job
+        return max(gpus, self.processes_per_job) if gpus > 0 and self.processes_per_job > 1 else gpus
 
 
 class RayServeConfig(_Strict):

@@ -40,10 +40,11 @@ ROLES = ("generator", "critic")
 
 def mean_agent_job_steps(stats: FtDataStats, roles: tuple[str, ...], ft: FinetuneConfig) -> int | None:
     """The mean optimizer steps of the per-agent jobs this data would give (each: epochs x
-    ceil(examples / batch), the trainer's count without gradient accumulation), over the files with
-    enough examples to train; None when no agent's file would train."""
+    ceil(examples / batch), batch counting every process and accumulation step of a local job),
+    over the files with enough examples to train; None when no agent's file would train."""
     hp = ft.hyperparameters
-    steps = [hp.n_epochs * math.ceil(f.examples / hp.batch_size) for f in stats.files
+    batch = hp.batch_size * ft.local.processes_per_job * ft.local.accumulation_steps(hp.batch_size)
+    steps = [hp.n_epochs * math.ceil(f.examples / batch) for f in stats.files
              if f.role in roles and f.examples >= ft.min_examples]
     return max(1, round(sum(steps) / len(steps))) if steps else None
 

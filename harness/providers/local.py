@@ -141,6 +141,8 @@ class LocalProvider(FinetuneProvider):
             shutil.copyfile(training_file, job_dir / "training.jsonl")
             training_file = job_dir / "training.jsonl"
         hp = request.hyperparameters
+        seed = self.cfg.seed if self.cfg.seed is not None else request.seed if request.seed is not None else self.seed
+        sharding = ("fsdp" if self.cfg.full_finetune else "ddp") if self.cfg.sharding == "auto" else self.cfg.sharding
         spec = JobSpec(
             job_id=job_id, adapter_name=name, metadata=request.metadata,
             training_file=str(training_file), base_model_path=base_path,
@@ -149,8 +151,12 @@ class LocalProvider(FinetuneProvider):
                           target_modules=self.cfg.target_modules),
             learning_rate=self.cfg.learning_rate * hp.learning_rate_multiplier, epochs=hp.n_epochs,
             batch_size=hp.batch_size, max_steps=request.max_steps, max_length=self.cfg.max_length,
-            seed=request.seed if request.seed is not None else self.seed, device=self.cfg.device,
-            threads=self.cfg.threads, max_lora_rank=self.max_lora_rank)
+            seed=seed, device=self.cfg.device, threads=self.cfg.threads, max_lora_rank=self.max_lora_rank,
+            processes=self.cfg.processes_per_job,
+            sharding=sharding,
+            gradient_accumulation_steps=self.cfg.accumulation_steps(hp.batch_size),
+            lr_scheduler=self.cfg.lr_scheduler, warmup_ratio=self.cfg.warmup_ratio, bf16=self.cfg.bf16,
+            checkpoint_steps=self.cfg.checkpoint_steps, checkpoint_minutes=self.cfg.checkpoint_minutes)
         write_status(job_dir, JobFile(status="queued"))
         # spec.json last: a directory without it is an interrupted submit and is ignored.
         write_model(job_dir / "spec.json", spec)

@@ -7,6 +7,9 @@ weights), and writes DIR/status.json (atomically, on every change), DIR/progress
 per logged step: step, loss, epoch) and the result to DIR/adapter (or DIR/model for a full
 finetune). Its stdout and stderr are DIR/train.log. The module's top level imports no training
 library, so the provider can import the job models without the `local` extra.
+
+A job of several processes (spec.processes) and its checkpoints: harness/providers/local_dist.py.
+Started again in the same DIR, a job resumes from its newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from harness.fileio import JsonlAppender, write_model
+from harness.fileio import JsonlAppender, write_atomic, write_model
+from harness.providers import local_dist
 
 IGNORE = -100  # label of tokens that carry no loss (PyTorch's cross-entropy ignore_index)
 
@@ -59,6 +63,16 @@ class JobSpec(BaseModel):
     gradient_checkpointing: bool | None = None
     threads: int | None = None  # CPU threads for torch (torch.set_num_threads); None: torch's default
     max_lora_rank: int | None = None  # the server's limit; the adapter is checked against it
+    # finetune.local's processes_per_job, sharding (resolved: fsdp or ddp), schedule and
+    # checkpoints; the defaults are a job as before them (one process, linear, no warmup).
+    processes: int = 1
+    sharding: str = "ddp"
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    bf16: bool | None = None  # None: where the GPU has it
+    checkpoint_steps: int | None = None
+    checkpoint_minutes: float | None = None
     created_at: float = Field(default_factory=time.time)
 
 
@@ -219,18 +233,21 @@ def _device(requested: str) -> str:
 
 
 def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
+    """Train on this process: the whole job, or one rank of it (RANK/WORLD_SIZE set by
+    local_dist.run_ranks); only rank 0 writes status, progress and the result's final folder."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from harness.serve import validate_adapter
 
+    main_rank, world = local_dist.rank() == 0, local_dist.world_size()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     device = _device(spec.device)
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = spec.bf16 if spec.bf16 is not None else device == "cuda" and torch.cuda.is_bf16_supported()
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
     if tokenizer.pad_token is None:
         # Reuse EOS rather than adding a pad token: a new token would resize the embeddings and
@@ -238,15 +255,38 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
         tokenizer.pad_token = tokenizer.eos_token
     vocab_before = len(tokenizer)
     examples, status.dropped_examples = read_examples(Path(spec.training_file), tokenizer, spec.max_length)
-    write_status(job_dir, status)  # the provider shows the dropped count while the job trains
+    if main_rank:
+        write_status(job_dir, status)  # the provider shows the dropped count while the job trains
     labelled = sum(sum(1 for t in ex["labels"] if t != IGNORE) for ex in examples)
     checkpointing = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else device != "cpu"
+    sharded = spec.processes > 1 and spec.sharding == "fsdp"
     print(f"{len(examples)} examples ({status.dropped_examples} dropped), {labelled} labelled tokens, "
           f"device {device}, gradient checkpointing {'on' if checkpointing else 'off'}, "
-          f"{torch.get_num_threads()} CPU threads", flush=True)
+          f"{torch.get_num_threads()} CPU threads"
+          + (f", rank {local_dist.rank()} of {world} ({spec.sharding})" if world > 1 else ""), flush=True)
 
+    args = SFTConfig(
+        output_dir=str(job_dir / local_dist.CHECKPOINTS), num_train_epochs=spec.epochs,
+        max_steps=spec.max_steps or -1, per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps, learning_rate=spec.learning_rate,
+        lr_scheduler_type="constant_with_warmup" if spec.lr_scheduler == "constant" else spec.lr_scheduler,
+        warmup_steps=spec.warmup_ratio, logging_steps=1,  # below 1: a share of the steps (ceil)
+        # Saves come from the Checkpoints callback below (steps or minutes); two are kept, so a
+        # kill in the middle of writing one leaves the one before it.
+        save_strategy="no", save_total_limit=2,
+        report_to=[], seed=spec.seed, use_cpu=device == "cpu", bf16=bf16,
+        max_length=spec.max_length, dataloader_num_workers=0, disable_tqdm=True,
+        gradient_checkpointing=checkpointing,
+        **local_dist.trainer_args(spec.processes, spec.sharding, device),
+    )
+    # Seeded before the adapter is made: its initial weights come from torch's global generator,
+    # which Trainer seeds only later, so without this no two runs (or process counts) started
+    # from the same adapter.
+    set_seed(spec.seed)
+    # A sharded full finetune keeps float32 weights (bf16 is the compute dtype, FSDP's mixed
+    # precision): Adam's steps at lr 1e-5 are below bfloat16's resolution of most weights.
     model = AutoModelForCausalLM.from_pretrained(
-        spec.base_model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+        spec.base_model_path, dtype=torch.bfloat16 if bf16 and not sharded else torch.float32)
     if spec.full_finetune:
         pass
     elif spec.init_adapter:
@@ -256,75 +296,128 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
             r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
             target_modules=spec.lora.target_modules, task_type="CAUSAL_LM"))
 
-    progress = JsonlAppender(job_dir / "progress.jsonl")
+    progress = JsonlAppender(job_dir / "progress.jsonl") if main_rank else None
 
     class Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
+            if progress is not None and logs and "loss" in logs:
                 progress.append({"step": state.global_step, "loss": logs["loss"], "epoch": logs.get("epoch"),
                                  "learning_rate": logs.get("learning_rate"), "time": time.time()})
                 status.loss = float(logs["loss"])
 
         def on_step_end(self, args, state, control, **kw):
             status.step, status.total_steps = state.global_step, state.max_steps
-            write_status(job_dir, status)
+            if main_rank:
+                write_status(job_dir, status)
 
-    args = SFTConfig(
-        output_dir=str(job_dir / "checkpoints"), num_train_epochs=spec.epochs, max_steps=spec.max_steps or -1,
-        per_device_train_batch_size=spec.batch_size, learning_rate=spec.learning_rate,
-        lr_scheduler_type="linear", logging_steps=1, save_strategy="no",
-        report_to=[], seed=spec.seed, use_cpu=device == "cpu", bf16=bf16,
-        max_length=spec.max_length, dataloader_num_workers=0, disable_tqdm=True,
-        gradient_checkpointing=checkpointing,
-    )
     # A pre-tokenized dataset with a `labels` column: TRL uses the labels as given and its
     # default collator pads them with -100, so the per-turn masks survive batching.
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                         processing_class=tokenizer, callbacks=[Progress()])
-    trainer.train()
-    progress.close()
+    trainer_class = local_dist.cpu_fsdp_trainer(SFTTrainer) if sharded and device == "cpu" else SFTTrainer
+    checkpoints = local_dist.checkpoint_callback(spec.checkpoint_steps, spec.checkpoint_minutes, device)
+    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                            processing_class=tokenizer, callbacks=[Progress(), checkpoints])
+    resume = local_dist.latest_checkpoint(job_dir, world)
+    if resume is not None:
+        print(f"resuming from {resume.name}", flush=True)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if progress is not None:
+        progress.close()
 
     # Written next to the final path and renamed, so a crash never leaves a half-written adapter.
     final = job_dir / ("model" if spec.full_finetune else "adapter")
     tmp = job_dir / (final.name + ".partial")
-    trainer.model.save_pretrained(str(tmp))
-    if spec.full_finetune:
-        tokenizer.save_pretrained(str(tmp))
+    if sharded:
+        state = local_dist.full_state_dict(trainer.model)  # collective: every rank sends its shards
+        if main_rank:
+            local_dist.save_in_published_dtype(trainer.model, state, spec.base_model_path, tmp)
+            tokenizer.save_pretrained(str(tmp))
+    elif main_rank:
+        trainer.model.save_pretrained(str(tmp))
+        if spec.full_finetune:
+            tokenizer.save_pretrained(str(tmp))
+    if not main_rank:
+        return status
     if len(tokenizer) != vocab_before:
         raise RuntimeError(f"the vocabulary changed during training ({vocab_before} -> {len(tokenizer)})")
     if not spec.full_finetune and spec.max_lora_rank is not None:
         validate_adapter(tmp, max_lora_rank=spec.max_lora_rank)
     os.replace(tmp, final)
-    # save_strategy='no' leaves only Trainer scratch there; the result is `final`.
-    shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(job_dir / local_dist.CHECKPOINTS, ignore_errors=True)  # the result is `final`
     status.artifact_path = str(final)
     status.trained_tokens = labelled * spec.epochs
+    if world > 1:
+        write_status(job_dir, status)  # for the launching process, which writes the final status
     return status
+
+
+def _worker(job_dir: Path) -> int:
+    """One rank of a job of several processes (started by local_dist.run_ranks)."""
+    local_dist.watch_parent()
+    try:
+        spec = JobSpec.model_validate_json((job_dir / "spec.json").read_text(encoding="utf-8"))
+        train(spec, job_dir, read_status(job_dir))
+    except BaseException as e:  # noqa: BLE001 - the launching process reports it in status.json
+        traceback.print_exc()
+        sys.stdout.flush()
+        write_atomic(job_dir / f"error-rank{local_dist.rank()}.txt", f"{type(e).__name__}: {e}")
+        return 1
+    return 0
+
+
+def _prepare_resume(spec: JobSpec, job_dir: Path, status: JobFile) -> None:
+    """Before (re)starting: a checkpoint to resume from drops the progress logged after it."""
+    for stale in job_dir.glob("error-rank*.txt"):
+        stale.unlink()
+    resume = local_dist.latest_checkpoint(job_dir, spec.processes)
+    if resume is not None:
+        status.step = local_dist.checkpoint_step(resume)
+        local_dist.trim_progress(job_dir, status.step)
+    else:  # started over: what an earlier attempt logged or saved (half a save, another process count) goes
+        (job_dir / "progress.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(job_dir / local_dist.CHECKPOINTS, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one local finetuning job described by DIR/spec.json.")
     parser.add_argument("--job-dir", type=Path, required=True)
-    job_dir = parser.parse_args(argv).job_dir.resolve()
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a rank of a multi-process job
+    parsed = parser.parse_args(argv)
+    job_dir = parsed.job_dir.resolve()
+    if parsed.worker:
+        return _worker(job_dir)
     status = read_status(job_dir)
     if status.status == "cancelled":  # cancelled between the provider's launch and this start
         print(f"job {job_dir.name} was cancelled before it started", flush=True)
         return 1
+    if status.status == "succeeded" and status.artifact_path and Path(status.artifact_path).exists():
+        print(f"job {job_dir.name} already succeeded: {status.artifact_path}", flush=True)
+        return 0
     # From here on status.json is this process's: the provider records its launch elsewhere
     # (launch.json), so neither overwrites what the other wrote.
     status.status, status.pid, status.started_at = "running", os.getpid(), status.started_at or time.time()
+    status.finished_at, status.error = None, None
     status.host, status.cuda_visible_devices = socket.gethostname(), os.environ.get("CUDA_VISIBLE_DEVICES")
     write_status(job_dir, status)
     print(f"job {job_dir.name} on {status.host}, CUDA_VISIBLE_DEVICES={status.cuda_visible_devices}", flush=True)
     try:
         spec = JobSpec.model_validate_json((job_dir / "spec.json").read_text(encoding="utf-8"))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        status = train(spec, job_dir, status)
+        _prepare_resume(spec, job_dir, status)
+        write_status(job_dir, status)
+        if spec.processes > 1:
+            code, error = local_dist.run_ranks(job_dir, spec.processes)
+            status = read_status(job_dir)  # rank 0's progress and result
+            if code:
+                raise local_dist.RankFailed(error)
+            if not status.artifact_path:
+                raise RuntimeError("the ranks ended without a result")
+        else:
+            status = train(spec, job_dir, status)
     except BaseException as e:  # noqa: BLE001 - every failure must land in status.json
         traceback.print_exc()
         sys.stdout.flush()
         status.status, status.finished_at = "failed", time.time()
-        status.error = f"{type(e).__name__}: {e}"
+        status.error = str(e) if isinstance(e, local_dist.RankFailed) else f"{type(e).__name__}: {e}"
         write_status(job_dir, status)
         return 1
     status.status, status.finished_at = "succeeded", time.time()

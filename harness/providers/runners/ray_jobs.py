@@ -1,6 +1,7 @@
 """The `ray` runner: each job is a Ray job, submitted through Ray's Job Submission API with
 `python -m harness.providers.local_train --job-dir DIR` as its entrypoint and the GPUs/CPUs of
-`finetune.local.ray` (Ray places it on a node that has them and sets CUDA_VISIBLE_DEVICES).
+`finetune.local.ray` (Ray places it on a node that has them and sets CUDA_VISIBLE_DEVICES); a
+job of processes_per_job > 1 asks for at least that many GPUs and starts its ranks there.
 
 The job directory must be on storage every node mounts at the same path
 (`finetune.local.jobs_dir`): the job reads its spec and writes its status and adapter there. The
@@ -52,7 +53,7 @@ class RayRunner(JobRunner):
         await asyncio.to_thread(self.cluster.client)
         if self.ray.check_resources:
             await asyncio.to_thread(
-                self.cluster.check_fits, {"GPU": self.ray.num_gpus_per_job, "CPU": self.ray.num_cpus_per_job},
+                self.cluster.check_fits, {"GPU": self.cfg.ray_gpus(), "CPU": self.ray.num_cpus_per_job},
                 what="one finetuning job", fields="finetune.local.ray.num_gpus_per_job / num_cpus_per_job")
         self._checked = True
 
@@ -69,7 +70,7 @@ class RayRunner(JobRunner):
         env = harness_env(inherit_path=False)
         await asyncio.to_thread(
             self.cluster.submit, sid, shlex.join(train_command(self.python, job_dir)),
-            num_gpus=self.ray.num_gpus_per_job, num_cpus=self.ray.num_cpus_per_job,
+            num_gpus=self.cfg.ray_gpus(), num_cpus=self.ray.num_cpus_per_job,
             runtime_env=merged_runtime_env(self.ray.runtime_env, env), metadata={"harness_job": job_dir.name})
         self._cache.pop(sid, None)
         return launch
@@ -89,7 +90,7 @@ class RayRunner(JobRunner):
             return Probe(Liveness.MISSING, f"the Ray cluster at {self.cluster.where} has no job "
                                            f"{launch.submission_id} (was it restarted?)")
         if job.status == PENDING:
-            need = [f"{n:g} {what}" for n, what in ((self.ray.num_gpus_per_job, "GPU"), (self.ray.num_cpus_per_job, "CPU")) if n]
+            need = [f"{n:g} {what}" for n, what in ((self.cfg.ray_gpus(), "GPU"), (self.ray.num_cpus_per_job, "CPU")) if n]
             return Probe(Liveness.PENDING, "pending on Ray" + (f": waiting for {' and '.join(need)}" if need else ""))
         if job.status == RUNNING:
             return Probe(Liveness.RUNNING, f"on Ray node {job.node_ip}" if job.node_ip else None)

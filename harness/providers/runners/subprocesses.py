@@ -3,7 +3,8 @@ killing the loop does not kill it (like a hosted job it keeps going, and a resum
 by the pid in launch.json).
 
 GPUs: with `finetune.local.devices: [0, 1, 2, 3]` each job gets one device of its own through
-CUDA_VISIBLE_DEVICES, and no more jobs run at once than there are devices -- unless
+CUDA_VISIBLE_DEVICES (processes_per_job of them for a job of several processes, e.g. "0,1"),
+and no more jobs run at once than there are devices (sets of devices) -- unless
 `share_devices: true`, which lets up to max_parallel_jobs run, spread evenly over the devices.
 Which device a running job holds is read back from the launch records, so the assignment
 survives a restart of the loop.
@@ -65,15 +66,18 @@ class SubprocessRunner(JobRunner):
     def slots(self, active: list[Launch]) -> int:
         limit = self.cfg.max_parallel_jobs
         if self.devices is not None and not self.cfg.share_devices:
-            limit = min(limit, len(self.devices))  # one job per GPU
+            limit = min(limit, len(self.devices) // self.cfg.processes_per_job)  # one job per GPU (set)
         return max(0, limit - len(active))
 
     def pick_device(self, active: list[Launch]) -> str | None:
-        """A device no running job holds; when sharing, the least busy one (first listed wins ties)."""
+        """The GPU(s) of a new job, processes_per_job of them ("0,1" for two): devices no running job
+        holds; when sharing, the least busy ones (first listed wins ties)."""
         if self.devices is None:
             return None
-        used = Counter(launch.devices for launch in active if launch.devices is not None)
-        return min(self.devices, key=lambda d: (used[d], self.devices.index(d)))
+        used = Counter(d for launch in active if launch.devices is not None for d in launch.devices.split(","))
+        ranked = sorted(self.devices, key=lambda d: (used[d], self.devices.index(d)))
+        picked = set(ranked[:self.cfg.processes_per_job])
+        return ",".join(d for d in self.devices if d in picked)  # listed order: rank i gets the i-th
 
     async def launch(self, job_dir: Path, active: list[Launch], previous: Launch | None = None) -> Launch:
         device = self.pick_device(active)
