@@ -218,45 +218,91 @@ def _device(requested: str) -> str:
     return requested
 
 
-def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
+def setup_torch(spec: JobSpec) -> tuple[str, bool]:
+    """(device, bf16) of a job, with torch's CPU threads set as the spec asks."""
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    from harness.serve import validate_adapter
 
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     device = _device(spec.device)
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
+    return device, device == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def load_tokenizer(base_model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
     if tokenizer.pad_token is None:
         # Reuse EOS rather than adding a pad token: a new token would resize the embeddings and
         # vLLM cannot serve an adapter over a changed vocabulary.
         tokenizer.pad_token = tokenizer.eos_token
-    vocab_before = len(tokenizer)
+    return tokenizer
+
+
+def load_job_data(spec: JobSpec, job_dir: Path, status: JobFile, tokenizer: Any, device: str) -> tuple[list[dict], int]:
+    """(the job's tokenized examples, their labelled tokens); the dropped count goes to status.json."""
+    import torch
+
     examples, status.dropped_examples = read_examples(Path(spec.training_file), tokenizer, spec.max_length)
     write_status(job_dir, status)  # the provider shows the dropped count while the job trains
     labelled = sum(sum(1 for t in ex["labels"] if t != IGNORE) for ex in examples)
-    checkpointing = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else device != "cpu"
-    print(f"{len(examples)} examples ({status.dropped_examples} dropped), {labelled} labelled tokens, "
-          f"device {device}, gradient checkpointing {'on' if checkpointing else 'off'}, "
+    print(f"{spec.job_id}: {len(examples)} examples ({status.dropped_examples} dropped), {labelled} labelled tokens, "
+          f"device {device}, gradient checkpointing {'on' if _checkpointing(spec, device) else 'off'}, "
           f"{torch.get_num_threads()} CPU threads", flush=True)
+    return examples, labelled
 
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.base_model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
-    if spec.full_finetune:
-        pass
-    elif spec.init_adapter:
-        model = PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
-    else:
-        model = get_peft_model(model, LoraConfig(
-            r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-            target_modules=spec.lora.target_modules, task_type="CAUSAL_LM"))
 
-    progress = JsonlAppender(job_dir / "progress.jsonl")
+def _checkpointing(spec: JobSpec, device: str) -> bool:
+    return spec.gradient_checkpointing if spec.gradient_checkpointing is not None else device != "cpu"
+
+
+def load_base(spec: JobSpec, bf16: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(spec.base_model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+
+
+def attach_adapter(model: Any, spec: JobSpec, name: str = "default") -> Any:
+    """The job's trainable LoRA adapter on `model` under `name`: its init_adapter, or a fresh one
+    drawn from torch's RNG seeded with the job's seed, so the same spec starts from the same
+    weights whether its process holds one adapter or several (harness.providers.resident_train).
+    `model` may already be a PeftModel holding other jobs' adapters; returns the PeftModel."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if spec.init_adapter:
+        if isinstance(model, PeftModel):
+            model.load_adapter(spec.init_adapter, adapter_name=name, is_trainable=True)
+            return model
+        return PeftModel.from_pretrained(model, spec.init_adapter, adapter_name=name, is_trainable=True)
+    config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                        target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+    torch.manual_seed(spec.seed)
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, config)
+        return model
+    return get_peft_model(model, config, adapter_name=name)
+
+
+def sft_config(spec: JobSpec, job_dir: Path, device: str, bf16: bool, **override: Any) -> Any:
+    """The TRL arguments of a job; the resident trainer uses the same ones, so both train alike."""
+    from trl import SFTConfig
+
+    fields: dict[str, Any] = dict(
+        output_dir=str(job_dir / "checkpoints"), num_train_epochs=spec.epochs, max_steps=spec.max_steps or -1,
+        per_device_train_batch_size=spec.batch_size, learning_rate=spec.learning_rate,
+        lr_scheduler_type="linear", logging_steps=1, save_strategy="no",
+        report_to=[], seed=spec.seed, use_cpu=device == "cpu", bf16=bf16,
+        max_length=spec.max_length, dataloader_num_workers=0, disable_tqdm=True,
+        gradient_checkpointing=_checkpointing(spec, device),
+    )
+    return SFTConfig(**{**fields, **override})
+
+
+def progress_callback(job_dir: Path, status: JobFile, progress: JsonlAppender) -> Any:
+    """A TrainerCallback writing DIR/progress.jsonl (one line per logged step) and status.json."""
+    from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
@@ -269,25 +315,33 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
             status.step, status.total_steps = state.global_step, state.max_steps
             write_status(job_dir, status)
 
-    args = SFTConfig(
-        output_dir=str(job_dir / "checkpoints"), num_train_epochs=spec.epochs, max_steps=spec.max_steps or -1,
-        per_device_train_batch_size=spec.batch_size, learning_rate=spec.learning_rate,
-        lr_scheduler_type="linear", logging_steps=1, save_strategy="no",
-        report_to=[], seed=spec.seed, use_cpu=device == "cpu", bf16=bf16,
-        max_length=spec.max_length, dataloader_num_workers=0, disable_tqdm=True,
-        gradient_checkpointing=checkpointing,
-    )
-    # A pre-tokenized dataset with a `labels` column: TRL uses the labels as given and its
-    # default collator pads them with -100, so the per-turn masks survive batching.
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                         processing_class=tokenizer, callbacks=[Progress()])
-    trainer.train()
-    progress.close()
+    return Progress()
 
-    # Written next to the final path and renamed, so a crash never leaves a half-written adapter.
+
+def save_adapter(model: Any, path: Path, name: str | None = None) -> None:
+    """Write the model (or only adapter `name` of a PeftModel holding several) to `path`, in the
+    layout of a single-adapter save: PEFT puts a non-default adapter in a subfolder."""
+    if name is None or name == "default":
+        model.save_pretrained(str(path), **({"selected_adapters": [name]} if name else {}))
+        return
+    staging = path.with_name(path.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging), selected_adapters=[name])
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(staging / name, path)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_result(model: Any, tokenizer: Any, spec: JobSpec, job_dir: Path, vocab_before: int,
+                name: str | None = None) -> Path:
+    """The job's final adapter (or model), written next to DIR/adapter and renamed into place, so a
+    crash never leaves a half-written one; checked against the server's rank limit first."""
+    from harness.serve import validate_adapter
+
     final = job_dir / ("model" if spec.full_finetune else "adapter")
     tmp = job_dir / (final.name + ".partial")
-    trainer.model.save_pretrained(str(tmp))
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, None if spec.full_finetune else name)
     if spec.full_finetune:
         tokenizer.save_pretrained(str(tmp))
     if len(tokenizer) != vocab_before:
@@ -295,6 +349,31 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
     if not spec.full_finetune and spec.max_lora_rank is not None:
         validate_adapter(tmp, max_lora_rank=spec.max_lora_rank)
     os.replace(tmp, final)
+    return final
+
+
+def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    device, bf16 = setup_torch(spec)
+    tokenizer = load_tokenizer(spec.base_model_path)
+    vocab_before = len(tokenizer)
+    examples, labelled = load_job_data(spec, job_dir, status, tokenizer, device)
+    model = load_base(spec, bf16)
+    if not spec.full_finetune:
+        model = attach_adapter(model, spec)
+
+    progress = JsonlAppender(job_dir / "progress.jsonl")
+    # A pre-tokenized dataset with a `labels` column: TRL uses the labels as given and its
+    # default collator pads them with -100, so the per-turn masks survive batching.
+    trainer = SFTTrainer(model=model, args=sft_config(spec, job_dir, device, bf16),
+                         train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
+                         callbacks=[progress_callback(job_dir, status, progress)])
+    trainer.train()
+    progress.close()
+
+    final = save_result(trainer.model, tokenizer, spec, job_dir, vocab_before)
     # save_strategy='no' leaves only Trainer scratch there; the result is `final`.
     shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
     status.artifact_path = str(final)
