@@ -69,7 +69,7 @@ def adapter_name(metadata: dict[str, str], fallback: str = "adapter") -> str:
     return (prefix[: MAX_NAME - len(safe_tail) - 8].rstrip("-.") + "-" + digest + "-" + safe_tail)[-MAX_NAME:]
 
 
-def _log_tail(path: Path, lines: int = 12) -> str:
+def _log_tail(path: Path, lines: int = 20) -> str:
     if not path.exists():
         return "(no log written)"
     text = path.read_text(encoding="utf-8", errors="replace").splitlines()
