@@ -119,7 +119,7 @@ def run_side(side: str, dirs: list[Path], parallel: int) -> dict:
     peaks: list[int] = []
     peak_tree, codes = 0, []
     load_before = os.getloadavg()
-    start = time.perf_counter()
+    start, start_epoch = time.perf_counter(), time.time()
     while pending or running:
         while pending and len(running) < parallel:
             command, log = pending.pop(0)
@@ -139,11 +139,13 @@ def run_side(side: str, dirs: list[Path], parallel: int) -> dict:
     wall = time.perf_counter() - start
     if any(codes):
         raise RuntimeError(f"{side}: a process failed (exit codes {codes}); see the train.log files under {dirs[0].parent}")
-    losses = {d.name: [json.loads(line)["loss"] for line in (d / "progress.jsonl").read_text().splitlines()]
-              for d in dirs}
+    rows = {d.name: [json.loads(line) for line in (d / "progress.jsonl").read_text().splitlines()] for d in dirs}
+    losses = {k: [r["loss"] for r in v] for k, v in rows.items()}
+    # When each step was logged, in seconds from the side's start: startup vs per-step costs.
+    step_times = {k: [round(r["time"] - start_epoch, 2) for r in v] for k, v in rows.items()}
     return {"side": side, "wall_s": round(wall, 2), "peak_rss_tree_mb": round(peak_tree / 2**20, 1),
             "peak_rss_per_process_mb": [round(x / 2**20, 1) for x in peaks],
-            "steps": {k: len(v) for k, v in losses.items()}, "losses": losses,
+            "steps": {k: len(v) for k, v in losses.items()}, "losses": losses, "step_times_s": step_times,
             "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()]}
 
 

@@ -385,7 +385,9 @@ class LocalProvider(FinetuneProvider):
                 if self.runner.slots(list({launch.pid or id(launch): launch for launch in active}.values())) <= 0:
                     break
                 try:
-                    if len(group) > 1:
+                    # A relaunched job resumes from a checkpoint in the trainer's own layout:
+                    # with the resident trainer on, the resident process reads it, even alone.
+                    if len(group) > 1 or (self.resident and group[0].name in self._relaunched):
                         active.append(await self.runner.launch_group(group, active))  # type: ignore[attr-defined]
                     else:
                         active.append(await self.runner.launch(group[0], active, previous))
