@@ -96,6 +96,29 @@ class LocalFinetuneConfig(_Strict):
     # short jobs (LoRA on a small model) never pay for a save, long ones lose at most that.
     checkpoint_steps: int | None = Field(None, ge=1)
     checkpoint_minutes: float | None = Field(10.0, gt=0)  # see checkpoint_steps
+    # How an iteration's LoRA jobs run: "resident": the jobs submitted together on one base model
+    # train in ONE process that loads the model once, taking turns one step each
+    # (harness.providers.resident_train; same losses as separate jobs, docs/finetuning/resident.md);
+    # "per_job": one process per job; "auto": resident when every job runs on one device
+    # (subprocess runner, at most one GPU in `devices`) and LoRA, per_job otherwise.
+    trainer: Literal["auto", "resident", "per_job"] = "auto"
+
+    @property
+    def resident(self) -> bool:
+        """Whether jobs submitted together share one resident process (`trainer` resolved)."""
+        if self.trainer == "auto":
+            return self.runner == "subprocess" and not self.full_finetune and len(self.devices or []) <= 1
+        return self.trainer == "resident"
+
+    @model_validator(mode="after")
+    def _check_trainer(self) -> "LocalFinetuneConfig":
+        if self.trainer == "resident" and self.runner != "subprocess":
+            raise ValueError("trainer: resident runs its one process on this machine (runner: subprocess); with "
+                             "runner: ray use trainer: per_job (or auto)")
+        if self.trainer == "resident" and self.full_finetune:
+            raise ValueError("trainer: resident trains LoRA adapters on one shared base model; a full finetune "
+                             "trains whole models: use trainer: per_job (or auto)")
+        return self
 
     @model_validator(mode="after")
     def _check_devices(self) -> "LocalFinetuneConfig":

@@ -98,8 +98,12 @@ class FinetuneStage:
                 if not self.console.is_terminal and (before or "").split(" ")[0] != text.split(" ")[0]:
                     self.console.print(f"iter {target} · {role} {agent}: {text}")
 
-            entries = list(await asyncio.gather(*(self._one(stats, data_dir, target, role, agent, show)
-                                                  for role, agent in jobs)))
+            # Submit every job first, inside the provider's batch (the local provider launches the
+            # iteration's LoRA jobs together, as one resident process), then follow them all.
+            async with self.provider.batch():
+                submitted = await asyncio.gather(*(self._submit(stats, data_dir, target, role, agent, show)
+                                                   for role, agent in jobs))
+            entries = list(await asyncio.gather(*(self._follow(entry, state, show) for entry, state in submitted)))
         if ft.single_model:
             entries += self._share(entries[0], target, roles)
         if self.cfg.debate.rounds > 1 and not ft.train_critics:
@@ -132,11 +136,14 @@ class FinetuneStage:
             kept.append(entry)
         return kept
 
-    async def _one(self, stats: FtDataStats, data_dir: Path, target: int, role: str, agent: int, show) -> ModelEntry:
+    async def _submit(self, stats: FtDataStats, data_dir: Path, target: int, role: str, agent: int,
+                      show) -> tuple[ModelEntry, JobState | None]:
+        """The job's registry entry and its submitted job's state; None when no job is needed (done
+        in an earlier session, too few examples, invalid data: the entry says which)."""
         done = self.registry.get(target, role, agent)
         if done is not None and (done.status in ("succeeded", "kept") or not self.retry_failed):
             show(role, agent, f"{done.status} (earlier session): {done.model_id or done.error}")
-            return done
+            return done, None
         parent = self._parent(target, role, agent)
         info = stats.file(role, agent)
         path = data_dir / info.path
@@ -151,12 +158,12 @@ class FinetuneStage:
             entry.note = f"kept {parent}: {report.n_examples} examples < {ft.min_examples}"
             self._save(entry)
             show(role, agent, f"[yellow]kept previous model[/] ({report.n_examples} examples < {ft.min_examples})")
-            return entry
+            return entry, None
         if not report.ok:
             entry.status, entry.error = "failed", report.summary()
             self._save(entry)
             show(role, agent, f"[red]invalid data[/]: {report.summary()}")
-            return entry
+            return entry, None
         metadata = {"harness_run": self.registry.run, "iteration": str(target), "role": role,
                     "agent": str(agent), "data_sha256": info.sha256[:16]}
         suffix = ft.suffix or f"{self.cfg.name[:24]}-i{target}-{role[0]}{agent}"
@@ -167,6 +174,13 @@ class FinetuneStage:
         show(role, agent, "submitting")
         state = await self.provider.submit(request)
         self._record(entry, state)
+        return entry, state
+
+    async def _follow(self, entry: ModelEntry, state: JobState | None, show) -> ModelEntry:
+        """Wait for the submitted job to end, recording each state in the registry."""
+        if state is None:
+            return entry
+        role, agent, ft = entry.role, entry.agent, self.cfg.finetune
 
         def on_update(s: JobState) -> None:
             self._record(entry, s)

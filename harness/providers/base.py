@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 from pydantic import BaseModel, Field
 
@@ -134,6 +135,13 @@ class FinetuneProvider(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+    @contextlib.asynccontextmanager
+    async def batch(self) -> AsyncIterator[None]:
+        """Around the submission of jobs meant to start together (an iteration's): a provider that
+        trains them better as one (the local one's resident trainer) holds them until the block
+        ends. Nothing to do for a provider whose every job is its own."""
+        yield
 
     # How long `wait` follows a paused job before it gives up (the loop sets it from
     # finetune.paused_timeout_s).

@@ -29,14 +29,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import AsyncIterator, Iterable
 
 from harness.config import LocalFinetuneConfig, RunConfig
 from harness.errors import FinetuneError, ServeError
 from harness.fileio import write_model
 from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus, LossPoint
 from harness.providers.local_train import JobFile, JobSpec, LoraSpec, read_status, write_status
-from harness.providers.runners import JobRunner, Launch, LaunchFailed, Liveness, make_runner, read_launch
+from harness.providers.resident_train import CANCEL, group_key, has_checkpoint
+from harness.providers.runners import LAUNCH, TRAIN_MODULE, JobRunner, Launch, LaunchFailed, Liveness, make_runner, read_launch
 from harness.serve import validate_adapter
 
 MAX_NAME = 64
@@ -68,7 +69,7 @@ def adapter_name(metadata: dict[str, str], fallback: str = "adapter") -> str:
     return (prefix[: MAX_NAME - len(safe_tail) - 8].rstrip("-.") + "-" + digest + "-" + safe_tail)[-MAX_NAME:]
 
 
-def _log_tail(path: Path, lines: int = 12) -> str:
+def _log_tail(path: Path, lines: int = 20) -> str:
     if not path.exists():
         return "(no log written)"
     text = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -101,6 +102,12 @@ class LocalProvider(FinetuneProvider):
         self.python = self.cfg.python or sys.executable
         self.runner = runner or make_runner(self.cfg, self.python)
         self._lock = asyncio.Lock()
+        # Jobs submitted inside `batch()` that can share a base model train in one resident
+        # process (finetune.local.trainer); only the subprocess runner of local_train has one.
+        self.resident = (self.cfg.resident and hasattr(self.runner, "launch_group")
+                         and self.runner.module == TRAIN_MODULE)
+        self._batching = 0
+        self._relaunched: set[str] = set()  # jobs this instance put back in the queue to resume
 
     @classmethod
     def from_config(cls, cfg: RunConfig, run_dir: Path) -> "LocalProvider":
@@ -162,6 +169,18 @@ class LocalProvider(FinetuneProvider):
         write_model(job_dir / "spec.json", spec)
         return await self.refresh(job_id)
 
+    @contextlib.asynccontextmanager
+    async def batch(self) -> AsyncIterator[None]:
+        """Jobs submitted inside the block are launched when it ends, together: with the resident
+        trainer, all queued LoRA jobs on one base model as ONE process."""
+        self._batching += 1
+        try:
+            yield
+        finally:
+            self._batching -= 1
+            if not self._batching:
+                await self._pump()
+
     async def find(self, metadata: dict[str, str]) -> JobState | None:
         matches = [s for s in self._specs() if all(s.metadata.get(k) == v for k, v in metadata.items())]
         if not matches:
@@ -184,7 +203,8 @@ class LocalProvider(FinetuneProvider):
             status = read_status(job_dir)
             launch = self._launch_of(job_dir)
             if status.status in ("queued", "running"):
-                if launch is not None:  # started, maybe not yet running
+                (job_dir / CANCEL).touch()  # a resident process skips the job from its next turn on
+                if launch is not None and not await self._shares_process(job_dir, launch):
                     await self.runner.stop(job_dir, launch)
                 # Read again: the job may have finished on its own while it was being stopped.
                 status = read_status(job_dir)
@@ -192,6 +212,19 @@ class LocalProvider(FinetuneProvider):
                     status.status, status.finished_at = "cancelled", time.time()
                     write_status(job_dir, status)
         return await self.refresh(job_id)
+
+    async def _shares_process(self, job_dir: Path, launch: Launch) -> bool:
+        """Whether another job still training in the same resident process: then that process
+        must go on (it drops this job before its next step); the last job's cancel stops it."""
+        for other in launch.group:
+            other_dir = self.jobs_dir / other
+            if other_dir == job_dir or (other_dir / CANCEL).exists():
+                continue
+            if read_status(other_dir).status in ("queued", "running"):
+                probe = await self.runner.probe(other_dir, launch)
+                if probe.state in (Liveness.PENDING, Liveness.RUNNING):
+                    return True
+        return False
 
     async def events(self, job_id: str, limit: int = 20) -> list[str]:
         job_dir = self._job_dir(job_id)
@@ -351,13 +384,59 @@ class LocalProvider(FinetuneProvider):
                     active.append(launch)
                 elif probe.state is Liveness.MISSING and status.status == "queued":
                     waiting.append((job_dir, launch))  # recorded, never reached the runner
-            for job_dir, previous in waiting:
-                if self.runner.slots(active) <= 0:
+            if self._batching:
+                return  # `batch()` launches them together when it ends
+            for group, previous in self._groups(waiting):
+                # A resident process counts once, whatever the number of jobs it trains.
+                if self.runner.slots(list({launch.pid or id(launch): launch for launch in active}.values())) <= 0:
                     break
                 try:
-                    active.append(await self.runner.launch(job_dir, active, previous))
+                    # A relaunched job resumes from a checkpoint in the trainer's own layout:
+                    # with the resident trainer on, the resident process reads it, even alone.
+                    if len(group) > 1 or (self.resident and group[0].name in self._relaunched):
+                        active.append(await self.runner.launch_group(group, active))  # type: ignore[attr-defined]
+                    else:
+                        active.append(await self.runner.launch(group[0], active, previous))
                 except LaunchFailed as e:
-                    write_status(job_dir, JobFile(status="failed", finished_at=time.time(), error=str(e)))
+                    for job_dir in group:
+                        write_status(job_dir, JobFile(status="failed", finished_at=time.time(), error=str(e)))
+
+    def _groups(self, waiting: list[tuple[Path, Launch | None]]) -> list[tuple[list[Path], Launch | None]]:
+        """The waiting jobs as launches, oldest first: with the resident trainer the LoRA jobs
+        that can share a process (same base model, device, threads) form one; a job whose
+        launch was cut short (`previous`) completes it alone."""
+        if not self.resident:
+            return [([job_dir], previous) for job_dir, previous in waiting]
+        groups: dict[object, list[Path]] = {}
+        out: list[tuple[list[Path], Launch | None]] = []
+        for job_dir, previous in waiting:
+            spec = JobSpec.model_validate_json((job_dir / "spec.json").read_text(encoding="utf-8"))
+            key = group_key(spec)
+            if previous is not None or key is None:
+                out.append(([job_dir], previous))
+            elif key in groups:
+                groups[key].append(job_dir)
+            else:
+                groups[key] = [job_dir]
+                out.append((groups[key], None))
+        return out
+
+    def _relaunch(self, job_dir: Path, launch: Launch) -> bool:
+        """A job whose process died (a killed loop's machine rebooted, the resident process was
+        killed) but left a checkpoint goes back to the queue, to resume from it, instead of
+        failing and being redone from scratch; once per job and provider instance, so a job
+        that dies again and again still ends failed."""
+        if job_dir.name in self._relaunched or not has_checkpoint(job_dir) or (job_dir / CANCEL).exists():
+            return False
+        self._relaunched.add(job_dir.name)
+        with open(job_dir / "train.log", "a", encoding="utf-8") as log:
+            log.write(f"the training process ({self.runner.where(launch)}) ended without finishing; relaunched to "
+                      f"resume from {job_dir / 'checkpoints'}\n")
+        (job_dir / LAUNCH).unlink(missing_ok=True)
+        status = read_status(job_dir)
+        status.status, status.pid = "queued", None
+        write_status(job_dir, status)
+        return True
 
     async def _state(self, job_id: str) -> JobState:
         job_dir = self._job_dir(job_id)
@@ -375,6 +454,8 @@ class LocalProvider(FinetuneProvider):
             elif probe.state is Liveness.ENDED or (probe.state is Liveness.MISSING and status.status == "running"):
                 await self.runner.collect_logs(job_dir, launch, final=True)
                 status = read_status(job_dir)  # it may have finished between the two reads
+                if status.status in ("queued", "running") and self._relaunch(job_dir, launch):
+                    return await self._state(job_id)
                 if status.status in ("queued", "running"):
                     before = ", before it wrote any status" if status.status == "queued" else ""
                     status.status, status.pid = "failed", status.pid or launch.pid

@@ -232,71 +232,110 @@ def _device(requested: str) -> str:
     return requested
 
 
-def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
-    """Train on this process: the whole job, or one rank of it (RANK/WORLD_SIZE set by
-    local_dist.run_ranks); only rank 0 writes status, progress and the result's final folder."""
+def setup_torch(spec: JobSpec) -> tuple[str, bool]:
+    """(device, bf16) of a job, with torch's CPU threads set as the spec asks."""
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
-    from trl import SFTConfig, SFTTrainer
 
-    from harness.serve import validate_adapter
-
-    main_rank, world = local_dist.rank() == 0, local_dist.world_size()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     device = _device(spec.device)
-    bf16 = spec.bf16 if spec.bf16 is not None else device == "cuda" and torch.cuda.is_bf16_supported()
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
+    return device, spec.bf16 if spec.bf16 is not None else device == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def load_tokenizer(base_model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
     if tokenizer.pad_token is None:
         # Reuse EOS rather than adding a pad token: a new token would resize the embeddings and
         # vLLM cannot serve an adapter over a changed vocabulary.
         tokenizer.pad_token = tokenizer.eos_token
-    vocab_before = len(tokenizer)
+    return tokenizer
+
+
+def load_job_data(spec: JobSpec, job_dir: Path, status: JobFile, tokenizer: Any, device: str) -> tuple[list[dict], int]:
+    """(the job's tokenized examples, their labelled tokens); the dropped count goes to status.json
+    (from rank 0 only, in a job of several processes)."""
+    import torch
+
     examples, status.dropped_examples = read_examples(Path(spec.training_file), tokenizer, spec.max_length)
-    if main_rank:
+    if local_dist.rank() == 0:
         write_status(job_dir, status)  # the provider shows the dropped count while the job trains
     labelled = sum(sum(1 for t in ex["labels"] if t != IGNORE) for ex in examples)
-    checkpointing = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else device != "cpu"
-    sharded = spec.processes > 1 and spec.sharding == "fsdp"
-    print(f"{len(examples)} examples ({status.dropped_examples} dropped), {labelled} labelled tokens, "
-          f"device {device}, gradient checkpointing {'on' if checkpointing else 'off'}, "
+    world = local_dist.world_size()
+    print(f"{spec.job_id}: {len(examples)} examples ({status.dropped_examples} dropped), {labelled} labelled tokens, "
+          f"device {device}, gradient checkpointing {'on' if _checkpointing(spec, device) else 'off'}, "
           f"{torch.get_num_threads()} CPU threads"
           + (f", rank {local_dist.rank()} of {world} ({spec.sharding})" if world > 1 else ""), flush=True)
+    return examples, labelled
 
-    args = SFTConfig(
+
+def _checkpointing(spec: JobSpec, device: str) -> bool:
+    return spec.gradient_checkpointing if spec.gradient_checkpointing is not None else device != "cpu"
+
+
+def _sharded(spec: JobSpec) -> bool:
+    return spec.processes > 1 and spec.sharding == "fsdp"
+
+
+def load_base(spec: JobSpec, bf16: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # A sharded full finetune keeps float32 weights (bf16 is the compute dtype, FSDP's mixed
+    # precision): Adam's steps at lr 1e-5 are below bfloat16's resolution of most weights.
+    dtype = torch.bfloat16 if bf16 and not _sharded(spec) else torch.float32
+    return AutoModelForCausalLM.from_pretrained(spec.base_model_path, dtype=dtype)
+
+
+def attach_adapter(model: Any, spec: JobSpec, name: str = "default") -> Any:
+    """The job's trainable LoRA adapter on `model` under `name`: its init_adapter, or a fresh one
+    drawn from torch's RNG seeded with the job's seed, so the same spec starts from the same
+    weights whether its process holds one adapter or several (harness.providers.resident_train)
+    and whatever its process count (Trainer seeds torch only later).
+    `model` may already be a PeftModel holding other jobs' adapters; returns the PeftModel."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if spec.init_adapter:
+        if isinstance(model, PeftModel):
+            model.load_adapter(spec.init_adapter, adapter_name=name, is_trainable=True)
+            return model
+        return PeftModel.from_pretrained(model, spec.init_adapter, adapter_name=name, is_trainable=True)
+    config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                        target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+    torch.manual_seed(spec.seed)
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, config)
+        return model
+    return get_peft_model(model, config, adapter_name=name)
+
+
+def sft_config(spec: JobSpec, job_dir: Path, device: str, bf16: bool, **override: Any) -> Any:
+    """The TRL arguments of a job; the resident trainer uses the same ones, so both train alike."""
+    from trl import SFTConfig
+
+    fields: dict[str, Any] = dict(
         output_dir=str(job_dir / local_dist.CHECKPOINTS), num_train_epochs=spec.epochs,
         max_steps=spec.max_steps or -1, per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps, learning_rate=spec.learning_rate,
         lr_scheduler_type="constant_with_warmup" if spec.lr_scheduler == "constant" else spec.lr_scheduler,
         warmup_steps=spec.warmup_ratio, logging_steps=1,  # below 1: a share of the steps (ceil)
-        # Saves come from the Checkpoints callback below (steps or minutes); two are kept, so a
+        # Saves come from local_dist's checkpoint callback (steps or minutes); two are kept, so a
         # kill in the middle of writing one leaves the one before it.
         save_strategy="no", save_total_limit=2,
         report_to=[], seed=spec.seed, use_cpu=device == "cpu", bf16=bf16,
         max_length=spec.max_length, dataloader_num_workers=0, disable_tqdm=True,
-        gradient_checkpointing=checkpointing,
+        gradient_checkpointing=_checkpointing(spec, device),
         **local_dist.trainer_args(spec.processes, spec.sharding, device),
     )
-    # Seeded before the adapter is made: its initial weights come from torch's global generator,
-    # which Trainer seeds only later, so without this no two runs (or process counts) started
-    # from the same adapter.
-    set_seed(spec.seed)
-    # A sharded full finetune keeps float32 weights (bf16 is the compute dtype, FSDP's mixed
-    # precision): Adam's steps at lr 1e-5 are below bfloat16's resolution of most weights.
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.base_model_path, dtype=torch.bfloat16 if bf16 and not sharded else torch.float32)
-    if spec.full_finetune:
-        pass
-    elif spec.init_adapter:
-        model = PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
-    else:
-        model = get_peft_model(model, LoraConfig(
-            r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-            target_modules=spec.lora.target_modules, task_type="CAUSAL_LM"))
+    return SFTConfig(**{**fields, **override})
 
-    progress = JsonlAppender(job_dir / "progress.jsonl") if main_rank else None
+
+def progress_callback(job_dir: Path, status: JobFile, progress: JsonlAppender | None) -> Any:
+    """A TrainerCallback writing DIR/progress.jsonl (one line per logged step) and status.json;
+    `progress` None: a rank other than 0 of a multi-process job, which writes neither."""
+    from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
@@ -307,15 +346,82 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
 
         def on_step_end(self, args, state, control, **kw):
             status.step, status.total_steps = state.global_step, state.max_steps
-            if main_rank:
+            if progress is not None:
                 write_status(job_dir, status)
 
+    return Progress()
+
+
+def save_adapter(model: Any, path: Path, name: str | None = None) -> None:
+    """Write the model (or only adapter `name` of a PeftModel holding several) to `path`, in the
+    layout of a single-adapter save: PEFT puts a non-default adapter in a subfolder."""
+    if name is None or name == "default":
+        model.save_pretrained(str(path), **({"selected_adapters": [name]} if name else {}))
+        return
+    staging = path.with_name(path.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging), selected_adapters=[name])
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(staging / name, path)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(tmp: Path, spec: JobSpec, job_dir: Path, tokenizer: Any, vocab_before: int) -> Path:
+    """Check the result written to `tmp` and rename it into place (DIR/adapter or DIR/model), so a
+    crash never leaves a half-written one."""
+    from harness.serve import validate_adapter
+
+    final = job_dir / ("model" if spec.full_finetune else "adapter")
+    if len(tokenizer) != vocab_before:
+        raise RuntimeError(f"the vocabulary changed during training ({vocab_before} -> {len(tokenizer)})")
+    if not spec.full_finetune and spec.max_lora_rank is not None:
+        validate_adapter(tmp, max_lora_rank=spec.max_lora_rank)
+    os.replace(tmp, final)
+    return final
+
+
+def _partial(spec: JobSpec, job_dir: Path) -> Path:
+    tmp = job_dir / (("model" if spec.full_finetune else "adapter") + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def save_result(model: Any, tokenizer: Any, spec: JobSpec, job_dir: Path, vocab_before: int,
+                name: str | None = None) -> Path:
+    """The job's final adapter (or model) of a one-process job, checked and renamed into place."""
+    tmp = _partial(spec, job_dir)
+    save_adapter(model, tmp, None if spec.full_finetune else name)
+    if spec.full_finetune:
+        tokenizer.save_pretrained(str(tmp))
+    return _publish(tmp, spec, job_dir, tokenizer, vocab_before)
+
+
+def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
+    """Train on this process: the whole job, or one rank of it (RANK/WORLD_SIZE set by
+    local_dist.run_ranks); only rank 0 writes status, progress and the result's final folder."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    main_rank, world = local_dist.rank() == 0, local_dist.world_size()
+    device, bf16 = setup_torch(spec)
+    tokenizer = load_tokenizer(spec.base_model_path)
+    vocab_before = len(tokenizer)
+    examples, labelled = load_job_data(spec, job_dir, status, tokenizer, device)
+    args = sft_config(spec, job_dir, device, bf16)
+    set_seed(spec.seed)
+    model = load_base(spec, bf16)
+    if not spec.full_finetune:
+        model = attach_adapter(model, spec)
+
+    progress = JsonlAppender(job_dir / "progress.jsonl") if main_rank else None
+    sharded = _sharded(spec)
     # A pre-tokenized dataset with a `labels` column: TRL uses the labels as given and its
     # default collator pads them with -100, so the per-turn masks survive batching.
     trainer_class = local_dist.cpu_fsdp_trainer(SFTTrainer) if sharded and device == "cpu" else SFTTrainer
     checkpoints = local_dist.checkpoint_callback(spec.checkpoint_steps, spec.checkpoint_minutes, device)
     trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                            processing_class=tokenizer, callbacks=[Progress(), checkpoints])
+                            processing_class=tokenizer, callbacks=[progress_callback(job_dir, status, progress), checkpoints])
     resume = local_dist.latest_checkpoint(job_dir, world)
     if resume is not None:
         print(f"resuming from {resume.name}", flush=True)
@@ -323,25 +429,18 @@ def train(spec: JobSpec, job_dir: Path, status: JobFile) -> JobFile:
     if progress is not None:
         progress.close()
 
-    # Written next to the final path and renamed, so a crash never leaves a half-written adapter.
-    final = job_dir / ("model" if spec.full_finetune else "adapter")
-    tmp = job_dir / (final.name + ".partial")
     if sharded:
         state = local_dist.full_state_dict(trainer.model)  # collective: every rank sends its shards
-        if main_rank:
-            local_dist.save_in_published_dtype(trainer.model, state, spec.base_model_path, tmp)
-            tokenizer.save_pretrained(str(tmp))
+        if not main_rank:
+            return status
+        tmp = _partial(spec, job_dir)
+        local_dist.save_in_published_dtype(trainer.model, state, spec.base_model_path, tmp)
+        tokenizer.save_pretrained(str(tmp))
+        final = _publish(tmp, spec, job_dir, tokenizer, vocab_before)
     elif main_rank:
-        trainer.model.save_pretrained(str(tmp))
-        if spec.full_finetune:
-            tokenizer.save_pretrained(str(tmp))
-    if not main_rank:
+        final = save_result(trainer.model, tokenizer, spec, job_dir, vocab_before)
+    else:
         return status
-    if len(tokenizer) != vocab_before:
-        raise RuntimeError(f"the vocabulary changed during training ({vocab_before} -> {len(tokenizer)})")
-    if not spec.full_finetune and spec.max_lora_rank is not None:
-        validate_adapter(tmp, max_lora_rank=spec.max_lora_rank)
-    os.replace(tmp, final)
     shutil.rmtree(job_dir / local_dist.CHECKPOINTS, ignore_errors=True)  # the result is `final`
     status.artifact_path = str(final)
     status.trained_tokens = labelled * spec.epochs

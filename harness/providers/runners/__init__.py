@@ -42,6 +42,9 @@ class Launch(BaseModel):
     address: str | None = None  # ray: the cluster's dashboard address at submission
     launched_at: float = Field(default_factory=time.time)
     logs_final: bool = False  # ray: train.log holds the ended job's whole log
+    # subprocess, resident trainer: the job ids (folder names) sharing this one process, this one
+    # included; empty for a process of its own.
+    group: list[str] = Field(default_factory=list)
 
 
 def read_launch(job_dir: Path) -> Launch | None:
@@ -84,6 +87,7 @@ def harness_env(*, inherit_path: bool = True) -> dict[str, str]:
 
 
 TRAIN_MODULE = "harness.providers.local_train"
+RESIDENT_MODULE = "harness.providers.resident_train"  # several LoRA jobs in one process
 
 
 def train_command(python: str, job_dir: Path, module: str = TRAIN_MODULE) -> list[str]:

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from harness.providers.runners import (TRAIN_MODULE, JobRunner, Launch, LaunchFailed, Liveness, Probe,
+from harness.providers.runners import (RESIDENT_MODULE, TRAIN_MODULE, JobRunner, Launch, LaunchFailed, Liveness, Probe,
                                        harness_env, train_command, write_launch)
 
 
@@ -96,6 +96,33 @@ class SubprocessRunner(JobRunner):
         # here could overwrite its "running" or even its final status with a stale "running".
         launch = Launch(runner="subprocess", pid=proc.pid, devices=device)
         write_launch(job_dir, launch)
+        return launch
+
+    async def launch_group(self, job_dirs: list[Path], active: list[Launch]) -> Launch:
+        """Start ONE resident trainer process for several LoRA jobs (harness.providers.resident_train)
+        and write the same launch record, with the group's job ids, in every job's folder. Its
+        command line carries each `--job-dir DIR` pair, so `alive` recognises it for every job.
+        Its output goes to the first job's train.log; the others' logs say where to look."""
+        device = self.pick_device(active)
+        env = {**os.environ, **harness_env()}
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        first = job_dirs[0]
+        command = [self.python, "-m", RESIDENT_MODULE, *[a for d in job_dirs for a in ("--job-dir", str(d))]]
+        for other in job_dirs[1:]:
+            with open(other / "train.log", "a", encoding="utf-8") as log:
+                log.write(f"trained in one resident process with {len(job_dirs) - 1} other job(s); its log: "
+                          f"{first / 'train.log'}\n")
+        with open(first / "train.log", "ab") as log:
+            try:
+                proc = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=asyncio.subprocess.STDOUT,
+                                                            env=env, start_new_session=True)
+            except OSError as e:
+                raise LaunchFailed(f"could not start {self.python}: {e}") from None
+        launch = Launch(runner="subprocess", pid=proc.pid, devices=device, group=[d.name for d in job_dirs])
+        for job_dir in job_dirs:
+            self._procs[job_dir] = proc
+            write_launch(job_dir, launch)
         return launch
 
     async def probe(self, job_dir: Path, launch: Launch) -> Probe:
