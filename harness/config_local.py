@@ -87,9 +87,9 @@ class LocalFinetuneConfig(_Strict):
     effective_batch_size: int | None = Field(None, ge=1)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"  # decay after the warmup
     warmup_ratio: float = Field(0.0, ge=0, lt=1)  # share of the steps with a rising learning rate
-    # bfloat16 compute (the weights of a full finetune stay float32). None: where the GPU has it.
+    # bfloat16 compute (a sharded full finetune keeps float32 weights). None: where the GPU has it.
     bf16: bool | None = None
-    seed: int | None = None  # the trainer's seed (data order, dropout); None: the run's `seed`
+    seed: int | None = None  # data order, dropout, a new adapter's weights; None: the run's `seed`
     # A job saves a checkpoint under <job dir>/checkpoints every checkpoint_steps optimizer steps
     # and whenever checkpoint_minutes passed since the last one; a job started again in its
     # folder resumes from the newest complete one. None turns either trigger off. Ten minutes:
