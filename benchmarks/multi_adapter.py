@@ -17,7 +17,11 @@ pair), peak RSS of the resident process / the largest peak RSS of one per-job pr
 adapter's losses are compared between the two sides too (same seeds: they must be equal).
 
     python benchmarks/multi_adapter.py [--repeats 2] [--counts 12,18,24,30,16,22]
-        [--out benchmarks/results/multi-adapter]
+        [--out benchmarks/results/multi-adapter] [--append]
+
+The committed result (benchmarks/results/multi-adapter/) ran `--counts 4,4,4,4,4,4`: 2 steps per
+adapter instead of a real iteration's 6-14, for lack of time on a loaded machine; its README
+says what that changes.
 """
 
 from __future__ import annotations
