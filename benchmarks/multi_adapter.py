@@ -17,7 +17,11 @@ pair), peak RSS of the resident process / the largest peak RSS of one per-job pr
 adapter's losses are compared between the two sides too (same seeds: they must be equal).
 
     python benchmarks/multi_adapter.py [--repeats 2] [--counts 12,18,24,30,16,22]
-        [--out benchmarks/results/multi-adapter]
+        [--out benchmarks/results/multi-adapter] [--append]
+
+The committed result (benchmarks/results/multi-adapter/) ran `--counts 4,4,4,4,4,4`: 2 steps per
+adapter instead of a real iteration's 6-14, for lack of time on a loaded machine; its README
+says what that changes.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psutil  # noqa: E402
 
 from harness.config import load_config  # noqa: E402
-from harness.fileio import write_json, write_model  # noqa: E402
+from harness.fileio import write_json, write_jsonl_atomic, write_model  # noqa: E402
 from harness.models import resolve  # noqa: E402
 from harness.prompts import Prompts  # noqa: E402
 from harness.providers.local_train import JobFile, JobSpec, LoraSpec, write_status  # noqa: E402
@@ -195,6 +199,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--counts", default="12,18,24,30,16,22", help="examples per adapter (gen0,crit0,gen1,...)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/multi-adapter")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the pairs already in OUT/records.jsonl and add --repeats more (a run cut short)")
     args = parser.parse_args()
     cfg = load_config("smollm2")
     model = resolve(cfg.serve.model)
@@ -207,10 +213,16 @@ def main() -> None:
         data.append(path)
     args.out.mkdir(parents=True, exist_ok=True)
     records_path = args.out / "records.jsonl"
-    records_path.unlink(missing_ok=True)
-    parallel = cfg.finetune.local.max_parallel_jobs
     records = []
-    for repeat in range(args.repeats):
+    if args.append and records_path.exists():
+        records = [json.loads(line) for line in records_path.read_text(encoding="utf-8").splitlines()]
+        records = [r for r in records if sum(1 for o in records if o["repeat"] == r["repeat"]) == 2]  # whole pairs
+        write_jsonl_atomic(records_path, records)
+    else:
+        records_path.unlink(missing_ok=True)
+    parallel = cfg.finetune.local.max_parallel_jobs
+    first = 1 + max((r["repeat"] for r in records), default=-1)
+    for repeat in range(first, first + args.repeats):
         for side in ("per_job", "resident"):
             dirs = make_jobs(work / f"r{repeat}-{side}", data, model, cfg)
             record = {"repeat": repeat, **run_side(side, dirs, 1 if side == "resident" else parallel)}
