@@ -98,24 +98,26 @@ async def test_probes_are_sent_again_after_a_reload_and_replace_the_earlier_ones
 # ----------------------------------------------------------------------------- through the loop
 
 FAKE_TRAINER = '''#!{python}
-"""Stands in for `python -m harness.providers.local_train --job-dir DIR`: an "adapter" folder
+"""Stands in for `python -m harness.providers.local_train --job-dir DIR` (or resident_train with several): an "adapter" folder
 holding the job's training file, which the simulator turns into a finetuned model."""
 import json, os, shutil, sys, time
 from pathlib import Path
 if sys.argv[1] == "-c":
     sys.exit(0)
-job = Path(sys.argv[sys.argv.index("--job-dir") + 1])
-spec = json.loads((job / "spec.json").read_text())
-out = job / "adapter"
-out.mkdir(exist_ok=True)
-(out / "adapter_config.json").write_text(json.dumps({{"peft_type": "LORA", "r": 8}}))
-shutil.copyfile(spec["training_file"], out / "train.jsonl")
-status = json.loads((job / "status.json").read_text()) if (job / "status.json").exists() else {{}}
-status.update(status="succeeded", pid=os.getpid(), started_at=time.time(), finished_at=time.time(),
-              artifact_path=str(out), updated_at=time.time())
-# Atomically, as local_train does: the loop polls status.json while this writes it.
-(job / "status.json.tmp").write_text(json.dumps(status))
-os.replace(job / "status.json.tmp", job / "status.json")
+# Every --job-dir: the resident trainer (the default on one device) gets an iteration's jobs at once.
+jobs = [Path(b) for a, b in zip(sys.argv, sys.argv[1:]) if a == "--job-dir"]
+for job in jobs:
+    spec = json.loads((job / "spec.json").read_text())
+    out = job / "adapter"
+    out.mkdir(exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps({{"peft_type": "LORA", "r": 8}}))
+    shutil.copyfile(spec["training_file"], out / "train.jsonl")
+    status = json.loads((job / "status.json").read_text()) if (job / "status.json").exists() else {{}}
+    status.update(status="succeeded", pid=os.getpid(), started_at=time.time(), finished_at=time.time(),
+                  artifact_path=str(out), updated_at=time.time())
+    # Atomically, as local_train does: the loop polls status.json while this writes it.
+    (job / "status.json.tmp").write_text(json.dumps(status))
+    os.replace(job / "status.json.tmp", job / "status.json")
 '''
 
 

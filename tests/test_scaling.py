@@ -143,11 +143,12 @@ def test_dry_run_of_a_vllm_run_with_local_finetuning_shows_the_gpu_estimate(cli,
     assert "* (a) LoRA, a process per adapter" in out  # the preset's way, marked
     assert "warning" not in out and "nothing was called" in out
 
-    # A GPU too small for the LoRA jobs beside the server's half: a clear warning naming what fits.
+    # One GPU too small for the LoRA jobs beside the server's half: a clear warning naming what fits.
+    # With one GPU, finetune.local.trainer's `auto` is the resident trainer: that is the way named.
     small = cli("--config", "vllm", "--dry-run", *math_files, "--set", "hardware.gpu_memory_gb=16",
                 env={"COLUMNS": "200"})
     assert small.returncode == 0, small.stdout + small.stderr
-    assert "warning: (a) LoRA, a process per adapter does not fit 1 x 16 GB GPUs" in small.stdout
+    assert "warning: (b) LoRA resident, one process does not fit 1 x 16 GB GPUs" in small.stdout
     assert "what fits:" not in small.stdout and "no way fits" in small.stdout
     assert "held by the vLLM server" in small.stdout
 
