@@ -25,3 +25,17 @@ def cli(tmp_path):
     def _run(*args: str, module: str = "harness.loop", timeout: float = 240, env: dict | None = None):
         return run_cli(module, *args, cwd=tmp_path, timeout=timeout, env=env)
     return _run
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    """The interpreter of .venv-vllm (built by .ci/setup-vllm.sh): skipped without it, failed
+    with HARNESS_REQUIRE_VLLM=1 (CI); the `local` extra is needed too (tiny model, adapters)."""
+    python = REPO / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        reason = f"{python} is missing; create it with .ci/setup-vllm.sh"
+        if os.environ.get("HARNESS_REQUIRE_VLLM") == "1":
+            pytest.fail(reason + " (HARNESS_REQUIRE_VLLM=1)")
+        pytest.skip(reason)
+    pytest.importorskip("trl", reason="the `local` extra is needed to build the tiny model and train adapters")
+    return python

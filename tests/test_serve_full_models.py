@@ -152,17 +152,6 @@ def test_the_dry_run_says_how_many_servers_and_gpus(tmp_path):
 # ----------------------------------------------------------------------------- the loop on real vLLM
 
 @pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    if not VLLM_PYTHON.exists():
-        reason = f"{VLLM_PYTHON} is missing; create it with .ci/setup-vllm.sh"
-        if os.environ.get("HARNESS_REQUIRE_VLLM") == "1":
-            pytest.fail(reason + " (HARNESS_REQUIRE_VLLM=1)")
-        pytest.skip(reason)
-    pytest.importorskip("trl", reason="the `local` extra is needed to finetune")
-    return VLLM_PYTHON
-
-
-@pytest.fixture(scope="module")
 def tiny_model(vllm_python, tmp_path_factory) -> Path:
     from harness.testing.tiny_model import build_tiny_model
 

@@ -47,17 +47,6 @@ def tiny_serve_config(model: Path, port: int) -> ServeConfig:
 
 
 @pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    if not VLLM_PYTHON.exists():
-        reason = f"{VLLM_PYTHON} is missing; create it with .ci/setup-vllm.sh"
-        if os.environ.get("HARNESS_REQUIRE_VLLM") == "1":
-            pytest.fail(reason + " (HARNESS_REQUIRE_VLLM=1)")
-        pytest.skip(reason)
-    pytest.importorskip("trl", reason="the `local` extra is needed to build the tiny model and train adapters")
-    return VLLM_PYTHON
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("vllm")
 
