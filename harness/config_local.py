@@ -54,6 +54,7 @@ class LocalFinetuneConfig(_Strict):
     # CPU threads per job (torch.set_num_threads); None: torch's default, every core. On a CPU
     # shared with other work (or with max_parallel_jobs > 1), 1 avoids threads waiting on each
     # other: a SmolLM2 step took 85-120 s with 2 threads on a busy 2-core machine, 10 s with 1.
+    # The resident trainer's one process gets threads x max_parallel_jobs (the jobs' cores apart).
     threads: int | None = Field(None, ge=1)
     # finetune.single_model only: "mean_agent_job" caps the pooled job at the mean optimizer steps
     # (epochs x ceil(examples / batch)) of the per-agent jobs the same data would have given, so

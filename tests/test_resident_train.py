@@ -138,9 +138,12 @@ def meta(agent: int) -> dict[str, str]:
 
 
 async def test_the_provider_launches_a_batch_as_one_process_and_cancels_one_job_of_it(tiny, tmp_path):
+    """...with the cores the jobs would have had apart: max_parallel_jobs 2 at 1 thread each
+    give the one process 2 threads."""
     from harness.config import Hyperparameters
 
-    p = LocalProvider(tmp_path / "run", LocalFinetuneConfig(trainer="resident", threads=1, learning_rate=5e-3),
+    p = LocalProvider(tmp_path / "run", LocalFinetuneConfig(trainer="resident", threads=1, max_parallel_jobs=2,
+                                                            learning_rate=5e-3),
                       base_model_path=str(tiny / "model"), max_lora_rank=8, base_names={"base"})
     hp = Hyperparameters(n_epochs=3, batch_size=1)
     async with p.batch():
@@ -159,6 +162,8 @@ async def test_the_provider_launches_a_batch_as_one_process_and_cancels_one_job_
         assert done.status is JobStatus.SUCCEEDED, done.error
     last = await p.refresh(states[2].job_id)
     assert last.status is JobStatus.CANCELLED and not (p.jobs_dir / states[2].job_id / "adapter").exists()
+    log = (p.jobs_dir / states[0].job_id / "train.log").read_text()
+    assert "2 CPU threads" in log and "1 CPU threads" not in log, log
 
 
 @pytest.mark.slow

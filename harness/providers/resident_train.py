@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train several local LoRA jobs in one process (one base model).")
     parser.add_argument("--job-dir", type=Path, action="append", required=True)
     parser.add_argument("--checkpoint-every", type=int, default=1, help="optimizer steps between checkpoints")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of this process (default: the jobs' own `threads`)")
     args = parser.parse_args(argv)
     jobs: list[Job] = []
     key = None
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"resident trainer pid {os.getpid()} on {socket.gethostname()}: {len(jobs)} jobs on "
           f"{jobs[0].spec.base_model_path}", flush=True)
     try:
-        device, bf16 = setup_torch(jobs[0].spec)
+        device, bf16 = setup_torch(jobs[0].spec.model_copy(update={"threads": args.threads or jobs[0].spec.threads}))
         tokenizer = load_tokenizer(jobs[0].spec.base_model_path)
         model = load_base(jobs[0].spec, bf16)
         for job in jobs:

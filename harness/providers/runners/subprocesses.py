@@ -109,6 +109,11 @@ class SubprocessRunner(JobRunner):
             env["CUDA_VISIBLE_DEVICES"] = device
         first = job_dirs[0]
         command = [self.python, "-m", RESIDENT_MODULE, *[a for d in job_dirs for a in ("--job-dir", str(d))]]
+        if self.cfg.threads is not None:
+            # The cores the jobs would have had as separate processes (max_parallel_jobs of them
+            # at `threads` each) go to the one process that now trains them all: a thread each
+            # would leave all but one of those cores idle.
+            command += ["--threads", str(self.cfg.threads * min(self.cfg.max_parallel_jobs, len(job_dirs)))]
         for other in job_dirs[1:]:
             with open(other / "train.log", "a", encoding="utf-8") as log:
                 log.write(f"trained in one resident process with {len(job_dirs) - 1} other job(s); its log: "
