@@ -137,7 +137,7 @@ def train_runtime(log: Path) -> float:
 def dataset_tokens(model_dir: str, data: Path, max_length: int) -> int:
     from transformers import AutoTokenizer
 
-    from harness.providers.local_train import read_examples
+    from harness.providers.weighted_examples import read_examples
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return sum(len(ex["input_ids"]) for ex in read_examples(data, tok, max_length)[0])

@@ -19,7 +19,8 @@ from harness.errors import FinetuneError, ServeError  # noqa: E402
 from harness.providers.base import FinetuneRequest, JobStatus  # noqa: E402
 from harness.providers.local import LocalProvider, adapter_name  # noqa: E402
 from harness.providers.runners.subprocesses import alive as _alive  # noqa: E402
-from harness.providers.local_train import IGNORE, JobFile, JobSpec, tokenize_weighted  # noqa: E402
+from harness.providers.local_train import JobFile, JobSpec  # noqa: E402
+from harness.providers.weighted_examples import IGNORE, tokenize_weighted  # noqa: E402
 from harness.serve import validate_adapter  # noqa: E402
 from harness.testing.tiny_model import build_tiny_model, write_chat_jsonl  # noqa: E402
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.providers.local_train import IGNORE, tokenize_weighted
+from harness.providers.weighted_examples import IGNORE, tokenize_weighted
 from harness.providers.tinker_train import batches, datum_arrays, pad, unpack_adapter
 from tests.conftest import run_cli
 

@@ -132,7 +132,7 @@ def _mean_logprob(model, tokenizer, path: Path) -> float:
     """Mean log-likelihood per loss-carrying token of a training file's examples."""
     import torch
 
-    from harness.providers.local_train import IGNORE, load_examples
+    from harness.providers.weighted_examples import IGNORE, load_examples
 
     total, count = 0.0, 0
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_own_training_answers_become_more_likely(run_dir, smollm2):
 def test_first_critic_turn_carries_no_loss_under_the_real_template(run_dir, smollm2):
     from transformers import AutoTokenizer
 
-    from harness.providers.local_train import IGNORE, tokenize_weighted
+    from harness.providers.weighted_examples import IGNORE, tokenize_weighted
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     line = (run_dir / "iter-0" / "ftdata" / "critic-0.jsonl").read_text(encoding="utf-8").splitlines()[0]

@@ -37,7 +37,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from harness.fileio import JsonlAppender, write_model
-from harness.providers.local_train import IGNORE, JobFile, JobSpec, read_examples, read_status, write_status
+from harness.providers.local_train import JobFile, JobSpec, read_status, write_status
+from harness.providers.weighted_examples import IGNORE, read_examples
 
 STATE = "tinker.json"
 
