@@ -5,8 +5,10 @@
 
 starts vLLM's OpenAI-compatible server(s) with LoRA enabled (serve.replicas of them, on
 consecutive ports and their own GPUs; or as Ray jobs with serve.runner: ray, see serve_ray.py),
-waits for /health, loads the adapters and blocks until Ctrl-C, then stops the servers and their
-workers. The loop uses the same pieces: `serving()` starts the managed servers (serve.manage) or
+waits for /health, loads the adapters, checks that every server applies each of them (the probes
+of harness/probes.py: an adapter that scores a fixed text like the base model stops the command
+with an error naming it; --no-probe skips the check) and blocks until Ctrl-C, then stops the
+servers and their workers. The loop uses the same pieces: `serving()` starts the managed servers (serve.manage) or
 checks the one(s) the user runs, and `load_adapters()` registers each agent's adapter under its
 name and unloads stale ones.
 
@@ -27,6 +29,7 @@ import secrets
 import signal
 import struct
 import sys
+import tempfile
 from pathlib import Path
 from typing import AsyncIterator, NamedTuple, Sequence
 
@@ -233,6 +236,31 @@ def _loopback(host: str) -> bool:
 
 # ----------------------------------------------------------------------------- command line
 
+async def _probe(urls: list[str], base: str, adapters: dict[str, str], cfg: RunConfig, key: str | None) -> None:
+    """The loop's adapter probes (harness.probes) on the command's servers, one line per adapter and
+    server; AdapterNotApplied (a ServeError) when a server does not apply one. The probe requests
+    go through the harness's client, whose usage records go to a folder removed afterwards: this
+    command has no run folder. AdapterNotApplied is a ServeError: main() prints it and stops."""
+    from harness.config import EndpointConfig
+    from harness.llm.client import LLMClient
+    from harness.probes import PROBES_FILE, AdapterProbes, probe_adapters
+
+    with tempfile.TemporaryDirectory(prefix="harness-serve-probe-") as tmp:
+        out = Path(tmp) / PROBES_FILE
+        endpoint = EndpointConfig(kind="vllm", api_key_env=None, max_retries=2)
+        async with LLMClient(base_url=urls, api_key=key or "EMPTY", run_dir=Path(tmp), endpoint=endpoint,
+                             sampling=cfg.sampling) as client:
+            try:
+                await probe_adapters(client, urls, base, sorted(adapters), settings=cfg.serve.probe, iteration=0,
+                                     out_path=out)
+            finally:  # every verdict, the failing ones included
+                if out.exists():
+                    for p in AdapterProbes.model_validate_json(out.read_bytes()).probes:
+                        print(f"probe {p.adapter} at {p.server}: {p.verdict.replace('_', ' ')} (max |Δ logprob| "
+                              f"{p.max_abs_delta:.4g} vs the base over {p.tokens} tokens; unchanged at <= "
+                              f"{p.threshold:.3g})", flush=True)
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -249,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-loras", type=int)
     p.add_argument("--python", help="interpreter with vLLM installed")
     p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=PATH")
+    p.add_argument("--no-probe", action="store_true",
+                   help="skip the check that each server applies every adapter (serve.probe.enabled: false)")
     p.add_argument("--log", type=Path, help="server log file; with serve.replicas > 1, one per server (LOG-0, LOG-1, ...)")
     args, extra = p.parse_known_args(argv)
     from harness.config import load_config
@@ -275,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         for url in servers.urls:
             if adapters:
                 await load_adapters(url, adapters, api_key=key)
+        if adapters and cfg.serve.probe.enabled and not args.no_probe:
+            await _probe(list(servers.urls), serve.served_name, adapters, cfg, key)
         print(f"serving {serve.model} as '{serve.served_name}' at {', '.join(servers.urls)}"
               f"{' with ' + ', '.join(adapters) if adapters else ''}"
               f"{' for clients sending $VLLM_API_KEY' if key else ''}; Ctrl-C stops it", flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -180,10 +181,15 @@ def test_probe_settings_are_checked_at_load(cli):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_real_vllm_a_trained_adapter_passes_and_an_untrained_one_is_caught(tmp_path):
-    """The tiny model on vLLM's CPU build: an adapter the local provider trained for one epoch
-    moves the text's log-probabilities by ~1e-2 nats; a fresh PEFT LoRA (B all zeros, what a
-    job that never stepped leaves) is served without complaint and scores exactly like the base."""
-    from test_serve_vllm import VLLM_PYTHON, free_port, tiny_serve_config
+    """The tiny model on vLLM's CPU build, served by `python -m harness.serve` with two adapters:
+    one the local provider trained for one epoch moves the text's log-probabilities by ~1e-2
+    nats; a fresh PEFT LoRA (B all zeros, what a job that never stepped leaves) is loaded without
+    complaint by the server and scores exactly like the base. The command prints both verdicts,
+    names the untrained one in its error, exits 1 and leaves no server behind."""
+    import socket
+    import subprocess
+
+    from test_serve_vllm import VLLM_PYTHON, free_port
 
     if not VLLM_PYTHON.exists():
         pytest.skip(f"{VLLM_PYTHON} is missing; create it with .ci/setup-vllm.sh")
@@ -194,7 +200,6 @@ def test_real_vllm_a_trained_adapter_passes_and_an_untrained_one_is_caught(tmp_p
     from harness.config import Hyperparameters, LocalFinetuneConfig
     from harness.providers.base import FinetuneRequest, JobStatus
     from harness.providers.local import LocalProvider
-    from harness.serve import VLLMServer
     from harness.testing.tiny_model import build_tiny_model, write_chat_jsonl
 
     model = build_tiny_model(tmp_path / "tiny")
@@ -215,31 +220,19 @@ def test_real_vllm_a_trained_adapter_passes_and_an_untrained_one_is_caught(tmp_p
     get_peft_model(AutoModelForCausalLM.from_pretrained(model),
                    LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).save_pretrained(untrained)
 
-    server = VLLMServer(tiny_serve_config(model, free_port()), agents=2, log_path=tmp_path / "vllm.log", api_key="k")
-    server.start()
-    try:
-        async def probe() -> tuple[AdapterProbes, AdapterNotApplied]:
-            await server.wait_healthy()
-            url = server.base_url
-            await load_adapters(url, {"pr-trained": trained, "pr-untrained": untrained}, api_key="k")
-            out = tmp_path / "run" / "iter-1" / "adapter-probes.json"
-            async with LLMClient(base_url=url, api_key="k", run_dir=tmp_path / "run", sampling=SamplingConfig(),
-                                 endpoint=EndpointConfig(kind="vllm", api_key_env=None, max_retries=0)) as client:
-                passed = await probe_adapters(client, [url], "base", ["pr-trained"], settings=AdapterProbeConfig(),
-                                              iteration=1, out_path=out)
-                with pytest.raises(AdapterNotApplied) as caught:
-                    await probe_adapters(client, [url], "base", ["pr-trained", "pr-untrained"],
-                                         settings=AdapterProbeConfig(), iteration=1, out_path=out)
-            return passed, caught.value
-
-        passed, error = asyncio.run(probe())
-        server.check_alive()
-    finally:
-        server.stop()
-    good = passed.probes[0]
-    assert good.verdict == "applied" and good.base_noise == 0.0 and good.max_abs_delta > 1e-3, good
-    print(f"trained adapter: max |Δ| {good.max_abs_delta:.3g}, mean {good.mean_abs_delta:.3g} over {good.tokens} tokens")
-    assert "adapter 'pr-untrained' is not applied" in str(error) and "max |Δ logprob| 0 " in str(error)
-    record = AdapterProbes.model_validate_json((tmp_path / "run" / "iter-1" / "adapter-probes.json").read_bytes())
-    bad = next(p for p in record.probes if p.adapter == "pr-untrained")
-    assert bad.verdict == "not_applied" and bad.max_abs_delta == 0.0
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "harness.serve", "--config", "vllm-tiny", "--set", f"serve.model={model}",
+                          "--set", f"serve.python={VLLM_PYTHON}", "--port", str(port), "--log", str(tmp_path / "vllm.log"),
+                          "--adapters", f"pr-trained={trained}", f"pr-untrained={untrained}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 1, out.stdout + out.stderr
+    verdicts = {m[0]: (m[1], float(m[2])) for m in
+                re.findall(r"probe (pr-\w+) at \S+: (applied|not applied) \(max \|Δ logprob\| ([0-9.e+-]+) ", out.stdout)}
+    assert verdicts.keys() == {"pr-trained", "pr-untrained"}, out.stdout
+    assert verdicts["pr-trained"][0] == "applied" and verdicts["pr-trained"][1] > 1e-3, out.stdout
+    assert verdicts["pr-untrained"] == ("not applied", 0.0), out.stdout
+    print(f"trained adapter: max |Δ| {verdicts['pr-trained'][1]:.3g}")
+    assert "adapter 'pr-untrained' is not applied" in out.stderr and "max |Δ logprob| 0 " in out.stderr
+    assert "Traceback" not in out.stderr
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the server outlived the command"
