@@ -31,23 +31,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.fileio import write_atomic, write_model  # noqa: E402
-from harness.providers.local_train import JobFile, JobSpec, write_status  # noqa: E402
+from harness.fileio import write_atomic  # noqa: E402
 from harness.providers.runners import harness_env  # noqa: E402
+from harness.testing.local_jobs import write_job  # noqa: E402
 
 GPU_RTOL = 2e-2
 CPU_RTOL = 1e-5
 
 
 def job(root: Path, name: str, model: Path, data: Path, device: str, **spec) -> Path:
-    job_dir = root / name
-    job_dir.mkdir(parents=True)
-    fields = {"job_id": name, "adapter_name": name, "metadata": {"check": name}, "training_file": str(data),
-              "base_model_path": str(model), "epochs": 2, "batch_size": 2, "device": device,
-              "learning_rate": 1e-3, "seed": 0, **spec}
-    write_status(job_dir, JobFile(status="queued"))
-    write_model(job_dir / "spec.json", JobSpec(**fields))
-    return job_dir
+    return write_job(root / name, base_model_path=model, training_file=data, metadata={"check": name},
+                     **{"epochs": 2, "batch_size": 2, "device": device, "learning_rate": 1e-3, "seed": 0, **spec})
 
 
 def run(module: str, job_dirs: list[Path], timeout_s: float) -> float:

@@ -45,11 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psutil  # noqa: E402
 
 from harness.config import load_config  # noqa: E402
-from harness.fileio import write_json, write_jsonl_atomic, write_model  # noqa: E402
+from harness.fileio import write_json, write_jsonl_atomic  # noqa: E402
 from harness.models import resolve  # noqa: E402
 from harness.prompts import Prompts  # noqa: E402
-from harness.providers.local_train import JobFile, JobSpec, LoraSpec, write_status  # noqa: E402
+from harness.providers.local_train import LoraSpec  # noqa: E402
 from harness.tasks import load_split  # noqa: E402
+from harness.testing.local_jobs import write_job  # noqa: E402
 
 SAMPLE_S = 0.1
 
@@ -86,17 +87,12 @@ def make_jobs(root: Path, data: list[Path], model: str, cfg) -> list[Path]:
     local, hp = cfg.finetune.local, cfg.finetune.hyperparameters
     dirs = []
     for i, path in enumerate(data):
-        job_dir = root / f"job{i}"
-        job_dir.mkdir(parents=True)
-        spec = JobSpec(job_id=job_dir.name, adapter_name=job_dir.name, metadata={"agent": str(i // 2)},
-                       training_file=str(path), base_model_path=model,
-                       lora=LoraSpec(r=local.r, alpha=local.alpha, dropout=local.dropout,
-                                     target_modules=local.target_modules),
-                       learning_rate=local.learning_rate, epochs=hp.n_epochs, batch_size=hp.batch_size,
-                       max_length=local.max_length, seed=cfg.seed, device="cpu", threads=local.threads,
-                       max_lora_rank=cfg.serve.max_lora_rank)
-        write_status(job_dir, JobFile())
-        write_model(job_dir / "spec.json", spec)
+        job_dir = write_job(root / f"job{i}", base_model_path=model, training_file=path, metadata={"agent": str(i // 2)},
+                            lora=LoraSpec(r=local.r, alpha=local.alpha, dropout=local.dropout,
+                                          target_modules=local.target_modules),
+                            learning_rate=local.learning_rate, epochs=hp.n_epochs, batch_size=hp.batch_size,
+                            max_length=local.max_length, seed=cfg.seed, device="cpu", threads=local.threads,
+                            max_lora_rank=cfg.serve.max_lora_rank)
         dirs.append(job_dir)
     return dirs
 

@@ -16,13 +16,12 @@ import pytest
 pytest.importorskip("trl", reason="the `local` extra (torch, transformers, peft, trl) is not installed")
 
 from harness.config import LocalFinetuneConfig, load_config  # noqa: E402
-from harness.fileio import write_model  # noqa: E402
 from harness.providers import local_train, resident_train  # noqa: E402
 from harness.providers.base import FinetuneRequest, JobStatus  # noqa: E402
 from harness.providers.local import LocalProvider  # noqa: E402
-from harness.providers.local_train import JobFile, JobSpec, write_status  # noqa: E402
 from harness.providers.runners import read_launch  # noqa: E402
 from harness.providers.runners.subprocesses import alive  # noqa: E402
+from harness.testing.local_jobs import progress, write_job  # noqa: E402
 from harness.testing.tiny_model import build_tiny_model, write_chat_jsonl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,17 +43,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def make_job(job_dir: Path, tiny: Path, i: int, **over) -> Path:
-    job_dir.mkdir(parents=True)
-    spec = JobSpec(job_id=job_dir.name, adapter_name=job_dir.name, metadata={}, base_model_path=str(tiny / "model"),
-                   training_file=str(tiny / f"data{i}.jsonl"), learning_rate=5e-3, epochs=2, batch_size=2,
-                   seed=i, device="cpu", threads=1, max_lora_rank=8, **over)
-    write_status(job_dir, JobFile())
-    write_model(job_dir / "spec.json", spec)
-    return job_dir
-
-
-def progress(job_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (job_dir / "progress.jsonl").read_text().splitlines()]
+    return write_job(job_dir, base_model_path=tiny / "model", training_file=tiny / f"data{i}.jsonl", learning_rate=5e-3,
+                     epochs=2, batch_size=2, seed=i, device="cpu", threads=1, max_lora_rank=8, **over)
 
 
 def weights(job_dir: Path) -> dict:

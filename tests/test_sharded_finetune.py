@@ -22,9 +22,9 @@ from harness.errors import ConfigError  # noqa: E402
 from harness.providers import local_dist  # noqa: E402
 from harness.providers.base import FinetuneRequest, JobStatus  # noqa: E402
 from harness.providers.local import LocalProvider  # noqa: E402
-from harness.providers.local_train import JobSpec  # noqa: E402
 from harness.providers.runners import Launch  # noqa: E402
 from harness.providers.runners.subprocesses import SubprocessRunner  # noqa: E402
+from harness.testing.local_jobs import progress, write_job  # noqa: E402
 from harness.testing.tiny_model import build_tiny_model, write_chat_jsonl  # noqa: E402
 
 # Measured on this machine (2 CPU cores, torch 2.13 CPU, float32): per-step losses of 2
@@ -40,12 +40,8 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def make_job(job_dir: Path, model: Path, data: Path, **spec) -> Path:
-    job_dir.mkdir(parents=True)
-    fields = {"job_id": job_dir.name, "adapter_name": job_dir.name, "metadata": {}, "training_file": str(data),
-              "base_model_path": str(model), "epochs": 2, "device": "cpu", "threads": 1, "learning_rate": 1e-3,
-              **spec}
-    (job_dir / "spec.json").write_text(JobSpec(**fields).model_dump_json())
-    return job_dir
+    return write_job(job_dir, base_model_path=model, training_file=data,
+                     **{"epochs": 2, "device": "cpu", "threads": 1, "learning_rate": 1e-3, **spec})
 
 
 def start(job_dir: Path) -> subprocess.Popen:
@@ -62,8 +58,7 @@ def run(job_dir: Path) -> dict:
 
 
 def losses(job_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (job_dir / "progress.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows]
+    return [(r["step"], r["loss"]) for r in progress(job_dir)]
 
 
 def assert_same_curve(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> None:
@@ -156,7 +151,7 @@ def test_two_processes_with_accumulation_train_the_same_lora_curve(tmp_path, tin
     run(one)
     run(two)
     assert_same_curve(losses(two), losses(one))
-    rows = [json.loads(line) for line in (two / "progress.jsonl").read_text().splitlines()]
+    rows = progress(two)
     assert rows[0]["learning_rate"] == 0 and rows[1]["learning_rate"] == pytest.approx(1e-3)  # warmup, then peak
     assert (two / "adapter" / "adapter_model.safetensors").exists()
 
