@@ -121,7 +121,7 @@ def build_data(path: Path, n: int, role: str, seed: int = 0) -> None:
                            f"{' + '.join(map(str, terms))} = {v} and answers {v}. Agent 2 gets the same sum, "
                            f"{v}, checking each partial sum, and answers {v}.")
                 msgs[1]["weight"] = 0
-                msgs += [{"role": "user", "content": prompts.debate_summary(summary)},
+                msgs += [{"role": "user", "content": prompts.debate_summary(summary, question=p.question)},
                          {"role": "assistant", "content": _answer(expr, terms, rng)}]
             f.write(json.dumps({"messages": msgs}) + "\n")
 

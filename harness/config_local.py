@@ -107,8 +107,12 @@ class LocalFinetuneConfig(_Strict):
     @property
     def resident(self) -> bool:
         """Whether jobs submitted together share one resident process (`trainer` resolved)."""
+        return self.resident_with(len(self.devices or []))
+
+    def resident_with(self, gpus: int) -> bool:
+        """The same on a machine of `gpus` GPUs (0 or 1: one device; auto is resident there)."""
         if self.trainer == "auto":
-            return self.runner == "subprocess" and not self.full_finetune and len(self.devices or []) <= 1
+            return self.runner == "subprocess" and not self.full_finetune and gpus <= 1
         return self.trainer == "resident"
 
     @model_validator(mode="after")

@@ -119,7 +119,8 @@ def estimate_plan(cfg: RunConfig, train: Sequence[Problem], test: Sequence[Probl
         trained = cfg.finetune.hyperparameters.n_epochs * n * examples * tokens_per_example
         endpoints = None
         if cfg.finetune.provider == "local":
-            ft_cost, note = 0.0, "local LoRA jobs: your own compute, no per-token charge"
+            kind = "full-finetuning" if cfg.finetune.local.full_finetune else "LoRA"
+            ft_cost, note = 0.0, f"local {kind} jobs: your own compute, no per-token charge"
         elif cfg.finetune.provider == "together":
             ft_cost, note, endpoints = _together_finetune(cfg, trained, jobs, examples)
         elif cfg.finetune.provider == "azure":

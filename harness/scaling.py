@@ -401,13 +401,12 @@ def configured_hardware(cfg) -> Hardware:
 
 
 def configured_mode(cfg, gpus: int) -> str:
-    """Which of the three ways `cfg` trains: full finetuning, or LoRA by finetune.local.trainer
-    (auto: resident on one GPU, one process per adapter on several; per_job where the field is absent)."""
+    """Which of the three ways `cfg` trains on `gpus` GPUs: full finetuning, or LoRA by
+    finetune.local.trainer (auto: resident on one GPU, one process per adapter on several)."""
     local = cfg.finetune.local
     if local.full_finetune:
         return "full"
-    trainer = getattr(local, "trainer", "per_job")
-    return "resident" if trainer == "resident" or (trainer == "auto" and gpus == 1) else "per_job"
+    return "resident" if local.resident_with(gpus) else "per_job"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -175,16 +175,16 @@ def test_a_full_finetune_on_too_few_gpus_per_job_is_warned_with_the_fewest_that_
     assert "what fits: finetune.local.processes_per_job=2" in text
 
 
-def test_the_configured_way_follows_the_trainer_fields_where_the_config_has_them():
-    from types import SimpleNamespace
-
+def test_the_configured_way_follows_the_trainer_field_as_the_provider_does():
+    from harness.config import load_config
     from harness.scaling import configured_mode
 
-    def cfg(**local):
-        return SimpleNamespace(finetune=SimpleNamespace(local=SimpleNamespace(full_finetune=False, **local)))
-    assert configured_mode(cfg(), gpus=1) == "per_job"  # no trainer field: 2N processes, as before it existed
-    assert configured_mode(cfg(trainer="resident"), gpus=8) == "resident"
-    assert configured_mode(cfg(trainer="auto"), gpus=1) == "resident"
-    assert configured_mode(cfg(trainer="auto"), gpus=8) == "per_job"
-    full = SimpleNamespace(finetune=SimpleNamespace(local=SimpleNamespace(full_finetune=True, trainer="auto")))
-    assert configured_mode(full, gpus=8) == "full"
+    def cfg(*sets: str):
+        return load_config("vllm", list(sets))
+    assert configured_mode(cfg("finetune.local.trainer=per_job"), gpus=1) == "per_job"
+    assert configured_mode(cfg("finetune.local.trainer=resident"), gpus=8) == "resident"
+    assert configured_mode(cfg("finetune.local.trainer=auto"), gpus=1) == "resident"
+    assert configured_mode(cfg("finetune.local.trainer=auto"), gpus=8) == "per_job"
+    assert configured_mode(cfg("finetune.local.runner=ray"), gpus=1) == "per_job"  # Ray jobs: one per adapter
+    assert configured_mode(cfg("finetune.local.full_finetune=true"), gpus=8) == "full"
+    assert cfg().finetune.local.resident  # one device (none listed): what the provider does
