@@ -146,6 +146,7 @@ def test_the_dry_run_says_how_many_servers_and_gpus(tmp_path):
     # 3 generators + 3 critics + the base model (summarizer and likelihood reference) = 7 servers
     assert "iteration 1 needs up to 7 vLLM servers at once (14 GPUs, 2 per server" in text
     assert "serves the base model (1 server" in text and "servers.jsonl" in text
+    assert "local full-finetuning jobs" in text  # not "LoRA jobs"
     assert serving_plan_note(load_config("vllm")) is None  # LoRA adapters: one server, as before
 
 
@@ -158,11 +159,11 @@ def tiny_model(vllm_python, tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("full") / "tiny-model")
 
 
-def loop_args(preset: str, model: str, run_dir: Path, port: int, *extra: str) -> list[str]:
-    # 2 agents x 1 round: iteration 1 serves the 2 finetuned generators (no critics, no summary),
+def loop_args(preset: str, model: str, run_dir: Path, port: int, *extra: str, agents: int = 2) -> list[str]:
+    # N agents x 1 round: iteration 1 serves the N finetuned generators (no critics, no summary),
     # with the likelihood measures off (they would serve the base model beside them).
     sets = [f"serve.model={model}", f"serve.port={port}", f"endpoint.base_url=http://127.0.0.1:{port}/v1",
-            f"serve.python={VLLM_PYTHON}", "finetune.local.full_finetune=true", "debate.agents=2",
+            f"serve.python={VLLM_PYTHON}", "finetune.local.full_finetune=true", f"debate.agents={agents}",
             "debate.rounds=1", "analysis.likelihood=false", "finetune.local.threads=1", *extra]
     return [sys.executable, "-m", "harness.loop", "--config", preset, "--run-dir", str(run_dir),
             *[a for s in sets for a in ("--set", s)]]
@@ -248,7 +249,9 @@ def test_full_finetune_loop_serves_each_agent_its_own_model_and_survives_a_kill(
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_full_finetune_loop_on_smollm2(vllm_python, tmp_path):
-    """The same on the real small model SmolLM2-135M (cached by harness.models)."""
+    """The real small model SmolLM2-135M (cached by harness.models), finetuned in full and served
+    from the weights its job wrote. One agent: the tiny model's test above checks that each of
+    several agents gets a server of its own; this one that a real architecture makes the trip."""
     from harness.models import MODELS
 
     assert "smollm2" in MODELS
@@ -256,10 +259,11 @@ def test_full_finetune_loop_on_smollm2(vllm_python, tmp_path):
     port = free_ports(2)
     args = loop_args("smollm2", "harness:smollm2", run_dir, port, "task.n_train=6", "task.n_test=4",
                      "finetune.min_examples=1", "finetune.hyperparameters.n_epochs=1",
-                     "finetune.local.max_length=256", "finetune.local.device=cpu", "sampling.max_tokens=32")
+                     "finetune.local.max_length=256", "finetune.local.device=cpu", "sampling.max_tokens=32",
+                     agents=1)
     out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=2300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    check_own_models(run_dir, agents=2)
+    check_own_models(run_dir, agents=1)
     assert all(wait_gone(p) for e in events(run_dir) for p in e.pids)
     assert servers_of(run_dir) == []
 
