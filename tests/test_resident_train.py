@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("trl", reason="the `local` extra (torch, transformers, peft, trl) is not installed")
 
 from harness.config import LocalFinetuneConfig, load_config  # noqa: E402
-from harness.providers import local_train, resident_train  # noqa: E402
+from harness.providers import local_dist, local_train, resident_train  # noqa: E402
 from harness.providers.base import FinetuneRequest, JobStatus  # noqa: E402
 from harness.providers.local import LocalProvider  # noqa: E402
 from harness.providers.runners import read_launch  # noqa: E402
@@ -172,7 +172,7 @@ async def test_a_resumed_provider_relaunches_a_killed_group_from_its_checkpoints
     dirs = [p.jobs_dir / s.job_id for s in states]
     pid = read_launch(dirs[0]).pid
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not all(resident_train.has_checkpoint(d) for d in dirs):
+    while time.monotonic() < deadline and not all(local_dist.has_checkpoint(d, 1) for d in dirs):
         time.sleep(0.05)
     os.killpg(pid, signal.SIGKILL)
     while alive(pid, dirs[0]):

@@ -92,6 +92,15 @@ def test_bad_process_settings_are_refused_at_load():
         load_config("vllm", ["finetune.local.warmup_ratio=1.5"])
 
 
+def test_a_resume_keeps_the_progress_up_to_its_checkpoint_even_after_a_torn_line(tmp_path):
+    """A kill can cut progress.jsonl's last line in half; the resumed job (either trainer) keeps
+    the steps up to its checkpoint and logs the rest anew, instead of failing on that line."""
+    rows = [json.dumps({"step": k, "loss": 1.0 / k}) for k in (1, 2, 3)]
+    (tmp_path / "progress.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "lo')
+    local_dist.trim_progress(tmp_path, 2)
+    assert [r["step"] for r in progress(tmp_path)] == [1, 2]
+
+
 def test_paper_open_holds_the_authors_recipe():
     cfg = load_config("paper-open", ["serve.model=meta-llama/Meta-Llama-3-8B-Instruct"])
     local, hp = cfg.finetune.local, cfg.finetune.hyperparameters

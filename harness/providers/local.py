@@ -36,7 +36,8 @@ from harness.errors import FinetuneError, ServeError
 from harness.fileio import write_model
 from harness.providers.base import FinetuneProvider, FinetuneRequest, JobState, JobStatus, LossPoint
 from harness.providers.local_train import JobFile, JobSpec, LoraSpec, read_status, write_status
-from harness.providers.resident_train import CANCEL, group_key, has_checkpoint
+from harness.providers.local_dist import has_checkpoint
+from harness.providers.resident_train import CANCEL, group_key
 from harness.providers.runners import LAUNCH, TRAIN_MODULE, JobRunner, Launch, LaunchFailed, Liveness, make_runner, read_launch
 from harness.serve import validate_adapter
 
@@ -426,7 +427,10 @@ class LocalProvider(FinetuneProvider):
         killed) but left a checkpoint goes back to the queue, to resume from it, instead of
         failing and being redone from scratch; once per job and provider instance, so a job
         that dies again and again still ends failed."""
-        if job_dir.name in self._relaunched or not has_checkpoint(job_dir) or (job_dir / CANCEL).exists():
+        if job_dir.name in self._relaunched or (job_dir / CANCEL).exists():
+            return False
+        spec = JobSpec.model_validate_json((job_dir / "spec.json").read_text(encoding="utf-8"))
+        if not has_checkpoint(job_dir, spec.processes):
             return False
         self._relaunched.add(job_dir.name)
         with open(job_dir / "train.log", "a", encoding="utf-8") as log:

@@ -17,6 +17,7 @@ step numbers of DIR/progress.jsonl go on without a repeat.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -71,6 +72,11 @@ def latest_checkpoint(job_dir: Path, world: int) -> Path | None:
     return done[-1] if done else None
 
 
+def has_checkpoint(job_dir: Path, world: int) -> bool:
+    """Whether a job of `world` processes can resume (the resident trainer's jobs: world 1)."""
+    return latest_checkpoint(job_dir, world) is not None
+
+
 def checkpoint_step(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1])
 
@@ -81,9 +87,14 @@ def trim_progress(job_dir: Path, step: int) -> None:
     path = job_dir / "progress.jsonl"
     if not path.exists():
         return
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [r for r in rows if r.get("step", 0) <= step]
-    if len(kept) != len(rows):
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        with contextlib.suppress(ValueError):  # a line the kill tore is dropped with the rest
+            row = json.loads(line)
+            if int(row.get("step", 0)) <= step:
+                kept.append(row)
+    if len(kept) != len(lines):
         write_jsonl_atomic(path, kept)
 
 

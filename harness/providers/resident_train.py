@@ -44,13 +44,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from harness.fileio import JsonlAppender, write_jsonl_atomic
+from harness.fileio import JsonlAppender
+from harness.providers import local_dist
 from harness.providers.local_train import (JobFile, JobSpec, attach_adapter, load_base, load_job_data, load_tokenizer,
                                            progress_callback, read_status, save_adapter, save_result, setup_torch,
                                            sft_config, write_status)
 
 CANCEL = "cancel.request"  # written by the provider to cancel one job of a running group
-CHECKPOINTS = "checkpoints"
 
 
 class Cancelled(Exception):
@@ -59,16 +59,6 @@ class Cancelled(Exception):
 
 def cancel_requested(job_dir: Path) -> bool:
     return (job_dir / CANCEL).exists()
-
-
-def latest_checkpoint(job_dir: Path) -> Path | None:
-    """The newest complete checkpoint (Trainer layout, trainer_state.json written last) or None."""
-    found = [p.parent for p in (job_dir / CHECKPOINTS).glob("checkpoint-*/trainer_state.json")]
-    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
-
-
-def has_checkpoint(job_dir: Path) -> bool:
-    return latest_checkpoint(job_dir) is not None
 
 
 class Turns:
@@ -182,34 +172,16 @@ def _trainer_class():
     return ResidentTrainer
 
 
-def _cut_progress(job_dir: Path, step: int) -> None:
-    """Keep progress.jsonl's lines up to the checkpoint's step: later ones are trained again."""
-    import json
-
-    path = job_dir / "progress.jsonl"
-    if not path.exists():
-        return
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line torn by the kill
-        if int(row.get("step", 0)) <= step:
-            rows.append(row)
-    write_jsonl_atomic(path, rows)
-
-
 def _train_one(resident: Resident, job: Job, tokenizer: Any, device: str, bf16: bool, every: int) -> None:
     from datasets import Dataset
     from transformers import TrainerCallback
 
     spec, status = job.spec, job.status
     examples, labelled = load_job_data(spec, job.dir, status, tokenizer, device)
-    checkpoint = latest_checkpoint(job.dir)
+    checkpoint = local_dist.latest_checkpoint(job.dir, 1)  # Trainer's layout, as a one-process job writes
     if checkpoint is not None:
-        step = int(checkpoint.name.rsplit("-", 1)[1])
-        _cut_progress(job.dir, step)
+        step = local_dist.checkpoint_step(checkpoint)
+        local_dist.trim_progress(job.dir, step)
         print(f"{spec.job_id}: resuming from {checkpoint} (step {step})", flush=True)
     progress = JsonlAppender(job.dir / "progress.jsonl")
     shared = progress_callback(job.dir, status, progress)
@@ -233,7 +205,7 @@ def _train_one(resident: Resident, job: Job, tokenizer: Any, device: str, bf16: 
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     progress.close()
     final = save_result(resident.model, tokenizer, spec, job.dir, resident.vocab, name=job.adapter)
-    shutil.rmtree(job.dir / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(job.dir / local_dist.CHECKPOINTS, ignore_errors=True)
     status.artifact_path = str(final)
     status.trained_tokens = labelled * spec.epochs
 
