@@ -8,7 +8,8 @@ benchmarks/real_model_protocol.py); docs/real-model-protocol.md has the whole pr
     P=benchmarks/results/real-model/protocol.yaml
     python benchmarks/real_model.py --protocol $P --tune           # dev split only: the tuned settings
     python benchmarks/real_model.py --protocol $P --seed-index 0   # then 1, 2: one seed each, any time
-    python benchmarks/real_model_analysis.py                       # the README again from records.csv
+    python benchmarks/real_model.py --protocol $P --seed-index 0 --collect   # re-read a seed's finished runs
+    python benchmarks/real_model_analysis.py                       # the README again from the CSV files
 
 The ad-hoc mode below (no --protocol) is the previous, non-preregistered benchmark; it writes to
 runs/real-model/adhoc-result unless --out says otherwise.
@@ -201,6 +202,8 @@ def main() -> None:
                    "every candidate of the tuned settings and write the dev results")
     p.add_argument("--seed-index", type=int, help="with --protocol: run the protocol's seed at this index, then "
                    "update records.csv and the README")
+    p.add_argument("--collect", action="store_true", help="with --protocol and --seed-index: read that seed's "
+                   "finished runs into records.csv, diversity.csv and the README without running anything")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting for every method, on top of the smollm2 preset (repeatable), e.g. "

@@ -1,7 +1,8 @@
 """The analysis of the real-model comparison, from records.csv alone (benchmarks/real_model_records.py)
 and the protocol: accuracy ± SE per method and iteration, pooled over seeds and per seed, for the
 final vote and the first-round vote; answer parsing and agreement; the pre-registered paired
-comparisons with a stratified exact test and Holm-corrected p-values. `tables()` is the single
+comparisons with a stratified exact test and Holm-corrected p-values; and, from diversity.csv, the
+paper's diversity measures per method and iteration (mean over seeds, ± SE over seeds). `tables()` is the single
 source of every number of the result README; tests/test_real_model_analysis.py recomputes the
 committed README's tables from records.csv with it.
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.fileio import write_atomic  # noqa: E402
 from harness.stats import mcnemar_exact, paired_difference_ci  # noqa: E402
 from real_model_protocol import Comparison, Protocol, load_protocol  # noqa: E402
-from real_model_records import BASELINE, ProblemRow, read_rows  # noqa: E402
+from real_model_records import BASELINE, MEASURES, DiversityRow, ProblemRow, read_diversity, read_rows  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "real-model"
 NOT_RUN = "No seed of the protocol has been run yet: records.csv has no rows, so there is no result."
@@ -159,7 +160,44 @@ def comparisons_table(rows: list[ProblemRow], protocol: Protocol) -> Table:
     return header, body
 
 
-def tables(rows: list[ProblemRow], protocol: Protocol) -> dict[str, Table]:
+DIVERSITY_TITLE = "Diversity, the paper's measures (test split; mean over seeds, ± SE over seeds where several)"
+DIVERSITY_HEADER = {"heldout_critic_nll": "held-out-critic NLL", "kl_between_generators": "KL gen ↔ gen",
+                    "kl_between_critics": "KL critic ↔ critic", "kl_generators_vs_base": "KL gen vs base",
+                    "kl_critics_vs_base": "KL critic vs base", "embedding_dissimilarity": "embedding dissimilarity",
+                    "pairwise_agreement": "pairwise agreement"}
+DIVERSITY_NOTES = [
+    "Held-out-critic NLL: mean −log p per token of the other critics' final replies under each critic (nats); "
+    "lower means the agents' replies are more alike to one another. KL: Monte-Carlo estimates from the sampled "
+    "replies (round 0 for generators, the final round for critics), scored in-process with transformers + PEFT "
+    "on the saved adapters (`analysis.likelihood_backend: transformers`). The replies were sampled at the "
+    "protocol's temperature, not 1, so the KL estimates are biased: compare them across methods and iterations, "
+    "not as absolute KL. In the single-agent methods every agent is the same model, so the KL between agents is 0 "
+    "by construction; at iteration 0 every agent is the base model."]
+
+
+def _mean_se(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.4f}"
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.4f} ± {sd / math.sqrt(len(values)):.4f}"
+
+
+def diversity_table(diversity: list[DiversityRow], protocol: Protocol) -> Table:
+    header = ["method", "iter", "seeds", *(DIVERSITY_HEADER[c] for c in MEASURES)]
+    body = []
+    for m, _ in _methods(protocol):
+        for k in range(protocol.iterations + 1):
+            cell = [d for d in diversity if d.method == m and d.iteration == k]
+            if cell:
+                body.append([m, str(k), str(len(cell)),
+                             *(_mean_se([getattr(d, c) for d in cell if getattr(d, c) is not None]) for c in MEASURES)])
+    return header, body
+
+
+def tables(rows: list[ProblemRow], protocol: Protocol, diversity: list[DiversityRow] = ()) -> dict[str, Table]:
     """Every table of the result README, by its heading."""
     out = {
         "Accuracy, final vote, pooled over seeds (% ± SE)": accuracy_table(rows, protocol, "correct"),
@@ -167,6 +205,8 @@ def tables(rows: list[ProblemRow], protocol: Protocol) -> dict[str, Table]:
         "Pre-registered comparisons (paired by seed and problem)": comparisons_table(rows, protocol),
         "Answers: parsing, agreement, ties (pooled over seeds)": answers_table(rows, protocol),
     }
+    if diversity:
+        out[DIVERSITY_TITLE] = diversity_table(list(diversity), protocol)
     for s in sorted({r.seed for r in rows}):
         out[f"Seed {s}: accuracy, final vote (% ± SE)"] = accuracy_table(rows, protocol, "correct", s)
         out[f"Seed {s}: accuracy, first-round vote (% ± SE)"] = accuracy_table(rows, protocol, "first_round_correct", s)
@@ -199,7 +239,7 @@ def headline(rows: list[ProblemRow], protocol: Protocol) -> str:
             f"Holm-corrected p = {row['p (Holm)']} (uncorrected {row['p (exact, seed-stratified)']}).")
 
 
-def render(rows: list[ProblemRow], protocol: Protocol) -> str:
+def render(rows: list[ProblemRow], protocol: Protocol, diversity: list[DiversityRow] = ()) -> str:
     seeds = sorted({r.seed for r in rows})
     lines = [f"# Real model: multiagent vs single-agent finetuning vs debate (protocol {protocol.name})", "",
              f"Pre-registered protocol: [protocol.yaml](protocol.yaml) ({protocol.task_level}; "
@@ -214,8 +254,10 @@ def render(rows: list[ProblemRow], protocol: Protocol) -> str:
     lines += [f"Seeds in records.csv: {seeds}" + (f"; not yet run: {missing} (the pooled numbers will change)."
                                                   if missing else " (all of the protocol's)."), "",
               f"**{headline(rows, protocol)}**", ""]
-    for title, table in tables(rows, protocol).items():
+    for title, table in tables(rows, protocol, diversity).items():
         lines += [f"## {title}", "", *markdown_table(table), ""]
+        if title == DIVERSITY_TITLE:
+            lines += [*DIVERSITY_NOTES, ""]
     return "\n".join(lines)
 
 
@@ -239,14 +281,16 @@ def parse_markdown_tables(text: str) -> dict[str, Table]:
     return out
 
 
-def disagreements(readme: str, rows: list[ProblemRow], protocol: Protocol) -> list[str]:
-    """Where a README's tables (and headline) differ from what records.csv gives; [] when they agree."""
+def disagreements(readme: str, rows: list[ProblemRow], protocol: Protocol,
+                  diversity: list[DiversityRow] = ()) -> list[str]:
+    """Where a README's tables (and headline) differ from what records.csv (and diversity.csv)
+    give; [] when they agree."""
     if not rows:
         found = parse_markdown_tables(readme)
         return ([] if NOT_RUN in readme else ["records.csv has no rows but the README does not say no seed has run"]) + \
             [f"table {t!r} printed without any records" for t in found]
     problems = []
-    printed, wanted = parse_markdown_tables(readme), tables(rows, protocol)
+    printed, wanted = parse_markdown_tables(readme), tables(rows, protocol, diversity)
     for title in printed.keys() - wanted.keys():
         problems.append(f"table {title!r} is not one the records give")
     for title, (header, body) in wanted.items():
@@ -268,7 +312,8 @@ def disagreements(readme: str, rows: list[ProblemRow], protocol: Protocol) -> li
 
 def main() -> None:
     protocol = load_protocol(RESULT / "protocol.yaml")
-    write_atomic(RESULT / "README.md", render(read_rows(RESULT / "records.csv"), protocol))
+    write_atomic(RESULT / "README.md", render(read_rows(RESULT / "records.csv"), protocol,
+                                              read_diversity(RESULT / "diversity.csv")))
     print((RESULT / "README.md").read_text())
 
 

@@ -7,6 +7,10 @@ Iteration 0 (debate without finetuning) is shared by every method of a seed, so 
 once, as method `debate`; each finetuning method contributes its iterations 1, 2, ...
 Writing one seed replaces that seed's rows and keeps the others, so seeds run at different
 times accumulate in one file.
+
+The paper's diversity measures are per (method, seed, iteration), not per problem: they come
+from each run's iter-<k>/diversity.json (harness.diversity.DiversityMetrics, test split) and are
+kept in diversity.csv beside records.csv, written the same way.
 """
 
 from __future__ import annotations
@@ -104,3 +108,75 @@ def replace_seed(path: Path, seed: int, rows: list[ProblemRow]) -> None:
     """records.csv with seed `seed`'s rows replaced by `rows` (other seeds kept)."""
     kept = [r for r in read_rows(path) if r.seed != seed]
     write_rows(path, kept + rows)
+
+
+# ----------------------------------------------------------------------------- diversity.csv
+
+class DiversityRow(BaseModel):
+    """One line of diversity.csv: a run's diversity measures on the test split at one iteration
+    (nats per token for the log-probability ones; empty where the run could not measure)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    seed: int
+    iteration: int
+    n: int  # test problems
+    logprob_problems: int | None = None  # problems scored for the log-probability measures
+    heldout_critic_nll: float | None = None
+    kl_between_generators: float | None = None
+    kl_between_critics: float | None = None
+    kl_generators_vs_base: float | None = None
+    kl_critics_vs_base: float | None = None
+    embedding_dissimilarity: float | None = None
+    pairwise_agreement: float | None = None
+
+
+DIVERSITY_COLUMNS = list(DiversityRow.model_fields)
+MEASURES = DIVERSITY_COLUMNS[5:]  # the measures, after the keys and counts
+
+
+def diversity_of_run(run_dir: Path, method: str, seed: int, *, iterations: Iterable[int]) -> list[DiversityRow]:
+    from harness.diversity import DiversityMetrics
+
+    rows = []
+    for k in iterations:
+        path = run_dir / f"iter-{k}" / "diversity.json"
+        if not path.is_file():
+            raise DataError(f"{path}: missing; the run of {method} (seed {seed}) has not measured iteration {k}'s "
+                            f"diversity. Run the seed again to resume it.")
+        m = DiversityMetrics.model_validate_json(path.read_text(encoding="utf-8"))
+        rows.append(DiversityRow(method=BASELINE if k == 0 else method, seed=seed, iteration=k, n=m.n,
+                                 **{c: getattr(m, c) for c in DIVERSITY_COLUMNS[4:]}))
+    return rows
+
+
+def seed_diversity(seed_dir: Path, methods: list[str], seed: int, iterations: int) -> list[DiversityRow]:
+    """As seed_rows: iteration 0 once (method `debate`), then each method's finetuned iterations."""
+    rows = diversity_of_run(seed_dir / methods[0], methods[0], seed, iterations=[0])
+    for m in methods:
+        rows += diversity_of_run(seed_dir / m, m, seed, iterations=range(1, iterations + 1))
+    return rows
+
+
+def read_diversity(path: Path) -> list[DiversityRow]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = set(DIVERSITY_COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path}: columns {sorted(missing)} missing; it must have {', '.join(DIVERSITY_COLUMNS)}")
+        return [DiversityRow.model_validate({c: (r[c] if r[c] != "" else None) for c in DIVERSITY_COLUMNS})
+                for r in reader]
+
+
+def replace_seed_diversity(path: Path, seed: int, rows: list[DiversityRow]) -> None:
+    """diversity.csv with seed `seed`'s rows replaced by `rows` (other seeds kept)."""
+    kept = [r for r in read_diversity(path) if r.seed != seed]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=DIVERSITY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in sorted(kept + rows, key=lambda r: (r.seed, r.method != BASELINE, r.method, r.iteration)):
+        writer.writerow({k: ("" if v is None else v) for k, v in r.model_dump().items()})
+    write_atomic(path, out.getvalue())

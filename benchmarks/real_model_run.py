@@ -24,7 +24,8 @@ from harness.records import DebateRecord
 from real_model_methods import free_port, run_method, share_iteration_0
 from real_model_analysis import render
 from real_model_protocol import Protocol, dev_problems, load_protocol
-from real_model_records import read_rows, replace_seed, seed_rows
+from real_model_records import (read_diversity, read_rows, replace_seed, replace_seed_diversity, seed_diversity,
+                                seed_rows)
 
 
 class DevCell(BaseModel):
@@ -163,10 +164,22 @@ def run_seed(protocol: Protocol, protocol_path: Path, index: int, runs: Path, ou
             wall = run_method(m, protocol.sets(seed, m) + server_sets, seed_dir / m, seed_dir / f"{m}.log",
                               preset=protocol.preset)
             print(f"== seed {seed} · {m}: {wall:.0f} s", flush=True)
+    collect_seed(protocol, index, runs, out)
+
+
+def collect_seed(protocol: Protocol, index: int, runs: Path, out: Path) -> None:
+    """Seed `index`'s finished runs into records.csv and diversity.csv (that seed's rows replaced,
+    the others kept), and the README recomputed from both. Runs nothing."""
+    seed = protocol.seeds[index]
+    seed_dir, methods = runs / f"seed-{seed}", list(protocol.methods)
+    rows = seed_rows(seed_dir, methods, seed, protocol.iterations)
+    diversity = seed_diversity(seed_dir, methods, seed, protocol.iterations)
     out.mkdir(parents=True, exist_ok=True)
-    replace_seed(out / "records.csv", seed, seed_rows(seed_dir, methods, seed, protocol.iterations))
-    write_atomic(out / "README.md", render(read_rows(out / "records.csv"), protocol))
-    print(f"seed {seed} done: {out / 'records.csv'} and {out / 'README.md'} updated; commit them now.")
+    replace_seed(out / "records.csv", seed, rows)
+    replace_seed_diversity(out / "diversity.csv", seed, diversity)
+    write_atomic(out / "README.md", render(read_rows(out / "records.csv"), protocol, read_diversity(out / "diversity.csv")))
+    print(f"seed {seed} done: {out / 'records.csv'}, {out / 'diversity.csv'} and {out / 'README.md'} updated; "
+          f"commit them now.")
 
 
 def run_protocol(args) -> int:
@@ -178,6 +191,10 @@ def run_protocol(args) -> int:
             raise ConfigError("--protocol needs exactly one of --tune or --seed-index K")
         if args.tune:
             tune(protocol, args.protocol, runs)
+        elif args.collect:
+            if not 0 <= args.seed_index < len(protocol.seeds):
+                raise ConfigError(f"--seed-index {args.seed_index}: the protocol has seeds {protocol.seeds}")
+            collect_seed(protocol, args.seed_index, runs, out)
         else:
             run_seed(protocol, args.protocol, args.seed_index, runs, out)
     except HarnessError as e:

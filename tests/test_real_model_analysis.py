@@ -20,10 +20,11 @@ from harness.tasks import load_split
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model_analysis import (NOT_RUN, disagreements, holm, render, stratified_exact,  # noqa: E402
+from real_model_analysis import (DIVERSITY_TITLE, NOT_RUN, disagreements, holm, render, stratified_exact,  # noqa: E402
                                  tables)
 from real_model_protocol import load_protocol  # noqa: E402
-from real_model_records import ProblemRow, read_rows, replace_seed, row_of  # noqa: E402
+from real_model_records import (DiversityRow, ProblemRow, read_diversity, read_rows, replace_seed,  # noqa: E402
+                                replace_seed_diversity, row_of)
 from records_factory import make_record  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "real-model"
@@ -57,8 +58,11 @@ def synthetic(protocol) -> list[ProblemRow]:
 
 def test_committed_readme_is_what_records_csv_gives(protocol):
     rows = read_rows(RESULT / "records.csv")
+    diversity = read_diversity(RESULT / "diversity.csv")
     readme = (RESULT / "README.md").read_text(encoding="utf-8")
-    assert disagreements(readme, rows, protocol) == []
+    assert disagreements(readme, rows, protocol, diversity) == []
+    # Every seed with per-problem records has its diversity measures, and no other seed does.
+    assert {d.seed for d in diversity} == {r.seed for r in rows}
     if not rows:
         assert NOT_RUN in readme
 
@@ -93,6 +97,28 @@ def test_pooled_comparison_by_hand(protocol):
     # First-round comparison of multiagent it2 vs debate: debate's first round is all right.
     first = dict(zip(header, body[-1]))
     assert first["vote"] == "first_round" and first["acc b %"] == "100.0"
+
+
+def test_diversity_is_averaged_over_seeds_with_its_standard_error_by_hand(protocol, tmp_path):
+    """Two seeds' held-out-critic NLL 0.2 and 0.4 at multiagent-ft iteration 1: mean 0.3, SE
+    sd/sqrt(2) = 0.1414/1.414 = 0.1; one seed alone prints its value; a measure the run could not
+    take stays empty in the CSV and prints as a dash."""
+    path = tmp_path / "diversity.csv"
+    for seed, nll in ((0, 0.2), (1, 0.4)):
+        replace_seed_diversity(path, seed, [
+            DiversityRow(method="debate", seed=seed, iteration=0, n=48, heldout_critic_nll=0.7),
+            DiversityRow(method="multiagent-ft", seed=seed, iteration=1, n=48, heldout_critic_nll=nll)])
+    diversity = read_diversity(path)
+    assert len(diversity) == 4 and diversity[0].kl_between_generators is None
+    rows = synthetic(protocol)
+    header, body = tables(rows, protocol, diversity)[DIVERSITY_TITLE]
+    got = {(r[0], r[1]): dict(zip(header, r)) for r in body}
+    assert got[("multiagent-ft", "1")]["held-out-critic NLL"] == "0.3000 ± 0.1000"
+    assert got[("debate", "0")]["held-out-critic NLL"] == "0.7000 ± 0.0000"
+    assert got[("debate", "0")]["KL gen ↔ gen"] == "—" and got[("debate", "0")]["seeds"] == "2"
+    readme = render(rows, protocol, diversity)
+    assert disagreements(readme, rows, protocol, diversity) == []
+    assert disagreements(readme, rows, protocol, diversity[:3]) != []  # a changed measure is caught
 
 
 def test_stratified_exact_test_by_hand():
@@ -187,7 +213,10 @@ def test_tiny_simulated_protocol_end_to_end(tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
     rows = read_rows(tmp_path / "records.csv")
     assert {r.seed for r in rows} == {1} and len(rows) == 48 * (1 + 3 * 2)
-    assert disagreements((tmp_path / "README.md").read_text(), rows, load_protocol(path)) == []
+    diversity = read_diversity(tmp_path / "diversity.csv")
+    assert sorted((d.method, d.iteration) for d in diversity) == sorted(
+        [("debate", 0)] + [(m, k) for m in proto.methods for k in (1, 2)])
+    assert disagreements((tmp_path / "README.md").read_text(), rows, load_protocol(path), diversity) == []
 
 
 @pytest.mark.slow
