@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import math
-import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from harness.llm.cache import ResponseCache
 from harness.records import Message, SampleId, UsageRecord
 from harness.sim import SimServer
 from test_llm_server import ScriptedServer
+from local_processes import free_port
 
 Q = [Message(role="user", content="What is 2+3?")]
 RATE_LIMITED = {"message": "Rate limit reached for requests", "code": "rate_limit_exceeded", "type": "requests"}
@@ -37,12 +37,6 @@ def make_client(url: str, run_dir: Path, *, kind: str = "openai", sampling: Samp
     ep = EndpointConfig(kind=kind, base_url=url, api_key_env=None, **endpoint)
     return LLMClient(base_url=url, api_key="test-key", run_dir=run_dir, endpoint=ep,
                      sampling=sampling or SamplingConfig(max_tokens=64))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- pacing

@@ -27,6 +27,7 @@ from harness.config import LocalFinetuneConfig, ServeConfig
 from harness.errors import FinetuneError, ServeError
 from harness.providers.base import FinetuneRequest
 from harness.testing.ray_cluster import ADDRESS, NamespacedRay, missing
+from local_processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -39,14 +40,6 @@ def require_ray() -> None:
         if os.environ.get("HARNESS_REQUIRE_RAY") == "1":
             pytest.fail(why + " (HARNESS_REQUIRE_RAY=1)")
         pytest.skip(why)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

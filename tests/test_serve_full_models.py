@@ -25,6 +25,7 @@ import pytest
 from harness.config import RunConfig, load_config
 from harness.serve_full import serving_plan_note
 from harness.serve_pool import RECORD, ModelPool, ServerEvent
+from local_processes import gone, wait_gone
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -44,21 +45,6 @@ def free_ports(n: int) -> int:
                 ok = ok and s.connect_ex(("127.0.0.1", p)) != 0
         if ok:
             return base
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie waiting to be reaped counts as exited)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-
-
-def wait_gone(pid: int, limit_s: float = 120.0) -> bool:
-    deadline = time.monotonic() + limit_s  # only keeps a broken test from hanging
-    while not gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return gone(pid)
 
 
 def events(run_dir: Path) -> list[ServerEvent]:

@@ -27,16 +27,11 @@ import pytest
 from harness.config import LocalFinetuneConfig, ServeConfig
 from harness.errors import ServeError
 from harness.serve import VLLMServer, agent_base_url, check_health, list_models, load_adapters, unload_adapters
+from local_processes import free_port, gone, wait_gone
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 KEY = "test-" + secrets.token_hex(8)  # the shared server's key: it answers no request without it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_serve_config(model: Path, port: int) -> ServeConfig:
@@ -421,22 +416,6 @@ async def test_replicas_get_consecutive_ports_and_gpus_of_their_own(tmp_path):
     logs = sorted(p.name for p in (tmp_path / "run" / "serve").iterdir())
     assert logs == ["vllm-0.log", "vllm-1.log"]
     assert f"listening on 127.0.0.1:{base + 1}" in (tmp_path / "run" / "serve" / "vllm-1.log").read_text()
-
-
-def gone(pid: int) -> bool:
-    """The process has exited (a zombie waiting for its new parent to reap it counts as exited)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-
-
-def wait_gone(pid: int, limit_s: float = 120.0) -> bool:
-    """Waits for a process to end; the limit only keeps a broken test from hanging."""
-    deadline = time.monotonic() + limit_s
-    while not gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return gone(pid)
 
 
 def files_holding(root: Path, secret: str) -> list[Path]:
