@@ -157,8 +157,9 @@ def _children(proc: psutil.Process) -> list[psutil.Process]:
 
 
 def summarize(records: list[dict], args, counts: list[int], cfg, parallel: int) -> dict:
-    per_job = [r for r in records if r["side"] == "per_job"]
-    resident = [r for r in records if r["side"] == "resident"]
+    paired = {r["repeat"] for r in records if r["side"] == "resident"}
+    per_job = sorted((r for r in records if r["side"] == "per_job" and r["repeat"] in paired), key=lambda r: r["repeat"])
+    resident = sorted((r for r in records if r["side"] == "resident"), key=lambda r: r["repeat"])
     pair_ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(per_job, resident)]
     one_job = [max(r["peak_rss_per_process_mb"]) for r in per_job]
     mem_ratios = [b["peak_rss_tree_mb"] / o for b, o in zip(resident, one_job)]
@@ -183,7 +184,8 @@ def summarize(records: list[dict], args, counts: list[int], cfg, parallel: int) 
                      "resident_checkpoint_every": 1},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-                    "load_per_item": [{"side": r["side"], "repeat": r["repeat"], "before": r["load_before"],
+                    "load_per_item": [{"side": r["side"], "repeat": r["repeat"], "started_at": r.get("started_at"),
+                                       "before": r["load_before"],
                                        "after": r["load_after"]} for r in records]},
         "command": "python benchmarks/multi_adapter.py " + " ".join(sys.argv[1:]),
     }
@@ -196,7 +198,8 @@ def main() -> None:
     parser.add_argument("--counts", default="12,18,24,30,16,22", help="examples per adapter (gen0,crit0,gen1,...)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/multi-adapter")
     parser.add_argument("--append", action="store_true",
-                        help="keep the pairs already in OUT/records.jsonl and add --repeats more (a run cut short)")
+                        help="keep the pairs already in OUT/records.jsonl and add --repeats more (a run cut short); "
+                             "a last pair whose resident side was lost (a kill) gets that side first")
     args = parser.parse_args()
     cfg = load_config("smollm2")
     model = resolve(cfg.serve.model)
@@ -210,27 +213,39 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     records_path = args.out / "records.jsonl"
     records = []
+    todo: list[tuple[int, str]] = []
     if args.append and records_path.exists():
         records = [json.loads(line) for line in records_path.read_text(encoding="utf-8").splitlines()]
-        records = [r for r in records if sum(1 for o in records if o["repeat"] == r["repeat"]) == 2]  # whole pairs
+        sides = {r["repeat"]: [o["side"] for o in records if o["repeat"] == r["repeat"]] for r in records}
+        # Whole pairs are kept; so is the last pair if only its resident side was lost (the
+        # per_job side runs first), which then runs before anything else.
+        cut = max((k for k, s in sides.items() if s == ["per_job"]), default=None)
+        records = [r for r in records if len(sides[r["repeat"]]) == 2 or r["repeat"] == cut]
         write_jsonl_atomic(records_path, records)
+        if cut is not None:
+            todo.append((cut, "resident"))
     else:
         records_path.unlink(missing_ok=True)
     parallel = cfg.finetune.local.max_parallel_jobs
     first = 1 + max((r["repeat"] for r in records), default=-1)
-    for repeat in range(first, first + args.repeats):
-        for side in ("per_job", "resident"):
-            dirs = make_jobs(work / f"r{repeat}-{side}", data, model, cfg)
-            record = {"repeat": repeat, **run_side(side, dirs, 1 if side == "resident" else parallel)}
-            records.append(record)
-            with open(records_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"repeat {repeat} {side}: {record['wall_s']} s, peak tree {record['peak_rss_tree_mb']} MB, "
-                  f"load {record['load_before']}", flush=True)
-            shutil.rmtree(work / f"r{repeat}-{side}")
-        # After every pair, so a run cut short still leaves its finished pairs' result.
-        result = summarize(records, args, counts, cfg, parallel)
-        write_json(args.out / "result.json", result)
+    todo += [(repeat, side) for repeat in range(first, first + args.repeats) for side in ("per_job", "resident")]
+    for repeat, side in todo:
+        dirs = make_jobs(work / f"r{repeat}-{side}", data, model, cfg)
+        record = {"repeat": repeat, "started_at": round(time.time(), 1),
+                  **run_side(side, dirs, 1 if side == "resident" else parallel)}
+        records.append(record)
+        with open(records_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"repeat {repeat} {side}: {record['wall_s']} s, peak tree {record['peak_rss_tree_mb']} MB, "
+              f"load {record['load_before']}", flush=True)
+        shutil.rmtree(work / f"r{repeat}-{side}")
+        if side == "resident":
+            # After every pair, so a run cut short still leaves its finished pairs' result.
+            result = summarize(records, args, counts, cfg, parallel)
+            write_json(args.out / "result.json", result)
+    if not any(r["side"] == "resident" for r in records):
+        raise SystemExit("no whole pair to summarize")
+    result = summarize(records, args, counts, cfg, parallel)
     print(json.dumps({k: result[k] for k in ("wall_ratio", "wall_ratio_per_pair", "memory_ratio_vs_one_job",
                                              "max_abs_loss_difference")}))
     shutil.rmtree(work, ignore_errors=True)
