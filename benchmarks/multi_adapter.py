@@ -19,9 +19,9 @@ adapter's losses are compared between the two sides too (same seeds: they must b
     python benchmarks/multi_adapter.py [--repeats 2] [--counts 12,18,24,30,16,22]
         [--out benchmarks/results/multi-adapter] [--append]
 
-The committed result (benchmarks/results/multi-adapter/) ran `--counts 4,4,4,4,4,4`: 2 steps per
-adapter instead of a real iteration's 6-14, for lack of time on a loaded machine; its README
-says what that changes.
+The committed result (benchmarks/results/multi-adapter/) is one pair at these default sizes,
+whose README says how far the two sides' loads differed; an earlier run at `--counts
+4,4,4,4,4,4` (2 steps per adapter) is in its small-4-examples/ folder.
 """
 
 from __future__ import annotations
