@@ -128,15 +128,17 @@ def test_training_loss_falls(run_dir):
         assert sum(second) / len(second) < sum(first) / len(first), (e["role"], e["agent"], steps)
 
 
-def _mean_logprob(model, tokenizer, path: Path) -> float:
-    """Mean log-likelihood per loss-carrying token of a training file's examples."""
+def _mean_logprob(model, tokenizer, path: Path, examples: int = 6) -> float:
+    """Mean log-likelihood per loss-carrying token of a training file's first `examples` examples
+    (every one of them trained on, twice: a sample is enough, and scoring whole files on a CPU
+    took minutes of CI)."""
     import torch
 
     from harness.providers.weighted_examples import IGNORE, load_examples
 
     total, count = 0.0, 0
     with torch.no_grad():
-        for ex in load_examples(path, tokenizer, max_length=1024):
+        for ex in load_examples(path, tokenizer, max_length=1024)[:examples]:
             ids = torch.tensor([ex["input_ids"]])
             labels = torch.tensor(ex["labels"][1:])
             logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
