@@ -84,15 +84,21 @@ def seed_rows(seed_dir: Path, methods: list[str], seed: int, iterations: int) ->
     return rows
 
 
-def read_rows(path: Path) -> list[ProblemRow]:
+def _read_csv(path: Path, model: type[BaseModel]) -> list:
+    """The rows of a CSV file as `model`s (an empty cell is None); [] when there is no file."""
     if not path.is_file():
         return []
+    columns = list(model.model_fields)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = set(COLUMNS) - set(reader.fieldnames or [])
+        missing = set(columns) - set(reader.fieldnames or [])
         if missing:
-            raise DataError(f"{path}: columns {sorted(missing)} missing; it must have {', '.join(COLUMNS)}")
-        return [ProblemRow.model_validate({c: r[c] for c in COLUMNS}) for r in reader]
+            raise DataError(f"{path}: columns {sorted(missing)} missing; it must have {', '.join(columns)}")
+        return [model.model_validate({c: (r[c] if r[c] != "" else None) for c in columns}) for r in reader]
+
+
+def read_rows(path: Path) -> list[ProblemRow]:
+    return _read_csv(path, ProblemRow)
 
 
 def write_rows(path: Path, rows: list[ProblemRow]) -> None:
@@ -160,15 +166,7 @@ def seed_diversity(seed_dir: Path, methods: list[str], seed: int, iterations: in
 
 
 def read_diversity(path: Path) -> list[DiversityRow]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = set(DIVERSITY_COLUMNS) - set(reader.fieldnames or [])
-        if missing:
-            raise DataError(f"{path}: columns {sorted(missing)} missing; it must have {', '.join(DIVERSITY_COLUMNS)}")
-        return [DiversityRow.model_validate({c: (r[c] if r[c] != "" else None) for c in DIVERSITY_COLUMNS})
-                for r in reader]
+    return _read_csv(path, DiversityRow)
 
 
 def replace_seed_diversity(path: Path, seed: int, rows: list[DiversityRow]) -> None:
