@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from harness.errors import DataError, HarnessError, LLMError
+from harness.errors import DataError, LLMError
 from harness.fileio import JsonlAppender, iter_jsonl
 from harness.grading import equivalent, majority_vote
 from harness.prompts import Prompts
 from harness.records import AgentTranscript, DebateRecord, Message, Problem, SampleId
+from harness.workpool import drain
 
 log = logging.getLogger(__name__)
 
@@ -222,30 +223,12 @@ async def run_debates(debater: Debater, problems: Sequence[Problem], out_path: P
     for p in problems:
         if p.id in done and on_done is not None:
             on_done(done[p.id])
-    stop: HarnessError | None = None
     with JsonlAppender(out_path) as out:
-        async def worker() -> None:
-            nonlocal stop
-            while todo and stop is None:
-                problem = todo.popleft()
-                try:
-                    record = await debater.debate(problem)
-                except HarnessError as e:
-                    stop = stop or e
-                    return
-                out.append(record)
-                done[record.problem.id] = record
-                if on_done is not None:
-                    on_done(record)
+        def finished(record: DebateRecord) -> None:
+            out.append(record)
+            done[record.problem.id] = record
+            if on_done is not None:
+                on_done(record)
 
-        workers = [asyncio.create_task(worker()) for _ in range(min(max_in_flight, len(todo)))]
-        try:
-            await asyncio.gather(*workers)
-        except BaseException:  # interrupted, or a bug: stop everything now
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            raise
-    if stop is not None:
-        raise stop
+        await drain(todo, debater.debate, finished, max_in_flight=max_in_flight)
     return [done[p.id] for p in problems]

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from harness.debate import ChatClient
-from harness.errors import HarnessError, LLMError
+from harness.errors import LLMError
 from harness.fileio import JsonlAppender, iter_jsonl
 from harness.ftdata import task_prompt
 from harness.grading import equivalent
 from harness.prompts import Prompts
 from harness.records import AgentTranscript, DebateRecord, Message, Rationalization, SampleId
+from harness.workpool import drain
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ async def rationalize(client: ChatClient, prompts: Prompts, extract: Callable[[s
     todo = deque((rec, i) for rec, i in wanted if (rec.problem.id, rec.agents[i].agent) not in done)
     if done:
         log.info("%s: %d rationalizations already made; %d to go", out_path, len(done), len(todo))
-    stop: HarnessError | None = None
 
     async def one(rec: DebateRecord, i: int) -> Rationalization:
         t = rec.agents[i]
@@ -88,26 +88,9 @@ async def rationalize(client: ChatClient, prompts: Prompts, extract: Callable[[s
                                answer=answer, truncated=cut, correct=bool(ok))
 
     with JsonlAppender(out_path) as out:
-        async def worker() -> None:
-            nonlocal stop
-            while todo and stop is None:
-                rec, i = todo.popleft()
-                try:
-                    r = await one(rec, i)
-                except HarnessError as e:
-                    stop = stop or e
-                    return
-                out.append(r)
-                done[(r.problem_id, r.agent)] = r
+        def finished(r: Rationalization) -> None:
+            out.append(r)
+            done[(r.problem_id, r.agent)] = r
 
-        workers = [asyncio.create_task(worker()) for _ in range(min(max_in_flight, len(todo)))]
-        try:
-            await asyncio.gather(*workers)
-        except BaseException:  # interrupted, or a bug: stop everything now
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            raise
-    if stop is not None:
-        raise stop
+        await drain(todo, lambda item: one(*item), finished, max_in_flight=max_in_flight)
     return list(done.values())
