@@ -180,7 +180,7 @@ def test_probe_settings_are_checked_at_load(cli):
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_real_vllm_a_trained_adapter_passes_and_an_untrained_one_is_caught(tmp_path):
+def test_real_vllm_a_trained_adapter_passes_and_an_untrained_one_is_caught(vllm_python, tmp_path):
     """The tiny model on vLLM's CPU build, served by `python -m harness.serve` with two adapters:
     one the local provider trained for one epoch moves the text's log-probabilities by ~1e-2
     nats; a fresh PEFT LoRA (B all zeros, what a job that never stepped leaves) is loaded without
@@ -189,11 +189,8 @@ def test_real_vllm_a_trained_adapter_passes_and_an_untrained_one_is_caught(tmp_p
     import socket
     import subprocess
 
-    from test_serve_vllm import VLLM_PYTHON, free_port
+    from local_processes import free_port
 
-    if not VLLM_PYTHON.exists():
-        pytest.skip(f"{VLLM_PYTHON} is missing; create it with .ci/setup-vllm.sh")
-    pytest.importorskip("peft", reason="the `local` extra trains the adapters")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -222,7 +219,7 @@ def test_real_vllm_a_trained_adapter_passes_and_an_untrained_one_is_caught(tmp_p
 
     port = free_port()
     out = subprocess.run([sys.executable, "-m", "harness.serve", "--config", "vllm-tiny", "--set", f"serve.model={model}",
-                          "--set", f"serve.python={VLLM_PYTHON}", "--port", str(port), "--log", str(tmp_path / "vllm.log"),
+                          "--set", f"serve.python={vllm_python}", "--port", str(port), "--log", str(tmp_path / "vllm.log"),
                           "--adapters", f"pr-trained={trained}", f"pr-untrained={untrained}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 1, out.stdout + out.stderr

@@ -30,7 +30,6 @@ from harness.testing.ray_cluster import ADDRESS, NamespacedRay, missing
 from local_processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
 
 def require_ray() -> None:
@@ -218,18 +217,12 @@ def loop_cmd(cluster: NamespacedRay, *args: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.timeout(1800)
-def test_full_iteration_on_ray_survives_ctrl_c_and_a_killed_job(cluster, tmp_path):
+def test_full_iteration_on_ray_survives_ctrl_c_and_a_killed_job(cluster, vllm_python, tmp_path):
     """The vllm-tiny preset with both runners on Ray: the vLLM CPU server is a Ray job, the
     LoRA jobs are Ray jobs. Ctrl-C while they train stops the server (no orphan) and leaves the
     training jobs running by design; one of them is then killed through Ray; the resumed loop
     adopts the others (no second submission), retries the killed one once, serves every
     adapter and debates iteration 1 with them."""
-    if not VLLM_PYTHON.exists():
-        reason = f"{VLLM_PYTHON} is missing; create it with .ci/setup-vllm.sh"
-        if os.environ.get("HARNESS_REQUIRE_VLLM") == "1":
-            pytest.fail(reason + " (HARNESS_REQUIRE_VLLM=1)")
-        pytest.skip(reason)
-    pytest.importorskip("trl", reason="the `local` extra trains the adapters")
     from harness.testing.tiny_model import build_tiny_model
 
     model = build_tiny_model(tmp_path / "tiny-model")
@@ -238,7 +231,7 @@ def test_full_iteration_on_ray_survives_ctrl_c_and_a_killed_job(cluster, tmp_pat
         return [j for j in cluster.jobs() if str(tmp_path) in j["entrypoint"]]
 
     run = tmp_path / "run"
-    settings = [f"serve.model={model}", f"serve.python={VLLM_PYTHON}", "serve.runner=ray",
+    settings = [f"serve.model={model}", f"serve.python={vllm_python}", "serve.runner=ray",
                 f"serve.ray.address={ADDRESS}", "serve.ray.bind_host=127.0.0.1", "serve.ray.num_gpus_per_server=0",
                 "finetune.local.runner=ray", f"finetune.local.ray.address={ADDRESS}",
                 "finetune.local.ray.num_gpus_per_job=0", "finetune.local.max_parallel_jobs=2",

@@ -422,15 +422,13 @@ class LocalProvider(FinetuneProvider):
                 out.append((groups[key], None))
         return out
 
-    def _relaunch(self, job_dir: Path, launch: Launch) -> bool:
+    def _relaunch(self, job_dir: Path, spec: JobSpec, launch: Launch) -> bool:
         """A job whose process died (a killed loop's machine rebooted, the resident process was
         killed) but left a checkpoint goes back to the queue, to resume from it, instead of
         failing and being redone from scratch; once per job and provider instance, so a job
         that dies again and again still ends failed."""
-        if job_dir.name in self._relaunched or (job_dir / CANCEL).exists():
-            return False
-        spec = JobSpec.model_validate_json((job_dir / "spec.json").read_text(encoding="utf-8"))
-        if not has_checkpoint(job_dir, spec.processes):
+        if (job_dir.name in self._relaunched or (job_dir / CANCEL).exists()
+                or not has_checkpoint(job_dir, spec.processes)):
             return False
         self._relaunched.add(job_dir.name)
         with open(job_dir / "train.log", "a", encoding="utf-8") as log:
@@ -458,7 +456,7 @@ class LocalProvider(FinetuneProvider):
             elif probe.state is Liveness.ENDED or (probe.state is Liveness.MISSING and status.status == "running"):
                 await self.runner.collect_logs(job_dir, launch, final=True)
                 status = read_status(job_dir)  # it may have finished between the two reads
-                if status.status in ("queued", "running") and self._relaunch(job_dir, launch):
+                if status.status in ("queued", "running") and self._relaunch(job_dir, spec, launch):
                     return await self._state(job_id)
                 if status.status in ("queued", "running"):
                     before = ", before it wrote any status" if status.status == "queued" else ""

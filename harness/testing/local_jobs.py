@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from harness.fileio import write_model
+from harness.fileio import iter_jsonl, write_model
 from harness.providers.local_train import JobFile, JobSpec, write_status
 
 
@@ -25,4 +24,4 @@ def write_job(job_dir: Path, *, base_model_path: Path | str, training_file: Path
 
 def progress(job_dir: Path) -> list[dict]:
     """DIR/progress.jsonl: one row per logged step (step, loss, epoch, learning_rate, time)."""
-    return [json.loads(line) for line in (job_dir / "progress.jsonl").read_text(encoding="utf-8").splitlines()]
+    return list(iter_jsonl(job_dir / "progress.jsonl"))
