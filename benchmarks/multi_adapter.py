@@ -12,16 +12,18 @@ threads and max_parallel_jobs. Interleaved repeats (A B A B ...) of
 
 Measured: wall seconds from the first process start to the last exit; peak memory as the RSS of
 every process alive (the whole tree: psutil, sampled every 0.1 s), its maximum over the run, and
-per job process its own peak RSS. Ratios: wall resident / per_job (median over repeats and per
-pair), peak RSS of the resident process / the largest peak RSS of one per-job process. Each
-adapter's losses are compared between the two sides too (same seeds: they must be equal).
+per job process its own peak RSS. Ratios: wall resident / per_job per pair (a pair runs its two
+sides back to back) and their median, peak RSS of the resident process / the largest peak RSS of
+one per-job process. Each adapter's losses are compared between the two sides too (same seeds:
+they must be equal).
 
     python benchmarks/multi_adapter.py [--repeats 2] [--counts 12,18,24,30,16,22]
-        [--out benchmarks/results/multi-adapter] [--append]
+        [--out benchmarks/results/multi-adapter] [--append] [--summarize]
 
-The committed result (benchmarks/results/multi-adapter/) is one pair at these default sizes,
-whose README says how far the two sides' loads differed; an earlier run at `--counts
-4,4,4,4,4,4` (2 steps per adapter) is in its small-4-examples/ folder.
+The committed result (benchmarks/results/multi-adapter/) is three pairs at these default sizes on
+a machine with nothing else running; its loaded-pair/ folder holds an earlier pair whose two sides
+ran under different loads, and small-4-examples/ a run at `--counts 4,4,4,4,4,4` (2 steps per
+adapter).
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def _children(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def summarize(records: list[dict], args, counts: list[int], cfg, parallel: int) -> dict:
+def summarize(records: list[dict], counts: list[int], cfg, parallel: int, command: str | None = None) -> dict:
     paired = {r["repeat"] for r in records if r["side"] == "resident"}
     per_job = sorted((r for r in records if r["side"] == "per_job" and r["repeat"] in paired), key=lambda r: r["repeat"])
     resident = sorted((r for r in records if r["side"] == "resident"), key=lambda r: r["repeat"])
@@ -166,8 +168,9 @@ def summarize(records: list[dict], args, counts: list[int], cfg, parallel: int) 
     loss_diff = max(abs(x - y) for a, b in zip(per_job, resident) for k in a["losses"]
                     for x, y in zip(a["losses"][k], b["losses"][k]))
     result = {
-        "wall_ratio": round(statistics.median(r["wall_s"] for r in resident)
-                            / statistics.median(r["wall_s"] for r in per_job), 3),
+        # The median of the pairs' own ratios: each pair ran its two sides back to back, under
+        # about the same load, which a ratio of the two sides' medians would mix across pairs.
+        "wall_ratio": round(statistics.median(pair_ratios), 3),
         "wall_ratio_per_pair": [round(x, 3) for x in pair_ratios],
         "memory_ratio_vs_one_job": round(statistics.median(mem_ratios), 3),
         "memory_ratio_per_pair": [round(x, 3) for x in mem_ratios],
@@ -187,9 +190,22 @@ def summarize(records: list[dict], args, counts: list[int], cfg, parallel: int) 
                     "load_per_item": [{"side": r["side"], "repeat": r["repeat"], "started_at": r.get("started_at"),
                                        "before": r["load_before"],
                                        "after": r["load_after"]} for r in records]},
-        "command": "python benchmarks/multi_adapter.py " + " ".join(sys.argv[1:]),
+        "command": command or "python benchmarks/multi_adapter.py " + " ".join(sys.argv[1:]),
     }
     return result
+
+
+def resummarize(out: Path, counts: list[int], cfg) -> None:
+    """result.json again from the whole pairs in records.jsonl."""
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+    if not any(r["side"] == "resident" for r in records):
+        raise SystemExit(f"{out / 'records.jsonl'} holds no whole pair to summarize")
+    previous = out / "result.json"
+    command = json.loads(previous.read_text(encoding="utf-8")).get("command") if previous.exists() else None
+    result = summarize(records, counts, cfg, cfg.finetune.local.max_parallel_jobs, command)
+    write_json(out / "result.json", result)
+    print(json.dumps({k: result[k] for k in ("wall_ratio", "wall_ratio_per_pair", "memory_ratio_vs_one_job")}))
 
 
 def main() -> None:
@@ -200,10 +216,16 @@ def main() -> None:
     parser.add_argument("--append", action="store_true",
                         help="keep the pairs already in OUT/records.jsonl and add --repeats more (a run cut short); "
                              "a last pair whose resident side was lost (a kill) gets that side first")
+    parser.add_argument("--summarize", action="store_true",
+                        help="run nothing: rewrite OUT/result.json from OUT/records.jsonl (after pairs were "
+                             "moved between folders), keeping the command that produced them")
     args = parser.parse_args()
     cfg = load_config("smollm2")
-    model = resolve(cfg.serve.model)
     counts = [int(x) for x in args.counts.split(",")]
+    if args.summarize:
+        resummarize(args.out, counts, cfg)
+        return
+    model = resolve(cfg.serve.model)
     work = Path(tempfile.mkdtemp(prefix="multi-adapter-"))
     data = []
     for i, n in enumerate(counts):
@@ -241,11 +263,11 @@ def main() -> None:
         shutil.rmtree(work / f"r{repeat}-{side}")
         if side == "resident":
             # After every pair, so a run cut short still leaves its finished pairs' result.
-            result = summarize(records, args, counts, cfg, parallel)
+            result = summarize(records, counts, cfg, parallel)
             write_json(args.out / "result.json", result)
     if not any(r["side"] == "resident" for r in records):
         raise SystemExit("no whole pair to summarize")
-    result = summarize(records, args, counts, cfg, parallel)
+    result = summarize(records, counts, cfg, parallel)
     print(json.dumps({k: result[k] for k in ("wall_ratio", "wall_ratio_per_pair", "memory_ratio_vs_one_job",
                                              "max_abs_loss_difference")}))
     shutil.rmtree(work, ignore_errors=True)
