@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psutil  # noqa: E402
 
 from harness.config import load_config  # noqa: E402
-from harness.fileio import write_json, write_jsonl_atomic  # noqa: E402
+from harness.fileio import read_jsonl, write_json, write_jsonl_atomic  # noqa: E402
 from harness.models import resolve  # noqa: E402
 from harness.prompts import Prompts  # noqa: E402
 from harness.providers.local_train import LoraSpec  # noqa: E402
@@ -55,6 +55,7 @@ from harness.tasks import load_split  # noqa: E402
 from harness.testing.local_jobs import write_job  # noqa: E402
 
 SAMPLE_S = 0.1
+RATIOS = ("wall_ratio", "wall_ratio_per_pair", "memory_ratio_vs_one_job", "max_abs_loss_difference")  # printed
 
 
 def _reply(a: int, op: str, b: int, value: int) -> str:
@@ -141,7 +142,7 @@ def run_side(side: str, dirs: list[Path], parallel: int) -> dict:
     wall = time.perf_counter() - start
     if any(codes):
         raise RuntimeError(f"{side}: a process failed (exit codes {codes}); see the train.log files under {dirs[0].parent}")
-    rows = {d.name: [json.loads(line) for line in (d / "progress.jsonl").read_text().splitlines()] for d in dirs}
+    rows = {d.name: read_jsonl(d / "progress.jsonl") for d in dirs}
     losses = {k: [r["loss"] for r in v] for k, v in rows.items()}
     # When each step was logged, in seconds from the side's start: startup vs per-step costs.
     step_times = {k: [round(r["time"] - start_epoch, 2) for r in v] for k, v in rows.items()}
@@ -158,7 +159,7 @@ def _children(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def summarize(records: list[dict], counts: list[int], cfg, parallel: int, command: str | None = None) -> dict:
+def summarize(records: list[dict], counts: list[int], cfg, command: str | None = None) -> dict:
     paired = {r["repeat"] for r in records if r["side"] == "resident"}
     per_job = sorted((r for r in records if r["side"] == "per_job" and r["repeat"] in paired), key=lambda r: r["repeat"])
     resident = sorted((r for r in records if r["side"] == "resident"), key=lambda r: r["repeat"])
@@ -182,7 +183,7 @@ def summarize(records: list[dict], counts: list[int], cfg, parallel: int, comman
         "steps_per_adapter": per_job[0]["steps"],
         "settings": {"model": cfg.serve.model, "batch_size": cfg.finetune.hyperparameters.batch_size,
                      "epochs": cfg.finetune.hyperparameters.n_epochs, "threads": cfg.finetune.local.threads,
-                     "max_parallel_jobs": parallel, "learning_rate": cfg.finetune.local.learning_rate,
+                     "max_parallel_jobs": cfg.finetune.local.max_parallel_jobs, "learning_rate": cfg.finetune.local.learning_rate,
                      "r": cfg.finetune.local.r, "max_length": cfg.finetune.local.max_length,
                      "resident_checkpoint_every": 1},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -195,17 +196,13 @@ def summarize(records: list[dict], counts: list[int], cfg, parallel: int, comman
     return result
 
 
-def resummarize(out: Path, counts: list[int], cfg) -> None:
-    """result.json again from the whole pairs in records.jsonl."""
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()
-               if line.strip()]
+def write_result(out: Path, records: list[dict], counts: list[int], cfg, command: str | None = None) -> dict:
+    """OUT/result.json from the whole pairs among `records`."""
     if not any(r["side"] == "resident" for r in records):
         raise SystemExit(f"{out / 'records.jsonl'} holds no whole pair to summarize")
-    previous = out / "result.json"
-    command = json.loads(previous.read_text(encoding="utf-8")).get("command") if previous.exists() else None
-    result = summarize(records, counts, cfg, cfg.finetune.local.max_parallel_jobs, command)
+    result = summarize(records, counts, cfg, command)
     write_json(out / "result.json", result)
-    print(json.dumps({k: result[k] for k in ("wall_ratio", "wall_ratio_per_pair", "memory_ratio_vs_one_job")}))
+    return result
 
 
 def main() -> None:
@@ -222,8 +219,12 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config("smollm2")
     counts = [int(x) for x in args.counts.split(",")]
-    if args.summarize:
-        resummarize(args.out, counts, cfg)
+    records_path = args.out / "records.jsonl"
+    if args.summarize:  # the command that produced the records stays the one recorded
+        previous = args.out / "result.json"
+        command = json.loads(previous.read_text(encoding="utf-8")).get("command") if previous.exists() else None
+        result = write_result(args.out, read_jsonl(records_path), counts, cfg, command)
+        print(json.dumps({k: result[k] for k in RATIOS}))
         return
     model = resolve(cfg.serve.model)
     work = Path(tempfile.mkdtemp(prefix="multi-adapter-"))
@@ -233,11 +234,10 @@ def main() -> None:
         build_data(path, n, "generator" if i % 2 == 0 else "critic", i, cfg)
         data.append(path)
     args.out.mkdir(parents=True, exist_ok=True)
-    records_path = args.out / "records.jsonl"
     records = []
     todo: list[tuple[int, str]] = []
     if args.append and records_path.exists():
-        records = [json.loads(line) for line in records_path.read_text(encoding="utf-8").splitlines()]
+        records = read_jsonl(records_path)
         sides = {r["repeat"]: [o["side"] for o in records if o["repeat"] == r["repeat"]] for r in records}
         # Whole pairs are kept; so is the last pair if only its resident side was lost (the
         # per_job side runs first), which then runs before anything else.
@@ -263,13 +263,9 @@ def main() -> None:
         shutil.rmtree(work / f"r{repeat}-{side}")
         if side == "resident":
             # After every pair, so a run cut short still leaves its finished pairs' result.
-            result = summarize(records, counts, cfg, parallel)
-            write_json(args.out / "result.json", result)
-    if not any(r["side"] == "resident" for r in records):
-        raise SystemExit("no whole pair to summarize")
-    result = summarize(records, counts, cfg, parallel)
-    print(json.dumps({k: result[k] for k in ("wall_ratio", "wall_ratio_per_pair", "memory_ratio_vs_one_job",
-                                             "max_abs_loss_difference")}))
+            write_result(args.out, records, counts, cfg)
+    result = write_result(args.out, records, counts, cfg)
+    print(json.dumps({k: result[k] for k in RATIOS}))
     shutil.rmtree(work, ignore_errors=True)
 
 
